@@ -1,0 +1,84 @@
+"""``gateway serve | sim | demo``.
+
+Every ``serve`` flag is derived from a settings field and has the same name as its environment
+variable (``--port`` is ``GATEWAY_PORT``, ``--backend-kind`` is ``BACKEND_KIND``); a flag wins over
+the environment, which wins over ``.env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.config import ENV_NAMES, ConfigError, Settings, accepted, load_settings, settings_from_strings
+
+
+def flag_for(env_name: str) -> str:
+    """``GATEWAY_PORT`` -> ``--port``; ``BACKEND_KIND`` -> ``--backend-kind``."""
+    name = env_name.lower()
+    name = name.removeprefix("gateway_")
+    return "--" + name.replace("_", "-")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for env_name in ENV_NAMES:
+        parser.add_argument(
+            flag_for(env_name),
+            dest=env_name,
+            metavar="VALUE",
+            default=None,
+            help=f"{accepted(env_name)} [env {env_name}]",
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    base = load_settings()
+    overrides = {k: v for k, v in vars(args).items() if k in ENV_NAMES and v is not None}
+    if not overrides:
+        return base
+    from gateway.server import settings_env
+
+    merged = {**settings_env(base), **overrides}
+    return settings_from_strings(merged)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for inference backends.")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the gateway in front of the configured backend (Granian)")
+    _add_settings_flags(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            settings = settings_from_args(args)
+            return _serve(settings)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _serve(settings: Settings) -> int:
+    from gateway.server import serve
+
+    keys = settings.client_keys
+    print(
+        f"gateway: serving http://{settings.gateway_host}:{settings.gateway_port} -> "
+        f"{settings.profile.display_name} at {settings.base_url} "
+        f"({settings.gateway_workers} worker{'s' if settings.gateway_workers != 1 else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
+    if not keys:
+        print("gateway: warning: API_KEYS is empty, client auth is OFF", file=sys.stderr, flush=True)
+    return serve(settings)

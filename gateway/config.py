@@ -1,0 +1,223 @@
+"""Settings: environment variables and an optional ``.env``, converted by msgspec.
+
+Every field's name, upper-cased, is its environment variable; ``gateway serve`` derives one CLI flag
+per field from the same list, so the two can never drift. A bad value raises ``ConfigError`` with one
+line naming the variable, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import msgspec
+from msgspec import Meta
+
+from gateway.profiles import PROFILES, CapabilityError, Profile, Support, apply_overrides
+
+Seconds = Annotated[float, Meta(ge=0, description="a number of seconds >= 0")]
+PositiveSeconds = Annotated[float, Meta(gt=0, description="a number of seconds > 0")]
+Count = Annotated[int, Meta(ge=1, le=1_000_000, description="an integer from 1 to 1000000")]
+Port = Annotated[int, Meta(ge=1, le=65535, description="an integer from 1 to 65535")]
+Flag = Annotated[bool, Meta(description="true or false")]
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A bad setting: the message is the one line shown to the operator."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="upper"):
+    """The gateway's settings. Field ``backend_kind`` is variable ``BACKEND_KIND``, and so on."""
+
+    backend_kind: Annotated[str, Meta(description="one of " + ", ".join(PROFILES))] = "vllm"
+    #: The backend's OpenAI base URL (ending in /v1). Empty means the kind's default.
+    backend_base_url: Annotated[str, Meta(description="an http(s) URL such as http://host:8000/v1")] = ""
+    backend_api_key: str = ""
+    #: Overrides of the kind's capabilities, e.g. ``-embeddings,+tools``.
+    backend_capabilities: str = ""
+    #: Filled into requests that carry no ``model``.
+    model_name: str = ""
+    #: Comma-separated client keys; empty turns client auth off.
+    api_keys: str = ""
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: Port = 4000
+    gateway_workers: Annotated[int, Meta(ge=1, le=256, description="an integer from 1 to 256")] = 1
+    gateway_connect_timeout: PositiveSeconds = 10.0
+    #: Longest silence from the backend, the wait for its response headers included.
+    gateway_read_timeout: PositiveSeconds = 600.0
+    #: Cap on a whole request; 0 turns it off (long generations are normal).
+    gateway_total_timeout: Seconds = 0.0
+    #: Upstream connections per worker.
+    gateway_pool_size: Count = 1024
+    #: How long a request may wait for a free upstream connection.
+    gateway_pool_timeout: PositiveSeconds = 30.0
+    #: How long an idle upstream connection is kept.
+    gateway_keepalive: PositiveSeconds = 60.0
+    gateway_max_body_bytes: Annotated[int, Meta(ge=1024, description="a number of bytes >= 1024")] = 32 * 1024 * 1024
+    #: On SIGTERM, how long in-flight requests may take to finish.
+    gateway_drain_seconds: Seconds = 30.0
+    gateway_tls_verify: Flag = True
+    gateway_ca_bundle: Annotated[str, Meta(description="the path of a PEM file")] = ""
+    #: Granian's listen backlog and per-worker concurrent request cap.
+    gateway_backlog: Annotated[int, Meta(ge=128, le=65535, description="an integer from 128 to 65535")] = 2048
+    gateway_backpressure: Count = 4096
+    gateway_log_level: Annotated[str, Meta(description="one of " + ", ".join(_LOG_LEVELS))] = "info"
+
+    def __repr__(self) -> str:
+        shown = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in _SECRET_FIELDS and value:
+                value = "<redacted>"
+            shown.append(f"{name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    # Derived values. Settings is immutable, so these are computed on demand by callers that
+    # need them once (at start-up), never per request.
+
+    @property
+    def profile(self) -> Profile:
+        return PROFILES[self.backend_kind]
+
+    @property
+    def base_url(self) -> str:
+        return self.backend_base_url or self.profile.default_base_url or ""
+
+    @property
+    def capabilities(self) -> Mapping[str, Support]:
+        return apply_overrides(self.profile.capabilities, self.backend_capabilities)
+
+    @property
+    def client_keys(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+
+_SECRET_FIELDS = frozenset({"backend_api_key", "api_keys"})
+
+#: Environment variable name -> field name.
+ENV_NAMES: Mapping[str, str] = {name.upper(): name for name in Settings.__struct_fields__}
+
+
+def accepted(env_name: str) -> str:
+    """What a variable accepts, from the field's ``Meta(description=...)``."""
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    hint = hints[ENV_NAMES[env_name]]
+    for meta in getattr(hint, "__metadata__", ()):
+        if isinstance(meta, Meta) and meta.description:
+            return meta.description
+    return "a string"
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a ``.env`` file: ``KEY=VALUE`` lines, ``export`` prefixes, quotes, ``#`` comments."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return values
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE, got {raw.strip()!r}")
+        value = value.strip()
+        if value.startswith("#"):
+            value = ""
+        elif len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    dotenv: Path | None = Path(".env"),
+) -> Settings:
+    """Build Settings from ``.env`` (if present) overlaid by the real environment.
+
+    Keys that are not ours (compose and backend knobs such as ``VLLM_DTYPE``) are ignored.
+    """
+    env = os.environ if environ is None else environ
+    merged: dict[str, str] = {}
+    if dotenv is not None:
+        merged.update({k: v for k, v in read_dotenv(dotenv).items() if k in ENV_NAMES})
+    merged.update({k: v for k, v in env.items() if k in ENV_NAMES})
+    return settings_from_strings(merged)
+
+
+def settings_from_strings(values: Mapping[str, str]) -> Settings:
+    # Empty numeric/boolean values mean "unset" so that a template's `GATEWAY_PORT=` is harmless.
+    cleaned = {k: v.strip() for k, v in values.items() if v.strip() != "" or _is_text(k)}
+    try:
+        settings = msgspec.convert(cleaned, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, cleaned)) from None
+    _check(settings)
+    return settings
+
+
+def _is_text(env_name: str) -> bool:
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    base = typing.get_args(hints[ENV_NAMES[env_name]]) or (hints[ENV_NAMES[env_name]],)
+    return base[0] is str
+
+
+def _describe(exc: msgspec.ValidationError, values: Mapping[str, str]) -> str:
+    msg = str(exc)
+    marker = "- at `$."
+    if marker in msg:
+        env_name = msg.split(marker, 1)[1].rstrip("`")
+        if env_name in ENV_NAMES:
+            return _bad(env_name, values.get(env_name, ""), accepted(env_name))
+    return f"invalid settings: {msg}"
+
+
+def _bad(env_name: str, value: str, what: str) -> str:
+    shown = "<redacted>" if ENV_NAMES.get(env_name) in _SECRET_FIELDS else repr(value)
+    return f"invalid {env_name}={shown}: expected {what}"
+
+
+def _check(s: Settings) -> None:
+    """Checks msgspec's constraints cannot express."""
+    if s.backend_kind not in PROFILES:
+        raise ConfigError(_bad("BACKEND_KIND", s.backend_kind, accepted("BACKEND_KIND")))
+    if not s.base_url:
+        raise ConfigError(
+            f"BACKEND_BASE_URL must be set for BACKEND_KIND={s.backend_kind} (it has no default): "
+            f"expected {accepted('BACKEND_BASE_URL')}"
+        )
+    parts = urlsplit(s.base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(_bad("BACKEND_BASE_URL", s.base_url, accepted("BACKEND_BASE_URL")))
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(_bad("BACKEND_BASE_URL", s.base_url, accepted("BACKEND_BASE_URL"))) from None
+    try:
+        apply_overrides(s.profile.capabilities, s.backend_capabilities)
+    except CapabilityError as exc:
+        raise ConfigError(f"invalid BACKEND_CAPABILITIES={s.backend_capabilities!r}: {exc}") from None
+    if s.gateway_log_level not in _LOG_LEVELS:
+        raise ConfigError(_bad("GATEWAY_LOG_LEVEL", s.gateway_log_level, accepted("GATEWAY_LOG_LEVEL")))
+    if s.gateway_ca_bundle and not Path(s.gateway_ca_bundle).is_file():
+        raise ConfigError(_bad("GATEWAY_CA_BUNDLE", s.gateway_ca_bundle, "the path of an existing PEM file"))
+    if not s.gateway_host:
+        raise ConfigError(_bad("GATEWAY_HOST", s.gateway_host, "an address to bind, e.g. 127.0.0.1 or 0.0.0.0"))

@@ -1,0 +1,137 @@
+"""Errors the gateway makes itself, and the one writer of the OpenAI error body.
+
+Upstream errors are never rewritten: they are relayed as the backend sent them.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+JSON_HEADERS: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+
+
+class GatewayError(Exception):
+    """An error answered by the gateway in the OpenAI shape."""
+
+    __slots__ = ("status", "type", "code", "message", "param", "headers")
+
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        code: str | None,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def __repr__(self) -> str:
+        return f"GatewayError({self.status}, {self.type!r}, {self.code!r}, {self.message!r})"
+
+
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
+    """``{"error":{"message","type","param","code"}}``, the shape openai-python parses."""
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def sse_error_event(message: str, type: str, code: str | None, tail: bytes) -> bytes:
+    """A final ``data: {"error":...}`` event for a stream cut mid-way.
+
+    ``tail`` is the last two bytes already sent: when they do not end an event, a line break is
+    added first so the error is its own event. Looking at two bytes is all the framing we need.
+    """
+    if tail.endswith(b"\n\n") or tail.endswith(b"\r\r") or not tail:
+        sep = b""
+    elif tail.endswith(b"\n") or tail.endswith(b"\r"):
+        sep = b"\n"
+    else:
+        sep = b"\n\n"
+    return sep + b"data: " + error_body(message, type, code) + b"\n\n"
+
+
+# Constructors for the errors named in the HTTP surface, so every call site says the same thing.
+
+
+def bad_request(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(400, "invalid_request_error", "invalid_request", message, param=param)
+
+
+def unauthorized() -> GatewayError:
+    return GatewayError(
+        401,
+        "authentication_error",
+        "invalid_api_key",
+        "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
+        headers=[(b"www-authenticate", b"Bearer")],
+    )
+
+
+def not_found(path: str) -> GatewayError:
+    return GatewayError(404, "not_found_error", "not_found", f"No route for {path!r}.")
+
+
+def method_not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> GatewayError:
+    return GatewayError(
+        405,
+        "invalid_request_error",
+        "method_not_allowed",
+        f"Method {method} is not allowed on {path}; use {', '.join(allowed)}.",
+        headers=[(b"allow", ", ".join(allowed).encode())],
+    )
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        f"Request body exceeds the gateway's limit of {limit} bytes.",
+    )
+
+
+def not_supported(backend: str, capability: str) -> GatewayError:
+    return GatewayError(
+        501,
+        "not_supported_error",
+        "not_supported",
+        f"The {backend} backend does not support {capability}.",
+    )
+
+
+def backend_unavailable(detail: str) -> GatewayError:
+    return GatewayError(502, "api_error", "backend_unavailable", f"The backend is unavailable: {detail}")
+
+
+def backend_timeout(detail: str) -> GatewayError:
+    return GatewayError(504, "api_error", "backend_timeout", f"The backend timed out: {detail}")
+
+
+def pool_exhausted(wait: float) -> GatewayError:
+    return GatewayError(
+        503,
+        "api_error",
+        "pool_exhausted",
+        f"No backend connection became free within {wait:g} s.",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def draining() -> GatewayError:
+    return GatewayError(
+        503,
+        "api_error",
+        "draining",
+        "The gateway is shutting down; retry on another instance.",
+        headers=[(b"retry-after", b"1"), (b"connection", b"close")],
+    )

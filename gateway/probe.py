@@ -1,0 +1,78 @@
+"""``/ready``: probe the backend's own health path, on a fresh connection each call."""
+
+from __future__ import annotations
+
+import ssl
+import time
+
+import httpcore
+import orjson
+
+from gateway.upstream import Target, open_connection
+
+#: A health answer larger than this is not read further: the status is what matters.
+_MAX_BODY = 64 * 1024
+
+
+async def probe(
+    target: Target,
+    health_path: str,
+    kind: str,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    network: httpcore.AsyncNetworkBackend,
+    timeout: float,  # noqa: ASYNC109 - applied per connect/read, not as a cancel scope
+) -> tuple[int, bytes]:
+    """The gateway's readiness (200 or 503) and its JSON body.
+
+    ``ready``: the backend answered below 500 (a 401 from a protected path still proves it is
+    up); ``loading``: it answered 503 (llama.cpp's "Loading model", LocalAI's "starting");
+    ``unreachable``: refused, timed out, or another 5xx.
+    """
+    started = time.perf_counter()
+    backend_status: int | None = None
+    detail: str | None = None
+    try:
+        conn = await open_connection(target, ssl_context, timeout, None, network)
+        try:
+            request = httpcore.Request(
+                b"GET",
+                target.url(target.root_path + health_path.encode()),
+                headers=[(b"host", target.host_header), (b"accept", b"*/*"), *target.auth_headers],
+                extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
+            )
+            response = await conn.handle_async_request(request)
+            try:
+                seen = 0
+                async for chunk in response.stream:  # type: ignore[union-attr]
+                    seen += len(chunk)
+                    if seen > _MAX_BODY:
+                        break
+            finally:
+                await response.aclose()
+            backend_status = response.status
+        finally:
+            await conn.aclose()
+    except httpcore.TimeoutException:
+        detail = f"no answer within {timeout:g} s"
+    except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    if backend_status is None:
+        status = "unreachable"
+    elif backend_status == 503:
+        status = "loading"
+    elif backend_status >= 500:
+        status = "unreachable"
+        detail = f"the backend answered {backend_status}"
+    else:
+        status = "ready"
+    body: dict[str, object] = {
+        "status": status,
+        "kind": kind,
+        "latency_ms": latency_ms,
+        "backend_status": backend_status,
+    }
+    if detail:
+        body["detail"] = detail
+    return (200 if status == "ready" else 503), orjson.dumps(body)

@@ -1,0 +1,164 @@
+"""What differs between backend kinds, as data.
+
+One frozen Struct per kind; the request path consults it and never branches on a kind's name.
+Adding a kind is one entry in ``PROFILES`` (plus its compose service, env template and test).
+Facts come from ../shared/backends.md.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import msgspec
+
+
+class Support(enum.Enum):
+    """How a backend kind handles one capability."""
+
+    SUPPORTED = "supported"
+    #: The gateway answers 501 itself and never contacts the backend.
+    UNSUPPORTED = "unsupported"
+    #: Depends on how the backend was launched: forward and relay whatever it answers.
+    DEPENDS = "depends"
+
+
+#: Every capability the gateway knows, in display order. A capability gates a route
+#: (``chat``, ``completions``, ``embeddings``, ``responses``) or a request feature (``tools``).
+CAPABILITIES: tuple[str, ...] = ("chat", "completions", "embeddings", "responses", "tools")
+
+S, U, D = Support.SUPPORTED, Support.UNSUPPORTED, Support.DEPENDS
+
+
+class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One backend kind."""
+
+    kind: str
+    display_name: str
+    #: The kind's native local OpenAI base URL; None when there is no sensible default.
+    default_base_url: str | None
+    #: Probed by /ready, relative to the server root (the base URL without its trailing /v1).
+    health_path: str
+    #: Whether the backend takes an API key at all (Ollama ignores them).
+    takes_key: bool
+    capabilities: Mapping[str, Support]
+    #: What the kind is best suited for, shown in the README's backends table.
+    best_for: str
+
+    def support(self, capability: str) -> Support:
+        return self.capabilities.get(capability, Support.SUPPORTED)
+
+
+def _caps(**given: Support) -> Mapping[str, Support]:
+    unknown = set(given) - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"unknown capabilities {sorted(unknown)}")
+    return MappingProxyType({name: given.get(name, S) for name in CAPABILITIES})
+
+
+PROFILES: Mapping[str, Profile] = MappingProxyType(
+    {
+        p.kind: p
+        for p in (
+            Profile(
+                kind="vllm",
+                display_name="vLLM",
+                default_base_url="http://127.0.0.1:8000/v1",
+                health_path="/health",
+                takes_key=True,
+                capabilities=_caps(embeddings=D, tools=D),
+                best_for="production serving on NVIDIA GPUs, high concurrency",
+            ),
+            Profile(
+                kind="sglang",
+                display_name="SGLang",
+                default_base_url="http://127.0.0.1:30000/v1",
+                health_path="/health",
+                takes_key=True,
+                capabilities=_caps(embeddings=D, tools=D),
+                best_for="high-throughput serving with prefix caching",
+            ),
+            Profile(
+                kind="tgi",
+                display_name="Text Generation Inference",
+                default_base_url="http://127.0.0.1:3000/v1",
+                health_path="/health",
+                takes_key=True,
+                capabilities=_caps(embeddings=U, responses=U, tools=D),
+                best_for="existing Hugging Face TGI deployments (maintenance mode upstream)",
+            ),
+            Profile(
+                kind="llamacpp",
+                display_name="llama.cpp server",
+                default_base_url="http://127.0.0.1:8080/v1",
+                health_path="/health",
+                takes_key=True,
+                capabilities=_caps(embeddings=D, tools=D),
+                best_for="GGUF models on small GPUs or CPU",
+            ),
+            Profile(
+                kind="ollama",
+                display_name="Ollama",
+                default_base_url="http://127.0.0.1:11434/v1",
+                health_path="/",
+                takes_key=False,
+                capabilities=_caps(tools=D),
+                best_for="easy local model management, workstations",
+            ),
+            Profile(
+                kind="localai",
+                display_name="LocalAI",
+                default_base_url="http://127.0.0.1:8080/v1",
+                health_path="/readyz",
+                takes_key=True,
+                capabilities=_caps(tools=D),
+                best_for="many model families and modalities behind one API",
+            ),
+            Profile(
+                kind="lmstudio",
+                display_name="LM Studio",
+                default_base_url="http://127.0.0.1:1234/v1",
+                health_path="/v1/models",
+                takes_key=True,
+                capabilities=_caps(tools=D),
+                best_for="desktop use; runs on the host, not in compose",
+            ),
+            Profile(
+                kind="openai",
+                display_name="OpenAI-compatible endpoint",
+                default_base_url=None,
+                health_path="/v1/models",
+                takes_key=True,
+                capabilities=_caps(embeddings=D, responses=D, tools=D),
+                best_for="any external OpenAI-compatible URL",
+            ),
+        )
+    }
+)
+
+
+class CapabilityError(ValueError):
+    pass
+
+
+def apply_overrides(base: Mapping[str, Support], spec: str) -> Mapping[str, Support]:
+    """Apply a ``BACKEND_CAPABILITIES`` spec such as ``-embeddings,+tools,~responses``.
+
+    ``+name`` declares it supported, ``-name`` unsupported (the gateway answers 501),
+    ``~name`` depends on the backend (forward and relay its answer).
+    """
+    signs = {"+": S, "-": U, "~": D}
+    out = dict(base)
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        sign, name = item[0], item[1:].strip()
+        if sign not in signs or name not in CAPABILITIES:
+            raise CapabilityError(
+                f"{item!r} is not a capability override; use +NAME, -NAME or ~NAME "
+                f"with NAME one of {', '.join(CAPABILITIES)}"
+            )
+        out[name] = signs[sign]
+    return MappingProxyType(out)

@@ -1,0 +1,140 @@
+"""Send one request upstream and relay its response, chunk by chunk, as it arrives.
+
+Nothing here parses, joins or copies the body: each piece httpcore reads is sent on as its own
+``http.response.body`` message. A failure after the response has started ends an event stream
+with a final ``data: {"error":...}`` event, so a cut answer never looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpcore
+
+from gateway.errors import GatewayError, error_body, sse_error_event
+from gateway.types import Send
+from gateway.upstream import DROP_RESPONSE_HEADERS, Pool, Target
+
+log = logging.getLogger("gateway")
+
+SSE_EXTRA_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_SSE_REPLACED = frozenset({b"cache-control", b"x-accel-buffering", b"content-length"})
+
+#: Errors that mean a reused keep-alive connection had been closed by the backend before our
+#: request reached it: safe to try once more on another connection.
+_STALE = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
+
+
+class Exchange:
+    """The progress of one proxied request, shared with the disconnect watcher and the timer."""
+
+    __slots__ = ("active", "cancelled_by", "phase", "started", "sse", "prev", "last", "status")
+
+    def __init__(self) -> None:
+        #: True until the response is finished; the watcher cancels only an active exchange.
+        self.active = True
+        #: "disconnect" or "timeout" when the gateway cancelled the request itself.
+        self.cancelled_by: str | None = None
+        self.phase = "connecting"
+        self.started = False
+        self.sse = False
+        self.prev = b""
+        self.last = b""
+        self.status = 0
+
+    def tail(self) -> bytes:
+        """The last two bytes sent to the client."""
+        last = self.last
+        return last[-2:] if len(last) >= 2 else (self.prev + last)[-2:]
+
+
+def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """Relayed headers (hop-by-hop ones dropped) and whether the body is an event stream."""
+    sse = False
+    for name, value in raw:
+        if name.lower() == b"content-type" and value[:17].lower() == b"text/event-stream":
+            sse = True
+            break
+    drop = DROP_RESPONSE_HEADERS | _SSE_REPLACED if sse else DROP_RESPONSE_HEADERS
+    out = [(name, value) for name, value in raw if name.lower() not in drop]
+    if sse:
+        out.extend(SSE_EXTRA_HEADERS)
+    return out, sse
+
+
+async def forward(
+    pool: Pool,
+    target: Target,
+    method: bytes,
+    url_target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    extensions: dict[str, Any],
+    send: Send,
+    ex: Exchange,
+) -> None:
+    """Forward one request and relay the response; httpcore's exceptions propagate."""
+    request = httpcore.Request(method, target.url(url_target), headers=headers, content=body, extensions=extensions)
+    attempts = 0
+    while True:
+        ex.phase = "connecting"
+        conn, reused = await pool.acquire()
+        try:
+            ex.phase = "waiting for response headers"
+            try:
+                response = await conn.handle_async_request(request)
+            except _STALE:
+                attempts += 1
+                if reused and attempts < 3:
+                    continue  # the finally below releases (discards) the dead connection
+                raise
+            try:
+                relayed, ex.sse = response_headers(response.headers)
+                ex.status = response.status
+                await send({"type": "http.response.start", "status": response.status, "headers": relayed})
+                ex.started = True
+                ex.phase = "reading the response body"
+                async for chunk in response.stream:  # type: ignore[union-attr]
+                    ex.prev = ex.last
+                    ex.last = chunk
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            finally:
+                # Closes the connection unless the body was read to the end: this is what makes
+                # the backend abort a generation nobody will read.
+                await response.aclose()
+            pool.release(conn)
+            conn = None  # type: ignore[assignment]
+            ex.active = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        finally:
+            if conn is not None:
+                pool.release(conn)
+
+
+async def send_error(send: Send, err: GatewayError) -> None:
+    headers = [(b"content-type", b"application/json")]
+    if err.headers:
+        headers.extend(err.headers)
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": err.body(), "more_body": False})
+
+
+async def fail(send: Send, ex: Exchange, err: GatewayError) -> None:
+    """Tell the client about a failure in whatever phase it happened."""
+    ex.active = False
+    if not ex.started:
+        await send_error(send, err)
+        return
+    if ex.sse:
+        event = sse_error_event(err.message, err.type, err.code, ex.tail())
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    else:
+        # A plain body cut mid-way: nothing can be appended that a JSON parser would accept;
+        # ending here leaves a short body (and a short read where a content-length was sent).
+        log.warning("upstream body cut after the response started: %s", err.message)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+__all__ = ["Exchange", "error_body", "fail", "forward", "response_headers", "send_error"]

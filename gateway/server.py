@@ -1,0 +1,156 @@
+"""Serving: Granian runs the app; ``gateway serve`` supervises it for a graceful drain.
+
+Process tree: ``gateway serve`` (supervisor) -> Granian main (``python -m gateway.server``) ->
+N worker processes. The supervisor owns SIGTERM/SIGINT: it marks the control directory as
+draining (workers answer 503 to new requests, /ready says ``draining``), waits until no request is
+in flight or the grace period is over, then stops Granian and exits 0. Granian runs in its own
+session so a terminal's Ctrl-C reaches only the supervisor, which drains first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from gateway.config import ENV_NAMES, Settings, load_settings
+from gateway.drain import CONTROL_ENV, begin_drain, workers_idle
+
+#: How long Granian's workers get to stop once the drain is over (or its grace period spent):
+#: requests still in flight then are cut, and the OS closes their upstream connections.
+STOP_TIMEOUT = 3.0
+
+
+def run_granian(settings: Settings) -> None:
+    """Serve the app with Granian in this process (blocking). ASGI, uvloop, HTTP/1.1."""
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, Loops, TaskImpl
+    from granian.log import LogLevels
+
+    Granian(
+        "gateway.app:create_app",
+        factory=True,
+        address=settings.gateway_host,
+        port=settings.gateway_port,
+        interface=Interfaces.ASGI,
+        workers=settings.gateway_workers,
+        loop=Loops.uvloop,
+        task_impl=TaskImpl.asyncio,
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=settings.gateway_backlog,
+        backpressure=settings.gateway_backpressure,
+        log_level=LogLevels(settings.gateway_log_level),
+        workers_kill_timeout=int(STOP_TIMEOUT),
+    ).serve()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Settings as environment variables, so Granian's workers rebuild exactly the same ones."""
+    out = {}
+    for env_name, field in ENV_NAMES.items():
+        value = getattr(settings, field)
+        out[env_name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
+
+
+class Supervisor:
+    """Runs Granian as a child process and drains it on SIGTERM/SIGINT."""
+
+    def __init__(self, settings: Settings, *, extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self._extra_env = extra_env or {}
+        self._stop = threading.Event()
+        self.child: subprocess.Popen[bytes] | None = None
+        self.control_dir: Path | None = None
+
+    def start(self) -> None:
+        self.control_dir = Path(tempfile.mkdtemp(prefix="gateway-ctl-"))
+        env = {**os.environ, **settings_env(self.settings), **self._extra_env, CONTROL_ENV: str(self.control_dir)}
+        self.child = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "gateway.server"],
+            env=env,
+            start_new_session=True,
+        )
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def wait(self) -> int:
+        """Block until the child exits (its code) or a stop is requested (drain, then 0)."""
+        assert self.child is not None
+        while not self._stop.is_set():
+            code = self.child.poll()
+            if code is not None:
+                return 0 if code == 0 else 1
+            self._stop.wait(0.1)
+        return self.drain_and_stop()
+
+    def drain_and_stop(self) -> int:
+        assert self.child is not None and self.control_dir is not None
+        if self.child.poll() is None:
+            begin_drain(self.control_dir)
+            deadline = time.monotonic() + self.settings.gateway_drain_seconds
+            # Give every worker at least one tick to notice and report before trusting "idle".
+            time.sleep(0.15)
+            while time.monotonic() < deadline and self.child.poll() is None:
+                if workers_idle(self.control_dir):
+                    break
+                time.sleep(0.05)
+            self._terminate()
+        self._cleanup()
+        return 0
+
+    def _terminate(self) -> None:
+        assert self.child is not None
+        if self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+            try:
+                self.child.wait(STOP_TIMEOUT + 5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.child.pid, signal.SIGKILL)
+                self.child.wait()
+
+    def _cleanup(self) -> None:
+        if self.control_dir is not None:
+            for entry in self.control_dir.iterdir():
+                entry.unlink(missing_ok=True)
+            self.control_dir.rmdir()
+            self.control_dir = None
+
+
+def serve(settings: Settings) -> int:
+    """``gateway serve``: run until SIGTERM/SIGINT, drain, exit 0."""
+    sup = Supervisor(settings)
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGINT, sup.request_stop)
+    sup.start()
+    try:
+        return sup.wait()
+    finally:
+        if sup.child is not None and sup.child.poll() is None:
+            sup._terminate()
+        sup._cleanup() if sup.control_dir is not None else None
+
+
+def _exit_with_parent() -> None:
+    """Stop Granian if the supervisor dies without draining us (e.g. SIGKILL): no orphans."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+if __name__ == "__main__":
+    if os.environ.get(CONTROL_ENV):
+        _exit_with_parent()
+    run_granian(load_settings())

@@ -1,0 +1,304 @@
+"""The backend as seen from one worker: its address, the headers it needs, and a pool of
+httpcore HTTP/1.1 connections that the gateway owns.
+
+Why our own pool rather than ``httpcore.AsyncConnectionPool``: a request is ended by cancelling
+it when its client goes away, in any phase; httpcore's pool can leak a slot when a request is
+cancelled while it waits for one (httpcore issue 1093), and it scans every connection per
+request. Here acquire and release are O(1), a connection whose response was not read to the end
+is closed (which is what makes the backend abort the generation), and a fully read one goes back
+on the idle stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl
+from urllib.parse import urlsplit
+
+import httpcore
+from httpcore import AsyncHTTP11Connection
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, backend_timeout, backend_unavailable, pool_exhausted
+
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+#: Request headers never forwarded: hop-by-hop ones (RFC 9110 7.6.1), the client's credentials,
+#: and those the gateway sets itself (host, content-length).
+DROP_REQUEST_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"x-api-key",
+    }
+)
+
+#: Response headers never relayed: hop-by-hop ones and those the server sets.
+DROP_RESPONSE_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"date",
+        b"server",
+    }
+)
+
+
+class Target:
+    """Where requests go and what every request to it carries; built once per worker."""
+
+    def __init__(self, settings: Settings) -> None:
+        parts = urlsplit(settings.base_url)
+        scheme = parts.scheme.encode()
+        host = parts.hostname or ""
+        default_port = 443 if scheme == b"https" else 80
+        port = parts.port or default_port
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.origin = httpcore.Origin(scheme, host.encode("idna"), port)
+        host_header = host if ":" not in host else f"[{host}]"
+        if port != default_port:
+            host_header = f"{host_header}:{port}"
+        self.host_header = host_header.encode("idna")
+        base_path = parts.path.rstrip("/")
+        #: Client path ``/v1/x`` goes to ``base_path + /x``: the base URL's path replaces ``/v1``.
+        self.base_path = base_path.encode()
+        #: The server root, for health paths (the base URL without a trailing /v1).
+        self.root_path = (base_path[: -len("/v1")] if base_path.endswith("/v1") else base_path).encode()
+        key = settings.backend_api_key
+        self.auth_headers: list[tuple[bytes, bytes]] = (
+            [(b"authorization", b"Bearer " + key.encode())] if key and settings.profile.takes_key else []
+        )
+        self.display = f"{settings.profile.display_name} at {settings.base_url}"
+
+    def upstream_target(self, raw_path: bytes, query: bytes) -> bytes:
+        """The request-target for a client path that starts with ``/v1``."""
+        target = self.base_path + raw_path[3:]
+        return target + b"?" + query if query else target
+
+    def url(self, target: bytes) -> httpcore.URL:
+        return httpcore.URL(scheme=self.scheme, host=self.origin.host, port=self.port, target=target)
+
+
+def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.base_url.startswith("https:"):
+        return None
+    ctx = ssl.create_default_context(cafile=settings.gateway_ca_bundle or None)
+    if not settings.gateway_tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def open_connection(
+    target: Target,
+    ssl_context: ssl.SSLContext | None,
+    connect_timeout: float,
+    keepalive: float | None,
+    network: httpcore.AsyncNetworkBackend,
+) -> AsyncHTTP11Connection:
+    """A new HTTP/1.1 connection with TCP_NODELAY set; httpcore's exceptions on failure."""
+    stream = await network.connect_tcp(target.host, target.port, timeout=connect_timeout, socket_options=NODELAY)
+    if ssl_context is not None:
+        stream = await stream.start_tls(ssl_context, server_hostname=target.host, timeout=connect_timeout)
+    return AsyncHTTP11Connection(origin=target.origin, stream=stream, keepalive_expiry=keepalive)
+
+
+class Pool:
+    """Up to ``size`` connections to one origin: an idle stack and a FIFO of waiters.
+
+    State changes are synchronous (no awaits between a check and its update), so no lock is
+    needed on one event loop.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        size: int,
+        connect_timeout: float,
+        pool_timeout: float,
+        keepalive: float,
+        ssl_context: ssl.SSLContext | None = None,
+        network: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._target = target
+        self._size = size
+        self._connect_timeout = connect_timeout
+        self._pool_timeout = pool_timeout
+        self._keepalive = keepalive
+        self._ssl = ssl_context
+        self._network = network or httpcore.AnyIOBackend()
+        self._idle: list[AsyncHTTP11Connection] = []
+        #: Open or opening connections, idle ones included.
+        self._open = 0
+        self._active = 0
+        self._waiters: collections.deque[asyncio.Future[AsyncHTTP11Connection | None]] = collections.deque()
+        self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # -- introspection, for tests, /metrics and humans --------------------------------------
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self._target.display} [Connections: {self._open} open, {self._active} active, "
+            f"{len(self._idle)} idle, size {self._size} | Waiting: {len(self._waiters)}]>"
+        )
+
+    # -- acquire / release --------------------------------------------------------------------
+
+    async def acquire(self) -> tuple[AsyncHTTP11Connection, bool]:
+        """A connection ready for one request, and whether it was reused from the idle stack."""
+        if self._closed:
+            raise backend_unavailable("the gateway is shutting down")
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.has_expired():
+                self._discard(conn)
+                continue
+            self._active += 1
+            return conn, True
+        if self._open >= self._size:
+            conn_or_none = await self._wait()
+            if conn_or_none is not None:
+                self._active += 1
+                return conn_or_none, True
+            # A slot was freed for us (self._open already counts it).
+        else:
+            self._open += 1
+        try:
+            conn = await open_connection(self._target, self._ssl, self._connect_timeout, self._keepalive, self._network)
+        except BaseException:
+            self._open -= 1
+            self._wake_one()
+            raise
+        self._active += 1
+        return conn, False
+
+    async def _wait(self) -> AsyncHTTP11Connection | None:
+        """Wait for a connection (or, with None, a free slot) handed over by release/discard."""
+        fut: asyncio.Future[AsyncHTTP11Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                return await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                # Handed something at the moment we gave up: pass it on, never leak it.
+                handed = fut.result()
+                if handed is None:
+                    self._open -= 1
+                    self._wake_one()
+                else:
+                    self._put_back(handed)
+            else:
+                fut.cancel()
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            if isinstance(exc, TimeoutError):
+                raise pool_exhausted(self._pool_timeout) from None
+            raise
+
+    def release(self, conn: AsyncHTTP11Connection) -> None:
+        """Return a connection after its response was closed; reused only if fully read."""
+        self._active -= 1
+        if conn.is_idle() and not self._closed:
+            self._put_back(conn)
+        else:
+            self._discard(conn)
+
+    def _put_back(self, conn: AsyncHTTP11Connection) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def _discard(self, conn: AsyncHTTP11Connection) -> None:
+        self._open -= 1
+        if not conn.is_closed():
+            # Only reached for expired idle connections and defensive paths: the response
+            # close already closed a connection whose body was not read to the end.
+            task = asyncio.get_running_loop().create_task(conn.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Hand a free slot to the first live waiter, which then opens a connection."""
+        if self._open >= self._size:
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._open += 1
+                fut.set_result(None)
+                return
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._open -= 1
+            await conn.aclose()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(backend_unavailable("the gateway is shutting down"))
+
+
+def map_error(exc: Exception, phase: str) -> GatewayError:
+    """httpcore's exceptions, mapped once at this boundary to the gateway's errors."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, (httpcore.ConnectTimeout, httpcore.PoolTimeout)):
+        return backend_timeout(f"no connection within the connect timeout ({phase})")
+    if isinstance(exc, httpcore.TimeoutException):
+        return backend_timeout(f"no data within the read timeout ({phase})")
+    if isinstance(exc, httpcore.ConnectError):
+        return backend_unavailable(f"connection failed ({exc or type(exc).__name__})")
+    if isinstance(exc, httpcore.LocalProtocolError):
+        return GatewayError(400, "invalid_request_error", "invalid_request", f"The request cannot be forwarded: {exc}")
+    if isinstance(exc, (httpcore.NetworkError, httpcore.RemoteProtocolError)):
+        return backend_unavailable(f"connection lost ({phase}: {exc or type(exc).__name__})")
+    return backend_unavailable(f"{type(exc).__name__} ({phase})")

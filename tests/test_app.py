@@ -1,0 +1,184 @@
+"""The ASGI app driven in-process with hand-written receive/send."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.asgi import call, make_gateway
+from tests.conftest import clean_env, free_port
+from tests.fakes import Conn, FakeBackend, Req, sse_events
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_lifespan_startup_failure_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GATEWAY_CONTROL_DIR", str(tmp_path / "missing"))
+    app = make_gateway()
+    sent: list[dict[str, Any]] = []
+    inbox = [{"type": "lifespan.startup"}]
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+
+    run(app({"type": "lifespan"}, receive, send))  # type: ignore[arg-type]
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "missing" in sent[0]["message"]
+
+
+def test_worker_exits_rather_than_serving_without_its_pool(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.server"],
+        env=clean_env(GATEWAY_PORT=str(port), GATEWAY_CONTROL_DIR=str(tmp_path / "missing")),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "lifespan startup failed" in proc.stdout + proc.stderr
+
+
+def test_lifespan_startup_and_shutdown() -> None:
+    app = make_gateway()
+    sent: list[str] = []
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m["type"])
+
+    run(app({"type": "lifespan"}, receive, send))  # type: ignore[arg-type]
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_head_health_and_draining() -> None:
+    async def go() -> None:
+        app = make_gateway()
+        await app.startup()
+        r = await call(app, "HEAD", "/health")
+        assert r.status == 200 and r.body == b""
+        app.draining = True
+        r = await call(app, "GET", "/ready")
+        assert r.status == 503 and r.json()["status"] == "draining"
+        r = await call(app, "POST", "/v1/chat/completions", b"{}")
+        assert r.status == 503 and r.json()["error"]["code"] == "draining"
+        assert r.header(b"retry-after") == b"1"
+        assert (await call(app, "GET", "/health")).status == 200
+        await app.shutdown()
+
+    run(go())
+
+
+def test_body_in_pieces_and_disconnect_during_body() -> None:
+    with FakeBackend() as fb:
+
+        async def go() -> None:
+            app = make_gateway(BACKEND_BASE_URL=fb.url)
+            await app.startup()
+            r = await call(app, "POST", "/v1/chat/completions", [b'{"mod', b'el":"a",', b'"x":1}'])
+            assert r.status == 200
+            assert fb.requests[-1].body == b'{"model":"a","x":1}'
+
+            sent: list[dict[str, Any]] = []
+            inbox = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
+
+            async def receive() -> dict[str, Any]:
+                return inbox.pop(0)
+
+            async def send(m: dict[str, Any]) -> None:
+                sent.append(m)
+
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": "/v1/chat/completions",
+                "headers": [],
+                "query_string": b"",
+            }
+            await app(scope, receive, send)  # type: ignore[arg-type]
+            assert sent == []
+            assert len(fb.requests) == 1
+            await app.shutdown()
+
+        run(go())
+
+
+def test_disconnect_mid_stream_cancels_upstream_in_process() -> None:
+    async def slow(req: Req, conn: Conn) -> None:
+        await conn.start_chunked()
+        for ev in sse_events(500):
+            await conn.chunk(ev)
+            await asyncio.sleep(0.01)
+        await conn.end_chunked()
+
+    with FakeBackend(handler=slow) as fb:
+
+        async def go() -> None:
+            app = make_gateway(BACKEND_BASE_URL=fb.url)
+            await app.startup()
+            gone = asyncio.Event()
+            chunks: list[bytes] = []
+            inbox = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+            async def receive() -> dict[str, Any]:
+                if inbox:
+                    return inbox.pop(0)
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(m: dict[str, Any]) -> None:
+                if m["type"] == "http.response.body":
+                    chunks.append(m["body"])
+                    if len(chunks) == 3:
+                        gone.set()
+
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": "/v1/chat/completions",
+                "headers": [],
+                "query_string": b"",
+            }
+            await asyncio.wait_for(app(scope, receive, send), 5)  # type: ignore[arg-type]
+            assert 3 <= len(chunks) < 50
+            assert app.pool is not None and app.pool.active == 0 and app.pool.idle == 0 and app.pool.open == 0
+            # The task survives its own cancellation: nothing is left pending on it.
+            current = asyncio.current_task()
+            assert current is not None and current.cancelling() == 0
+            await app.shutdown()
+
+        run(go())
+        assert fb.wait_disconnects(1, 1.0)
+
+
+def test_pool_reuses_and_counts() -> None:
+    with FakeBackend() as fb:
+
+        async def go() -> None:
+            app = make_gateway(BACKEND_BASE_URL=fb.url, GATEWAY_POOL_SIZE="2")
+            await app.startup()
+            results = await asyncio.gather(
+                *(call(app, "POST", "/v1/chat/completions", b'{"stream":true}') for _ in range(10))
+            )
+            assert all(r.status == 200 and r.finished for r in results)
+            assert app.pool is not None
+            assert app.pool.open <= 2 and app.pool.active == 0 and app.pool.waiting == 0
+            assert "idle" in repr(app.pool)
+            await app.shutdown()
+
+        run(go())
+        assert fb.connections <= 2
