@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the gateway in front of the configured backend (Granian)")
     _add_settings_flags(serve)
+
+    from gateway.sim.cli import add_arguments as add_sim_arguments
+
+    sim = sub.add_parser("sim", help="run the simulated inference backend (no GPU needed)")
+    add_sim_arguments(sim)
+
+    demo = sub.add_parser("demo", help="the simulator with the gateway in front of it, with a streaming example")
+    demo.add_argument("--port", type=int, default=4000, help="the gateway's port (default 4000)")
+    demo.add_argument("--sim-port", type=int, default=0, help="the simulator's port (default: a free one)")
+    demo.add_argument("--once", action="store_true", help="stop after the example instead of waiting for Ctrl-C")
     return parser
 
 
@@ -61,6 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             settings = settings_from_args(args)
             return _serve(settings)
+        if args.command == "sim":
+            from gateway.sim.cli import run as run_sim
+
+            return run_sim(args)
+        if args.command == "demo":
+            from gateway.demo import run_demo
+
+            return run_demo(args.port, args.sim_port, args.once)
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,436 @@
+"""The simulator's request handling: load phase, auth, routing, faults, generation.
+
+``SimApp`` is the handler an ``HttpConnection`` calls with each request. Everything that differs by
+backend kind comes from ``kinds.WIRES``; timing comes from ``engine``; bytes from ``responses``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import orjson
+
+from gateway.sim import responses
+from gateway.sim.config import ConfigError, Fault, SimConfig, parse_fault
+from gateway.sim.engine import Scheduler, Ticker, Timing
+from gateway.sim.http import Canned, HttpConnection, Request
+from gateway.sim.kinds import JSON, WIRES, Loading
+from gateway.sim.stats import METRICS_CONTENT_TYPE, SimStats, render_metrics
+
+RouteHandler = Callable[[HttpConnection, Request], Awaitable[None]]
+_JSON_HEADERS = (JSON,)
+#: In no-delay mode a stream yields to the loop this often, so one long stream cannot starve others.
+_YIELD_EVERY = 32
+#: Per-request timing overrides: header -> ``Timing`` field.
+_TIMING_HEADERS = {b"x-sim-ttft-ms": "ttft_ms", b"x-sim-itl-ms": "itl_ms", b"x-sim-itl-jitter-ms": "itl_jitter_ms"}
+
+
+class ClientGone(Exception):
+    """The connection closed under a generation (seen before the cancellation arrived)."""
+
+
+class PlanError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Plan:
+    """What one inference request asks for, checked, with its timing and faults resolved."""
+
+    __slots__ = (
+        "kind", "model", "stream", "include_usage", "n_tokens", "finish", "prompt_tokens", "timing", "fault",
+        "inputs", "dimensions", "as_base64",
+    )  # fmt: skip
+
+    def __init__(self, kind: str, model: str, prompt_tokens: int, timing: Timing, fault: Fault) -> None:
+        #: "chat", "completion" or "embedding".
+        self.kind = kind
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.timing = timing
+        self.fault = fault
+        self.stream = False
+        self.include_usage = False
+        self.n_tokens = 0
+        self.finish = "stop"
+        self.inputs: list[object] = []
+        self.dimensions = responses.DEFAULT_DIMENSIONS
+        self.as_base64 = False
+
+
+def _non_negative(name: bytes, raw: bytes) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise PlanError(f"header {name.decode()} must be a number >= 0, not {raw.decode(errors='replace')!r}")
+    return value
+
+
+class SimApp:
+    """Answers one request on one connection, in the manner of ``config.kind``."""
+
+    def __init__(self, config: SimConfig, stats: SimStats, scheduler: Scheduler, loaded: asyncio.Event) -> None:
+        self.config = config
+        self.wire = wire = WIRES[config.kind]
+        self.stats = stats
+        self.scheduler = scheduler
+        self.loaded = loaded
+        self._rng = random.Random(config.seed)  # noqa: S311 - jitter, not security
+        self._key = config.api_key.encode() if config.api_key and wire.takes_key else b""
+        self._timing = Timing(
+            ttft_ms=config.ttft_ms,
+            itl_ms=config.itl_ms,
+            itl_jitter_ms=config.itl_jitter_ms,
+            prefill_us_per_token=config.prefill_us_per_token,
+            batch_slowdown=config.batch_slowdown,
+        )
+        self._models = Canned(200, _JSON_HEADERS, responses.model_list(config.model, wire.owned_by))
+        routes: dict[str, tuple[tuple[str, ...], RouteHandler]] = {
+            "/v1/chat/completions": (("POST",), self._chat),
+            "/v1/completions": (("POST",), self._completions),
+            "/v1/models": (("GET", "HEAD"), self._list_models),
+        }
+        if wire.embeddings and (config.embeddings or wire.embeddings_off is not None):
+            routes["/v1/embeddings"] = (("POST",), self._embeddings)
+        for path in wire.health:
+            routes[path] = (("GET", "HEAD"), self._health)
+        self._routes = routes
+
+    # -- dispatch -----------------------------------------------------------------------------------
+
+    async def __call__(self, conn: HttpConnection, req: Request) -> None:
+        self.stats.http_requests_total += 1
+        wire, path = self.wire, req.path
+        head_only = req.method == "HEAD"
+        if not self.loaded.is_set():
+            if wire.loading is Loading.EVERY_PATH and wire.loading_any is not None:
+                conn.respond_canned(wire.loading_any, head_only=head_only)
+                return
+            canned = wire.loading_health.get(path)
+            if canned is not None:
+                conn.respond_canned(canned, head_only=head_only)
+                return
+        if path == "/metrics" and req.method in ("GET", "HEAD"):
+            body = render_metrics(self.stats, self.config.model)
+            conn.respond(200, ((b"content-type", METRICS_CONTENT_TYPE),), body, head_only=head_only)
+            return
+        if self._key and wire.needs_key(path) and not self._authorized(req.headers):
+            conn.respond_canned(wire.unauthorized, head_only=head_only)
+            return
+        route = self._routes.get(path)
+        if route is None:
+            self._error(conn, 404, wire.not_found_message, head_only=head_only)
+            return
+        methods, handler = route
+        if req.method not in methods:
+            self._error(conn, 405, "Method Not Allowed", head_only=head_only)
+            return
+        await handler(conn, req)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        key, wire = self._key, self.wire
+        auth = headers.get(b"authorization")
+        if auth is not None:
+            if wire.bearer_ignores_case:
+                if hmac.compare_digest(auth.lower(), b"bearer " + key.lower()):
+                    return True
+            else:
+                scheme, _, token = auth.partition(b" ")
+                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key):
+                    return True
+        for name in wire.key_headers:
+            value = headers.get(name)
+            if value is not None and hmac.compare_digest(value, key):
+                return True
+        return False
+
+    def _error(self, conn: HttpConnection, status: int, message: str, *, head_only: bool = False) -> None:
+        conn.respond(status, _JSON_HEADERS, self.wire.error(status, message), head_only=head_only)
+
+    # -- simple routes ------------------------------------------------------------------------------
+
+    async def _health(self, conn: HttpConnection, req: Request) -> None:
+        conn.respond_canned(self.wire.health[req.path], head_only=req.method == "HEAD")
+
+    async def _list_models(self, conn: HttpConnection, req: Request) -> None:
+        conn.respond_canned(self._models, head_only=req.method == "HEAD")
+
+    # -- inference ----------------------------------------------------------------------------------
+
+    async def _chat(self, conn: HttpConnection, req: Request) -> None:
+        await self._inference(conn, req, "chat")
+
+    async def _completions(self, conn: HttpConnection, req: Request) -> None:
+        await self._inference(conn, req, "completion")
+
+    async def _embeddings(self, conn: HttpConnection, req: Request) -> None:
+        if not self.config.embeddings and self.wire.embeddings_off is not None:
+            conn.respond_canned(self.wire.embeddings_off)
+            return
+        await self._inference(conn, req, "embedding")
+
+    async def _inference(self, conn: HttpConnection, req: Request, kind: str) -> None:
+        stats = self.stats
+        stats.requests_total += 1
+        try:
+            plan = self._plan(req, kind)
+        except PlanError as exc:
+            self._error(conn, self.wire.invalid_status, exc.message)
+            return
+        try:
+            await self._serve(conn, plan)
+        except ClientGone:
+            stats.aborted_requests_total += 1
+        except asyncio.CancelledError:
+            stats.aborted_requests_total += 1
+            raise
+
+    async def _serve(self, conn: HttpConnection, plan: Plan) -> None:
+        fault, stats = plan.fault, self.stats
+        if fault.stall_before_headers_ms:
+            await asyncio.sleep(fault.stall_before_headers_ms / 1000.0)
+        if fault.status is not None:
+            stats.faults_total += 1
+            self._error(conn, fault.status, f"simulated fault: status {fault.status}")
+            return
+        if fault.reset_after == 0:
+            stats.faults_total += 1
+            conn.reset()
+            return
+        if not self.loaded.is_set():
+            await self.loaded.wait()
+        await self.scheduler.acquire()
+        try:
+            if plan.kind == "embedding":
+                await self._embed(conn, plan)
+            elif plan.stream:
+                await self._stream(conn, plan)
+            else:
+                await self._whole(conn, plan)
+        finally:
+            self.scheduler.release()
+
+    async def _stream(self, conn: HttpConnection, plan: Plan) -> None:
+        wire, stats, timing = self.wire, self.stats, plan.timing
+        frames = responses.StreamFrames(sse_data=wire.sse_data, chat=plan.kind == "chat", model=plan.model)
+        out = _Emitter(self, conn, plan.fault, frames)
+        ticker = Ticker()
+        if wire.early_headers:
+            conn.start_stream(200, wire.stream_headers)
+        await ticker.wait(timing.first_token_s(plan.prompt_tokens))
+        if not await out.check():
+            return
+        if frames.chat and not await out.emit(frames.role()):
+            return
+        for i in range(plan.n_tokens):
+            if i:
+                gap = timing.gap_s(stats.running, self._rng)
+                if gap > 0:
+                    await ticker.wait(gap)
+                elif i % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            stats.generated_tokens_total += 1
+            if not await out.emit(frames.token(i)):
+                return
+        if not await out.emit(frames.finish(plan.finish)):
+            return
+        if plan.include_usage and not await out.emit(frames.usage(plan.prompt_tokens, plan.n_tokens)):
+            return
+        conn.send_chunk(frames.done)
+        conn.end_stream()
+        stats.completed_requests_total += 1
+
+    async def _whole(self, conn: HttpConnection, plan: Plan) -> None:
+        timing, fault, stats = plan.timing, plan.fault, self.stats
+        ticker = Ticker()
+        await ticker.wait(timing.first_token_s(plan.prompt_tokens))
+        if fault.any and not await self._whole_check(conn, fault, 0):
+            return
+        if fault.any or not timing.zero:
+            for i in range(1, plan.n_tokens + 1):
+                if i > 1:
+                    await ticker.wait(timing.gap_s(stats.running, self._rng))
+                if fault.any and not await self._whole_check(conn, fault, i):
+                    return
+        if conn.lost:
+            raise ClientGone
+        build = responses.chat_completion if plan.kind == "chat" else responses.text_completion
+        conn.respond(200, _JSON_HEADERS, build(plan.model, plan.n_tokens, plan.finish, plan.prompt_tokens))
+        stats.generated_tokens_total += plan.n_tokens
+        stats.completed_requests_total += 1
+
+    async def _whole_check(self, conn: HttpConnection, fault: Fault, n: int | None) -> bool:
+        """Faults of a non-streamed answer, counted in generated tokens (``None``: any count fires,
+        for embeddings, which have no tokens to count)."""
+
+        def due(at: int | None) -> bool:
+            return at is not None and (n is None or at == n)
+
+        if due(fault.reset_after):
+            self.stats.faults_total += 1
+            conn.reset()
+            return False
+        if due(fault.stall_after) and fault.stall_ms:
+            await asyncio.sleep(fault.stall_ms / 1000.0)
+        if due(fault.error_after):
+            self.stats.faults_total += 1
+            self._error(conn, 500, "simulated fault: generation error")
+            return False
+        return True
+
+    async def _embed(self, conn: HttpConnection, plan: Plan) -> None:
+        await Ticker().wait(plan.timing.first_token_s(plan.prompt_tokens))
+        if plan.fault.any and not await self._whole_check(conn, plan.fault, None):
+            return
+        if conn.lost:
+            raise ClientGone
+        body = responses.embeddings(plan.model, plan.inputs, plan.dimensions, plan.as_base64, plan.prompt_tokens)
+        conn.respond(200, _JSON_HEADERS, body)
+        self.stats.completed_requests_total += 1
+
+    # -- request checking ---------------------------------------------------------------------------
+
+    def _plan(self, req: Request, kind: str) -> Plan:
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError:
+            raise PlanError("The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise PlanError("The request body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model or model == self.wire.model_alias:
+            model = self.config.model
+        timing, n_default = self._timing_for(req.headers)
+        fault = self._fault_for(req.headers)
+        if kind == "embedding":
+            return self._embedding_plan(body, model, timing, fault)
+        if kind == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise PlanError("`messages` must be a non-empty list.")
+            chars = responses.prompt_chars(messages)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str | list):
+                raise PlanError("`prompt` must be a string or a list.")
+            chars = responses.prompt_chars(prompt)
+        n = body.get("n")
+        if self.wire.rejects_n and isinstance(n, int) and n > 1:
+            raise PlanError("Only one completion choice is allowed")
+        plan = Plan(kind, model, responses.estimate_tokens(chars), timing, fault)
+        plan.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        plan.include_usage = plan.stream and isinstance(options, dict) and options.get("include_usage") is True
+        limit = body.get("max_completion_tokens") if kind == "chat" else None
+        if limit is None:
+            limit = body.get("max_tokens")
+        if limit is None:
+            plan.n_tokens, plan.finish = n_default, "stop"
+        elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+            plan.n_tokens, plan.finish = limit, "length"
+        else:
+            raise PlanError("`max_tokens` must be an integer >= 1.")
+        return plan
+
+    def _embedding_plan(self, body: dict[str, Any], model: str, timing: Timing, fault: Fault) -> Plan:
+        given = body.get("input")
+        if isinstance(given, str) or (isinstance(given, list) and given and all(isinstance(t, int) for t in given)):
+            inputs: list[object] = [given]
+        elif isinstance(given, list) and given and all(isinstance(item, str | list) for item in given):
+            inputs = list(given)
+        else:
+            raise PlanError("`input` must be a string, a list of strings, or token ids.")
+        dims = body.get("dimensions")
+        plan = Plan("embedding", model, responses.estimate_tokens(responses.prompt_chars(inputs)), timing, fault)
+        if dims is not None:
+            if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 65536:
+                raise PlanError("`dimensions` must be an integer between 1 and 65536.")
+            plan.dimensions = dims
+        plan.as_base64 = body.get("encoding_format") == "base64"
+        plan.inputs = inputs
+        return plan
+
+    def _timing_for(self, headers: dict[bytes, bytes]) -> tuple[Timing, int]:
+        timing, n_default = self._timing, self.config.tokens
+        changed: dict[str, float] = {}
+        for name, field in _TIMING_HEADERS.items():
+            raw = headers.get(name)
+            if raw is not None:
+                changed[field] = _non_negative(name, raw)
+        if changed:
+            timing = msgspec.structs.replace(timing, **changed)
+        raw = headers.get(b"x-sim-tokens")
+        if raw is not None:
+            if not raw.isdigit():
+                raise PlanError("header x-sim-tokens must be an integer >= 0")
+            n_default = int(raw)
+        return timing, n_default
+
+    def _fault_for(self, headers: dict[bytes, bytes]) -> Fault:
+        raw = headers.get(b"x-sim-fault")
+        if raw is None:
+            return self.config.fault
+        try:
+            return self.config.fault.merged(parse_fault(raw.decode("latin-1")))
+        except ConfigError as exc:
+            raise PlanError(str(exc)) from None
+
+
+class _Emitter:
+    """Writes a stream's events, counts them, and fires the faults due after each."""
+
+    __slots__ = ("_app", "_conn", "_fault", "_frames", "sent")
+
+    def __init__(self, app: SimApp, conn: HttpConnection, fault: Fault, frames: responses.StreamFrames) -> None:
+        self._app = app
+        self._conn = conn
+        self._fault = fault
+        self._frames = frames
+        self.sent = 0
+
+    async def emit(self, event: bytes) -> bool:
+        """Send one event; False when a fault ended the stream."""
+        conn = self._conn
+        if conn.lost:
+            raise ClientGone
+        if not conn.started:
+            conn.start_stream(200, self._app.wire.stream_headers)
+        conn.send_chunk(event)
+        self.sent += 1
+        if conn.write_blocked:
+            await conn.drain()
+            if conn.lost:
+                raise ClientGone
+        return await self.check() if self._fault.any else True
+
+    async def check(self) -> bool:
+        fault, conn, app, n = self._fault, self._conn, self._app, self.sent
+        if fault.reset_after == n:
+            app.stats.faults_total += 1
+            conn.reset()
+            return False
+        if fault.stall_after == n and fault.stall_ms:
+            await asyncio.sleep(fault.stall_ms / 1000.0)
+        if fault.error_after == n:
+            app.stats.faults_total += 1
+            message = "simulated fault: generation error"
+            if not conn.started:
+                # Nothing sent yet: the kind answers a plain error (llama.cpp, Ollama).
+                app._error(conn, 500, message)
+                return False
+            wire = app.wire
+            conn.send_chunk(wire.stream_error(wire.sse_data, message))
+            if wire.done_after_error:
+                conn.send_chunk(self._frames.done)
+            conn.end_stream()
+            return False
+        return True

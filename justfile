@@ -1,0 +1,82 @@
+# Run, test and deploy the gateway. `just` alone lists the recipes.
+
+set shell := ["bash", "-uc"]
+
+bin := ".venv/bin"
+
+# List the recipes
+default:
+    @{{ quote(just_executable()) }} --justfile {{ quote(justfile()) }} --list --unsorted
+
+# --- Local development ------------------------------------------------------------------------
+
+# Serve the gateway from .venv (settings from the environment and .env; flags: --help)
+serve *args:
+    {{ bin }}/gateway serve {{ args }}
+
+# Run the simulated backend from .venv (flags: --help)
+sim *args:
+    {{ bin }}/gateway sim {{ args }}
+
+# Run the gateway in front of the simulator and send it a few requests
+demo *args:
+    {{ bin }}/gateway demo {{ args }}
+
+# Run the whole test suite (creates .venv first if needed)
+test *args:
+    bash tests/run.sh {{ args }}
+
+# ruff check, ruff format --check and mypy --strict on the gateway package
+lint:
+    {{ bin }}/ruff check .
+    {{ bin }}/ruff format --check .
+    {{ bin }}/mypy gateway
+
+# --- Docker Compose: write .env from a template, then start a profile ---------------------------
+
+# .env for vLLM on a GPU (`just env-vllm force` overwrites an existing .env)
+env-vllm force="": (_env "vllm" "vllm" force)
+
+# .env for SGLang on a GPU (`force` overwrites an existing .env)
+env-sglang force="": (_env "sglang" "sglang" force)
+
+# .env for TGI on a GPU (`force` overwrites an existing .env)
+env-tgi force="": (_env "tgi" "tgi" force)
+
+# .env for llama.cpp's llama-server with CUDA (`force` overwrites an existing .env)
+env-llamacpp force="": (_env "llamacpp" "llamacpp" force)
+
+# .env for Ollama on a GPU (`force` overwrites an existing .env)
+env-ollama force="": (_env "ollama" "ollama" force)
+
+# .env for LocalAI with CUDA (`force` overwrites an existing .env)
+env-localai force="": (_env "localai" "localai" force)
+
+# .env for the simulated backend, no GPU (`force` overwrites an existing .env)
+env-sim force="": (_env "sim" "sim" force)
+
+# .env for LM Studio on the host or any OpenAI-compatible URL (`force` overwrites an existing .env)
+env-external force="": (_env "external" "none" force)
+
+[private]
+_env name profile force:
+    @if [[ -n {{ quote(force) }} && {{ quote(force) }} != force ]]; then echo "usage: just env-{{ name }} [force]" >&2; exit 2; fi
+    @if [[ -e .env && {{ quote(force) }} != force ]]; then echo ".env already exists and is kept; to replace it: just env-{{ name }} force" >&2; exit 1; fi
+    @cp deploy/env/{{ name }}.env .env
+    @echo "wrote .env from deploy/env/{{ name }}.env: set API_KEYS (and the model) in it, then run: just up {{ profile }}"
+
+# Build and start the gateway with one backend, e.g. `just up vllm`; `just up none` starts the gateway alone (LM Studio, external URL)
+up kind:
+    @[[ -f .env ]] || { echo "no .env: write one first, e.g. just env-{{ kind }}" >&2; exit 1; }
+    @if [[ {{ quote(kind) }} == none ]]; then set -x; docker compose up -d --build; \
+    elif docker compose config --profiles | grep -qx -- {{ quote(kind) }}; then set -x; docker compose --profile {{ quote(kind) }} up -d --build; \
+    else echo "no compose profile '{{ kind }}'; one of: $(docker compose config --profiles | tr '\n' ' ')or none" >&2; exit 1; fi
+    @echo "the gateway listens on http://localhost:4000/v1 (just logs, just down)"
+
+# Stop and remove every service of every profile (model cache volumes are kept)
+down:
+    docker compose --profile '*' down
+
+# Follow the logs of all services, or of one: `just logs vllm`
+logs service="":
+    docker compose --profile '*' logs --follow --tail 200 {{ service }}
