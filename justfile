@@ -26,6 +26,19 @@ demo *args:
 test *args:
     bash tests/run.sh {{ args }}
 
+# End-to-end benchmark, direct vs through the gateway (default: the simulator; flags: --help)
+bench *args:
+    {{ bin }}/python -m bench {{ args }}
+
+# Micro-benchmarks of the hot-path pieces (pytest-benchmark; add --benchmark-autosave / --benchmark-compare)
+bench-micro *args:
+    {{ bin }}/python -m pytest bench/micro --benchmark-only -p no:cacheprovider {{ args }}
+
+# Locust load test, headless, 60 s, against :4000 (later flags win, e.g. --host URL -u 64 -t 5m)
+load *args:
+    mkdir -p bench/results
+    {{ bin }}/locust -f bench/locustfile.py --headless -u 32 -r 32 -t 60s --host http://127.0.0.1:4000 --csv bench/results/load --html bench/results/load.html {{ args }}
+
 # ruff check, ruff format --check and mypy --strict on the gateway package
 lint:
     {{ bin }}/ruff check .

@@ -1,0 +1,166 @@
+"""``python -m bench`` (``just bench``): streaming latency and gateway cost, direct vs gateway.
+
+    python -m bench                                  # built-in simulator (the default)
+    python -m bench --smoke                          # a few seconds, for the test suite
+    python -m bench --backend-kind vllm --backend-url http://gpu-host:8000/v1 --model Qwen/Qwen2.5-0.5B-Instruct
+
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from bench import report
+from bench.loadgen import install_uvloop
+from bench.procstat import Tree
+from bench.runner import Endpoint, Runner, cpu_plan, start_gateway, start_sim
+from bench.scenarios import FULL, smoke
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("sim",), default="sim", help="start this backend (default: the simulator)")
+    p.add_argument("--backend-kind", help="use an already running backend of this kind instead (with --backend-url)")
+    p.add_argument("--backend-url", help="its OpenAI base URL, e.g. http://gpu-host:8000/v1")
+    p.add_argument("--backend-key", help="its API key, if it needs one")
+    p.add_argument("--model", default="sim-model", help="model name sent in requests")
+    p.add_argument("--scenarios", help="comma-separated subset, e.g. c1-stream,stream-paced-c64")
+    p.add_argument("--rounds", type=int, default=4, help="measured rounds per target (alternating)")
+    p.add_argument("--smoke", action="store_true", help="tiny counts: a few seconds in all")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and PNG (default bench/results)")
+    p.add_argument(
+        "--gateway-env", action="append", default=[], metavar="KEY=VALUE", help="extra gateway setting (repeatable)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.backend_kind is None) != (args.backend_url is None):
+        print("bench: --backend-kind and --backend-url go together", file=sys.stderr)
+        return 2
+    scenarios = smoke() if args.smoke else FULL
+    if args.scenarios:
+        wanted = set(args.scenarios.split(","))
+        unknown = wanted - {s.name for s in scenarios}
+        if unknown:
+            print(f"bench: unknown scenarios {sorted(unknown)}; known: {[s.name for s in FULL]}", file=sys.stderr)
+            return 2
+        scenarios = tuple(s for s in scenarios if s.name in wanted)
+    extra_env = {}
+    for item in args.gateway_env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"bench: --gateway-env wants KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        extra_env[key] = value
+    loop_name = install_uvloop()
+    return asyncio.run(_run(args, scenarios, extra_env, loop_name))
+
+
+async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: dict[str, str], loop_name: str) -> int:
+    gw_cpu, other_cpu = cpu_plan()
+    if other_cpu is not None:
+        import os
+
+        os.sched_setaffinity(0, {other_cpu})
+    logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    with contextlib.ExitStack() as stack:
+        if args.backend_kind:
+            url = args.backend_url
+            kind, key, backend_tree = args.backend_kind, args.backend_key, None
+            progress(f"using the {kind} backend at {url}")
+        else:
+            sim, sim_port = stack.enter_context(start_sim(other_cpu, logs / "sim.log"))
+            url, kind, key = f"http://127.0.0.1:{sim_port}/v1", "vllm", None
+            backend_tree = Tree(sim.pid)
+            progress(f"simulator on port {sim_port}")
+        parts = urlsplit(url)
+        direct = Endpoint("direct", parts.hostname or "127.0.0.1", parts.port or 80, parts.path.rstrip("/"), key)
+        gw, gw_port = stack.enter_context(start_gateway(gw_cpu, logs / "gateway.log", kind, url, key, extra_env))
+        time.sleep(0.3)  # let Granian's worker come up fully before the tree is read
+        gateway_tree = Tree(gw.pid)
+        progress(f"gateway on port {gw_port} (pid {gw.pid}, {len(gateway_tree.pids)} processes)")
+        idle_rss = gateway_tree.rss()
+        gateway = Endpoint("gateway", "127.0.0.1", gw_port, "/v1", None)
+        runner = Runner(
+            direct,
+            gateway,
+            model=args.model,
+            gateway_tree=gateway_tree,
+            backend_tree=backend_tree,
+            progress=progress,
+            rounds=args.rounds,
+        )
+        results = []
+        samples = {}
+        for sc in scenarios:
+            progress(f"{sc.name}: {sc.description}")
+            d_side, g_side = await runner.run(sc)
+            d, g = report.side_figures(d_side, sc), report.side_figures(g_side, sc)
+            results.append(
+                {
+                    "scenario": sc.name,
+                    "description": sc.description,
+                    "params": {
+                        "stream": sc.stream,
+                        "concurrency": sc.concurrency,
+                        "requests": sc.requests,
+                        "tokens": sc.tokens,
+                        "ttft_ms": sc.ttft_ms,
+                        "itl_ms": sc.itl_ms,
+                        "burst": sc.burst,
+                        "abort_after": sc.abort_after,
+                    },
+                    "direct": d,
+                    "gateway": g,
+                    "added": report.added(d, g),
+                    "gateway_cost": report.gateway_cost(g_side, g, sc),
+                    "limits": report.limits(d, g),
+                }
+            )
+            samples[sc.name] = (d_side.samples, g_side.samples)
+    env = report.environment(
+        {
+            "backend": "external" if args.backend_kind else args.backend,
+            "backend_kind": kind,
+            "backend_url": url,
+            "model": args.model,
+            "smoke": args.smoke,
+            "rounds": args.rounds,
+            "gateway_env": extra_env,
+        },
+        (gw_cpu, other_cpu),
+        loop_name,
+    )
+    doc = {"environment": env, "gateway_idle_rss_mib": round(idle_rss / 2**20, 1), "scenarios": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = args.out / f"bench-{stamp}.json"
+    png_path = args.out / f"bench-{stamp}.png"
+    json_path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    report.plot(results, samples, png_path)
+    print(report.table(results))
+    print(f"\ngateway idle RSS {doc['gateway_idle_rss_mib']} MiB; results: {json_path} and {png_path}")
+    errors = sum(r["direct"]["errors"] + r["gateway"]["errors"] for r in results)
+    return 1 if errors else 0

@@ -1,0 +1,94 @@
+"""CPU time and memory of process trees, read from /proc (Linux)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces: split after its closing parenthesis.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat(int(entry.name))
+        if fields is None:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (exited ones count as 0)."""
+    total = 0
+    for pid in pids:
+        fields = _stat(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        fields = _stat(pid)
+        if fields is not None:
+            total += int(fields[21]) * PAGE  # rss in pages
+    return total
+
+
+@dataclass
+class Tree:
+    """A process tree whose CPU we meter between ``mark()`` and ``since()``."""
+
+    root: int
+
+    def __post_init__(self) -> None:
+        self.pids = descendants(self.root)
+        self._mark = 0.0
+
+    def refresh(self) -> None:
+        self.pids = descendants(self.root)
+
+    def mark(self) -> None:
+        self._mark = cpu_seconds(self.pids)
+
+    def since(self) -> float:
+        return cpu_seconds(self.pids) - self._mark
+
+    def rss(self) -> int:
+        return rss_bytes(self.pids)
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

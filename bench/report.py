@@ -1,0 +1,221 @@
+"""Figures from samples, the terminal table, the JSON file and the PNG plot."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import Sample
+from bench.procstat import cpu_model
+from bench.runner import Side
+from bench.scenarios import Scenario
+
+SATURATED = 0.9  # of one CPU
+
+
+def pct(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[k]
+
+
+def dist(values: list[float]) -> dict[str, float | None]:
+    """p50/p90/p99 in milliseconds."""
+    return {f"p{p}": (None if (v := pct(values, p)) is None else round(v * 1000, 4)) for p in (50, 90, 99)}
+
+
+def side_figures(side: Side, sc: Scenario) -> dict[str, Any]:
+    ok = [s for s in side.samples if s.ok or (s.aborted and s.error is None)]
+    errors = len(side.samples) - len(ok)
+    ttft = [t for s in ok if (t := s.ttft) is not None]
+    lat = [t for s in ok if (t := s.latency) is not None and not s.aborted]
+    gaps = [g for s in ok for g in s.gaps()]
+    events = sum(s.events for s in ok)
+    wall = side.wall or 1e-9
+    out: dict[str, Any] = {
+        "requests": len(side.samples),
+        "errors": errors,
+        "error_examples": sorted({s.error or f"status {s.status}" for s in side.samples if s not in ok})[:3],
+        "ttft_ms": dist(ttft),
+        "gap_ms": dist(gaps),
+        "latency_ms": dist(lat),
+        "throughput_rps": round(len(ok) / wall, 2),
+        "events": events,
+        "events_per_s": round(events / wall, 1),
+        "wall_s": round(side.wall, 3),
+        "cpu_utilisation": {
+            "loadgen": round(side.loadgen_cpu / wall, 3),
+            "backend": round(side.backend_cpu / wall, 3),
+            "gateway": round(side.gateway_cpu / wall, 3),
+        },
+    }
+    if sc.abort_after is not None:
+        out["aborted_sent"] = side.aborted_sent
+        out["aborted_seen_within_1s"] = side.aborted_seen
+        out["abort_share"] = (
+            None
+            if side.aborted_seen is None or not side.aborted_sent
+            else round(side.aborted_seen / side.aborted_sent, 3)
+        )
+    return out
+
+
+def added(direct: dict[str, Any], gateway: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("ttft_ms", "gap_ms", "latency_ms"):
+        out[key] = {
+            p: (
+                None
+                if direct[key][p] is None or gateway[key][p] is None
+                else round(gateway[key][p] - direct[key][p], 4)
+            )
+            for p in direct[key]
+        }
+    out["throughput_rps"] = round(gateway["throughput_rps"] - direct["throughput_rps"], 2)
+    return out
+
+
+def gateway_cost(side: Side, figures: dict[str, Any], sc: Scenario) -> dict[str, Any]:
+    n = max(1, len(side.samples))
+    events = max(1, figures["events"])
+    return {
+        "cpu_s": round(side.gateway_cpu, 4),
+        "cpu_per_request_us": round(side.gateway_cpu / n * 1e6, 2),
+        "cpu_per_chunk_us": round(side.gateway_cpu / events * 1e6, 3) if sc.stream else None,
+        "rss_mib": round(side.gateway_rss / 2**20, 1),
+    }
+
+
+def limits(direct: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
+    """Which process was saturated in which phase (>= 90% of a CPU)."""
+    out = []
+    for label, fig in (("direct", direct), ("gateway", gateway)):
+        if fig["wall_s"] < 0.5:
+            continue  # CPU is read in 10 ms ticks: too coarse to judge a shorter phase
+        for proc, used in fig["cpu_utilisation"].items():
+            if used >= SATURATED:
+                out.append(f"{proc} saturated during the {label} rounds ({used:.0%} of a CPU)")
+    return out
+
+
+def environment(args: dict[str, Any], pinned: tuple[int | None, int | None], loop: str) -> dict[str, Any]:
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=5,
+        ).stdout.strip()
+        if rev and dirty:
+            rev += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cpus": sorted(os.sched_getaffinity(0)),
+        "pinning": {"gateway_cpu": pinned[0], "backend_and_loadgen_cpu": pinned[1]},
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "loadgen_loop": loop,
+        "packages": {
+            p: version(p) for p in ("gateway", "granian", "httpcore", "h11", "msgspec", "uvloop", "orjson", "anyio")
+        },
+        "git_revision": rev or None,
+        "args": args,
+    }
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'scenario':<17} {'target':<8} {'n':>5} {'err':>4} "
+        f"{'ttft p50/p90/p99 ms':>24} {'gap p50/p99 ms':>16} {'lat p50/p99 ms':>18} "
+        f"{'req/s':>8} {'cpu/req us':>10} {'cpu/chunk us':>12}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        for label in ("direct", "gateway", "added"):
+            f = r[label]
+            if label == "added":
+                n = err = ""
+                rps = fmt(f["throughput_rps"], 1)
+            else:
+                n, err, rps = str(f["requests"]), str(f["errors"]), fmt(f["throughput_rps"], 1)
+            t, g, lat = f["ttft_ms"], f["gap_ms"], f["latency_ms"]
+            cost = r["gateway_cost"] if label == "gateway" else None
+            lines.append(
+                f"{r['scenario'] if label == 'direct' else '':<17} {label:<8} {n:>5} {err:>4} "
+                f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>24} "
+                f"{fmt(g['p50']) + '/' + fmt(g['p99']):>16} {fmt(lat['p50']) + '/' + fmt(lat['p99']):>18} {rps:>8} "
+                f"{fmt(cost['cpu_per_request_us'], 1) if cost else '':>10} "
+                f"{fmt(cost['cpu_per_chunk_us'], 2) if cost and cost['cpu_per_chunk_us'] is not None else '':>12}"
+            )
+        if "abort_share" in r["gateway"]:
+            lines.append(
+                f"{'':<17} aborts seen by the backend within 1 s: direct {fmt(r['direct']['abort_share'], 3)}, "
+                f"gateway {fmt(r['gateway']['abort_share'], 3)}"
+            )
+        for note in r["limits"]:
+            lines.append(f"{'':<17} note: {note}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], samples: dict[str, tuple[list[Sample], list[Sample]]], path: Path) -> None:
+    """TTFT (streams) or latency (non-streamed) distributions, direct vs gateway, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(results)
+    cols = 3
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, r in zip(axes.flat, results, strict=False):
+        direct, gateway = samples[r["scenario"]]
+        stream = r["params"]["stream"]
+        for label, ss, color in (("direct", direct, "tab:blue"), ("gateway", gateway, "tab:orange")):
+            vals = sorted(
+                (s.ttft if stream else s.latency) * 1000  # type: ignore[operator]
+                for s in ss
+                if (s.ttft if stream else s.latency) is not None and s.error is None
+            )
+            if vals:
+                ys = [(i + 1) / len(vals) for i in range(len(vals))]
+                ax.step(vals, ys, where="post", label=label, color=color)
+        ax.set_title(r["scenario"], fontsize=10)
+        ax.set_xlabel(("time to first byte" if stream else "latency") + " (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

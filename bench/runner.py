@@ -1,0 +1,319 @@
+"""Start the backend and the gateway, run every scenario direct and through the gateway in
+interleaved rounds, and meter the gateway's CPU from /proc.
+
+Protocol per scenario: a primer (a few requests each way, not measured), a warm-up round each
+way, then measured rounds alternating direct/gateway (the order flips every round) so the
+machine's drift cancels out. On a machine with 2+ CPUs the gateway is pinned to CPU 0 and the
+backend and this load generator to CPU 1; each process's CPU use is recorded so the report can
+say which one was the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.loadgen import Connection, Sample, build_request
+from bench.procstat import Tree, self_cpu
+from bench.scenarios import Scenario
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Endpoint:
+    """Somewhere to send load: the backend directly, or the gateway."""
+
+    name: str
+    host: str
+    port: int
+    base_path: str  # the OpenAI base path, e.g. /v1
+    api_key: str | None
+
+
+@dataclass
+class Side:
+    """What one target produced in one scenario (all measured rounds together)."""
+
+    samples: list[Sample] = field(default_factory=list)
+    wall: float = 0.0
+    loadgen_cpu: float = 0.0
+    backend_cpu: float = 0.0
+    gateway_cpu: float = 0.0
+    gateway_rss: int = 0
+    aborted_seen: int | None = None
+    aborted_sent: int = 0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pin(cpu: int | None) -> Callable[[], None] | None:
+    if cpu is None:
+        return None
+
+    def pin() -> None:
+        os.sched_setaffinity(0, {cpu})
+
+    return pin
+
+
+def cpu_plan() -> tuple[int | None, int | None]:
+    """(gateway CPU, backend+loadgen CPU), or (None, None) when there are not two to pin to."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+def wait_ready(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0, headers: dict[str, str] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=1) as r:  # noqa: S310 - loopback
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready within {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def start_sim(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The built-in simulator with no delays of its own; scenarios pace it per request."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [
+                sys.executable,
+                "-m",
+                "gateway.sim",
+                "--kind",
+                "vllm",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--fast",
+                "--batch-slowdown",
+                "0",
+                "--max-running",
+                "100000",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_pin(cpu),  # noqa: PLW1509 - affinity must be set before exec
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        yield proc, port
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def start_gateway(
+    cpu: int | None, log: Path, backend_kind: str, backend_url: str, backend_key: str | None, extra_env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    from gateway.config import ENV_NAMES
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+    env.update(
+        {
+            "BACKEND_KIND": backend_kind,
+            "BACKEND_BASE_URL": backend_url,
+            "BACKEND_API_KEY": backend_key or "",
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_WORKERS": "1",
+            "GATEWAY_LOG_LEVEL": "warning",
+            **extra_env,
+        }
+    )
+    workdir = tempfile.mkdtemp(prefix="bench-gw-")  # never a developer's .env
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "gateway", "serve"],
+            env=env,
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_pin(cpu),  # noqa: PLW1509
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        yield proc, port
+    finally:
+        stop(proc)
+        with contextlib.suppress(OSError):
+            os.rmdir(workdir)
+
+
+def sim_counter(host: str, port: int, name: str, api_key: str | None) -> float | None:
+    """A counter from the backend's /metrics, or None when it has no such series."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        req = urllib.request.Request(f"http://{host}:{port}/metrics", headers=headers)
+        with urllib.request.urlopen(req, timeout=2) as r:  # noqa: S310 - loopback
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+class Runner:
+    def __init__(
+        self,
+        direct: Endpoint,
+        gateway: Endpoint,
+        *,
+        model: str,
+        gateway_tree: Tree,
+        backend_tree: Tree | None,
+        progress: Progress,
+        rounds: int = 4,
+    ) -> None:
+        self.direct = direct
+        self.gateway = gateway
+        self.model = model
+        self.gateway_tree = gateway_tree
+        self.backend_tree = backend_tree
+        self.progress = progress
+        self.rounds = rounds
+        self._conns: dict[str, list[Connection]] = {}
+
+    def _payload(self, ep: Endpoint, sc: Scenario) -> bytes:
+        body: dict[str, object] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "Say something about benchmarks, please."}],
+            "max_tokens": sc.tokens,
+            "stream": sc.stream,
+        }
+        if sc.stream:
+            body["stream_options"] = {"include_usage": True}
+        pacing = {"x-sim-ttft-ms": str(sc.ttft_ms), "x-sim-itl-ms": str(sc.itl_ms), "x-sim-itl-jitter-ms": "0"}
+        return build_request(ep.host, ep.port, ep.base_path + "/chat/completions", body, ep.api_key, pacing)
+
+    def _connections(self, ep: Endpoint, n: int) -> list[Connection]:
+        conns = self._conns.setdefault(ep.name, [])
+        while len(conns) < n:
+            conns.append(Connection(ep.host, ep.port))
+        return conns[:n]
+
+    async def _round(self, ep: Endpoint, sc: Scenario, n: int) -> list[Sample]:
+        raw = self._payload(ep, sc)
+        conns = self._connections(ep, sc.concurrency)
+        deadline = time.monotonic() + sc.round_seconds
+        samples: list[Sample] = []
+        issued = 0
+
+        async def user(conn: Connection) -> None:
+            nonlocal issued
+            while issued < n and time.monotonic() < deadline:
+                issued += 1
+                s = await conn.request(raw, abort_after_events=sc.abort_after)
+                samples.append(s)
+                if sc.burst:
+                    return
+
+        if sc.burst:
+            while issued < n and time.monotonic() < deadline:
+                await asyncio.gather(*(user(c) for c in conns[: min(sc.concurrency, n - issued)]))
+        else:
+            await asyncio.gather(*(user(c) for c in conns))
+        return samples
+
+    async def run(self, sc: Scenario) -> tuple[Side, Side]:
+        sides = {"direct": Side(), "gateway": Side()}
+        eps = {"direct": self.direct, "gateway": self.gateway}
+        # Primer and warm-up, not measured.
+        for ep in eps.values():
+            await self._round(ep, sc, max(2, min(sc.concurrency, 8)))
+            await self._round(ep, sc, max(sc.concurrency, sc.requests // (self.rounds * 4)))
+        per_round = max(1, sc.requests // self.rounds)
+        for r in range(self.rounds):
+            order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
+            for name in order:
+                self.progress(f"{sc.name}: round {r + 1}/{self.rounds} {name}")
+                await self._measure(sides[name], eps[name], sc, per_round)
+        if sc.abort_after is not None:
+            for name in ("direct", "gateway"):
+                self._conns.pop(eps[name].name, None)
+        sides["gateway"].gateway_rss = self.gateway_tree.rss()
+        return sides["direct"], sides["gateway"]
+
+    async def _settle(self) -> float | None:
+        """The backend's aborted counter once it stopped moving (aborts of earlier rounds land late)."""
+        last = self._aborted()
+        deadline = time.monotonic() + 2.0
+        while last is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.15)
+            now = self._aborted()
+            if now == last:
+                break
+            last = now
+        return last
+
+    async def _measure(self, side: Side, ep: Endpoint, sc: Scenario, n: int) -> None:
+        aborted_before = await self._settle() if sc.abort_after is not None else None
+        self.gateway_tree.mark()
+        if self.backend_tree is not None:
+            self.backend_tree.mark()
+        cpu0, t0 = self_cpu(), time.perf_counter()
+        samples = await self._round(ep, sc, n)
+        side.wall += time.perf_counter() - t0
+        side.loadgen_cpu += self_cpu() - cpu0
+        side.gateway_cpu += self.gateway_tree.since()
+        if self.backend_tree is not None:
+            side.backend_cpu += self.backend_tree.since()
+        side.samples.extend(samples)
+        if sc.abort_after is not None:
+            sent = sum(1 for s in samples if s.aborted)
+            side.aborted_sent += sent
+            if aborted_before is not None:
+                deadline = time.monotonic() + 1.0
+                seen = 0.0
+                while time.monotonic() < deadline:
+                    now = self._aborted()
+                    seen = (now or 0.0) - aborted_before
+                    if seen >= sent:
+                        break
+                    await asyncio.sleep(0.02)
+                side.aborted_seen = (side.aborted_seen or 0) + min(int(seen), sent)
+
+    def _aborted(self) -> float | None:
+        return sim_counter(self.direct.host, self.direct.port, "sim_aborted_requests_total", self.direct.api_key)

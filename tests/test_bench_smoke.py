@@ -1,0 +1,47 @@
+"""``just bench`` in its smoke mode: the end-to-end suite must keep producing complete results."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from bench.scenarios import FULL
+from tests.conftest import ROOT, clean_env
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--quiet", "--rounds", "2", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_file,) = tmp_path.glob("bench-*.json")
+    (png_file,) = tmp_path.glob("bench-*.png")
+    assert png_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = orjson.loads(json_file.read_bytes())
+    env = doc["environment"]
+    assert env["python"] and env["cores"] and env["packages"]["granian"] and env["args"]["backend_kind"] == "vllm"
+    assert [s["scenario"] for s in doc["scenarios"]] == [s.name for s in FULL]
+    for sc in doc["scenarios"]:
+        for side in ("direct", "gateway"):
+            fig = sc[side]
+            assert fig["errors"] == 0, (sc["scenario"], side, fig["error_examples"])
+            assert fig["requests"] >= sc["params"]["concurrency"]
+            assert fig["ttft_ms"]["p50"] is not None and fig["ttft_ms"]["p50"] > 0
+            if sc["params"]["stream"]:
+                assert fig["events"] >= fig["requests"]
+        assert set(sc["added"]) >= {"ttft_ms", "gap_ms", "latency_ms", "throughput_rps"}
+        cost = sc["gateway_cost"]
+        assert cost["cpu_per_request_us"] >= 0 and cost["rss_mib"] > 0
+        if sc["params"]["abort_after"] is not None:
+            # Every client that left was seen by the backend as an aborted generation within 1 s.
+            assert sc["gateway"]["abort_share"] == 1.0
+            assert sc["direct"]["abort_share"] == 1.0
+    assert "c1-stream" in proc.stdout and "gateway" in proc.stdout
