@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import httpcore
@@ -20,11 +21,12 @@ from gateway.auth import KeyRing
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
+from gateway.observe import AccessLog, Metrics, request_id, setup_logging
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
 from gateway.relay import Exchange, fail, forward, send_error
 from gateway.types import Receive, Scope, Send
-from gateway.upstream import DROP_REQUEST_HEADERS, Pool, Target, make_ssl_context, map_error
+from gateway.upstream import DROP_REQUEST_HEADERS, Pool, Target, error_class, make_ssl_context, map_error
 
 log = logging.getLogger("gateway")
 
@@ -58,6 +60,12 @@ class Gateway:
             }
         }
         self.static_headers = [(b"host", self.target.host_header), *self.target.auth_headers]
+        kind = settings.profile.kind
+        self.metrics = Metrics(kind) if settings.gateway_metrics else None
+        self.access_log = AccessLog(settings.gateway_log_format, kind) if settings.gateway_access_log else None
+        #: Model names that may appear as a metric label; any other is counted as "other".
+        self.known_models: set[str] = {settings.model_name} if settings.model_name else set()
+        self._models_task: asyncio.Task[None] | None = None
         self.pool: Pool | None = None
         self.inflight = 0
         self.draining = False
@@ -68,11 +76,7 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            self.inflight += 1
-            try:
-                await self._http(scope, receive, send)
-            finally:
-                self.inflight -= 1
+            await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         # websocket: not served; returning without accepting closes it.
@@ -95,6 +99,7 @@ class Gateway:
 
     async def startup(self) -> None:
         s = self.settings
+        setup_logging(s.gateway_log_level, s.gateway_log_format)
         self.pool = Pool(
             self.target,
             size=s.gateway_pool_size,
@@ -108,41 +113,93 @@ class Gateway:
         if control:
             self._drain = WorkerDrain(Path(control), lambda: self.inflight, self._begin_drain)
             self._drain.start()
+        if self.metrics is not None:
+            self._models_task = asyncio.get_running_loop().create_task(self._refresh_models())
+
+    async def _refresh_models(self) -> None:
+        """Keep the set of model names the backend lists (bounds the metrics' model label)."""
+        while True:
+            listed = await probe.list_models(
+                self.target,
+                ssl_context=self.ssl_context,
+                network=self.network,
+                timeout=self.settings.gateway_connect_timeout,
+            )
+            if listed:
+                self.known_models = listed | ({self.settings.model_name} if self.settings.model_name else set())
+            await asyncio.sleep(60 if listed else 5)
 
     def _begin_drain(self) -> None:
         self.draining = True
 
     async def shutdown(self) -> None:
+        if self._models_task is not None:
+            self._models_task.cancel()
         if self._drain is not None:
             await self._drain.stop()
+        if self.metrics is not None and self.metrics.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
         if self.pool is not None:
             await self.pool.aclose()
 
     # -- HTTP ---------------------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ex = Exchange(perf_counter())
         path: str = scope["path"]
+        method: str = scope["method"]
         route = routes.resolve(path)
+        model = "none"
+        self.inflight += 1
+        metrics = self.metrics
+        # The gauge counts requests bound for the backend, not probes and scrapes.
+        gauged = metrics is not None and route is not None and route.upstream
+        if gauged:
+            metrics.in_flight_child.inc()  # type: ignore[union-attr]
         try:
             if route is None:
                 raise errors.not_found(path)
-            method: str = scope["method"]
             if route.methods is not None and method not in route.methods:
                 raise errors.method_not_allowed(method, path, route.methods)
             if not route.upstream:
-                await self._local(route, method, send)
-                return
-            if self.draining:
+                ex.request_id = _request_id(scope)
+                await self._local(route, method, scope, send, ex)
+            elif self.draining:
                 raise errors.draining()
-            await self._upstream(route, scope, receive, send)
+            else:
+                model = await self._upstream(route, scope, receive, send, ex)
         except GatewayError as err:
-            await send_error(send, err)
+            if not ex.request_id:
+                ex.request_id = _request_id(scope)
+            await send_error(send, err, ex)
         except _ClientGone:
-            return
+            ex.end = "client_gone"
+        finally:
+            self.inflight -= 1
+            ex.t_end = perf_counter()
+            if ex.end == "client_gone" and not ex.started:
+                ex.status = 499  # nginx's "client closed request": nothing was answered
+            name = route.name if route is not None else "unknown"
+            if metrics is not None:
+                if gauged:
+                    metrics.in_flight_child.dec()
+                metrics.record(ex, name, model)
+            if self.access_log is not None:
+                self.access_log.write(ex, method, path, name, model)
 
-    async def _local(self, route: routes.Route, method: str, send: Send) -> None:
+    async def _local(self, route: routes.Route, method: str, scope: Scope, send: Send, ex: Exchange) -> None:
+        headers = _JSON
         if route is routes.HEALTH:
             status, body = 200, _HEALTH_BODY
+        elif route is routes.METRICS:
+            if self.metrics is None:
+                raise errors.not_found("/metrics")
+            if self.settings.gateway_metrics_require_key and self.keys.enabled:
+                self._authenticate(scope["headers"], ex)
+            body, content_type = self.metrics.exposition()
+            status, headers = 200, [(b"content-type", content_type)]
         elif self.draining:
             status, body = 503, b'{"status":"draining","kind":"%s"}' % self.profile.kind.encode()
         else:
@@ -154,14 +211,25 @@ class Gateway:
                 network=self.network,
                 timeout=min(self.settings.gateway_connect_timeout, 5.0),
             )
-        await send({"type": "http.response.start", "status": status, "headers": _JSON})
+        ex.status = status
+        ex.nbytes = len(body)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body, "more_body": False})
 
-    async def _upstream(self, route: routes.Route, scope: Scope, receive: Receive, send: Send) -> None:
+    def _authenticate(self, headers: list[tuple[bytes, bytes]], ex: Exchange) -> None:
+        values = [v for n, v in headers if n == b"authorization"]
+        key_id = self.keys.verify(values[0]) if len(values) == 1 else None
+        if key_id is None:
+            raise errors.unauthorized()
+        ex.key_id = key_id
+
+    async def _upstream(self, route: routes.Route, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> str:
+        """Forward one request; returns the model label for metrics and logs."""
         # One pass over the client's headers: what we check, and what we forward.
         authorization: bytes | None = None
         auth_count = 0
         content_length: bytes | None = None
+        given_id: bytes | None = None
         forwarded = list(self.static_headers)
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -169,11 +237,18 @@ class Gateway:
                 auth_count += 1
             elif name == b"content-length":
                 content_length = value
+            elif name == b"x-request-id":
+                given_id = value
             if name not in DROP_REQUEST_HEADERS:
                 forwarded.append((name, value))
+        ex.request_id = rid = request_id(given_id)
+        forwarded.append((b"x-request-id", rid))
 
-        if self.keys.enabled and (auth_count != 1 or not self.keys.check(authorization)):
-            raise errors.unauthorized()
+        if self.keys.enabled:
+            key_id = self.keys.verify(authorization) if auth_count == 1 else None
+            if key_id is None:
+                raise errors.unauthorized()
+            ex.key_id = key_id
 
         cap = route.capability
         if cap is not None and self.capabilities[cap] is Support.UNSUPPORTED:
@@ -181,18 +256,24 @@ class Gateway:
 
         body = await self._read_body(receive, content_length)
 
+        model = "none"
         if route.json_body:
             peeked = peek(body)
             if peeked.wants_tools and self.capabilities["tools"] is Support.UNSUPPORTED:
                 raise errors.not_supported(self.profile.display_name, "tools")
-            if peeked.model is None and self.settings.model_name:
-                body = with_model(body, self.settings.model_name)
+            name = peeked.model
+            if name is None and self.settings.model_name:
+                name = self.settings.model_name
+                body = with_model(body, name)
+            if name:
+                model = name if name in self.known_models else "other"
         if body or scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
             forwarded.append((b"content-length", str(len(body)).encode()))
 
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         target = self.target.upstream_target(raw_path.split(b"?", 1)[0], scope.get("query_string", b""))
-        await self._exchange(scope["method"].encode(), target, forwarded, body, receive, send)
+        await self._exchange(scope["method"].encode(), target, forwarded, body, receive, send, ex)
+        return model
 
     async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
         limit = self.max_body
@@ -233,10 +314,10 @@ class Gateway:
         body: bytes,
         receive: Receive,
         send: Send,
+        ex: Exchange,
     ) -> None:
         """Forward with cancellation on client disconnect (and on the total timeout, if set)."""
         assert self.pool is not None, "lifespan startup did not run"
-        ex = Exchange()
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -249,10 +330,15 @@ class Gateway:
                 raise
             task.uncancel()
             if ex.cancelled_by == "timeout":
+                ex.end, ex.error_class = "timeout", "timeout"
                 await fail(send, ex, errors.backend_timeout(f"the total timeout of {self.total_timeout:g} s passed"))
+            else:
+                ex.end = "client_gone"
         except Exception as exc:  # mapped once, here, at the upstream boundary
             err = map_error(exc, ex.phase)
             if not isinstance(exc, GatewayError):
+                ex.error_class = error_class(exc)
+                ex.end = "timeout" if ex.error_class == "timeout" else "upstream_error"
                 log.warning("upstream %s failed while %s: %r", self.target.display, ex.phase, exc)
             await fail(send, ex, err)
         finally:
@@ -260,6 +346,13 @@ class Gateway:
             watcher.cancel()
             if timer is not None:
                 timer.cancel()
+
+
+def _request_id(scope: Scope) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            return request_id(value)
+    return request_id(None)
 
 
 async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[Any]) -> None:

@@ -25,15 +25,17 @@ class KeyRing:
 
     def check(self, authorization: bytes | None) -> bool:
         """True when ``authorization`` is ``Bearer <one of the keys>`` (scheme case-insensitive)."""
-        if not self._digests:
-            return True
+        return not self._digests or self.verify(authorization) is not None
+
+    def verify(self, authorization: bytes | None) -> str | None:
+        """The key id (see ``key_id``) of a valid ``Bearer`` key, else None."""
         if authorization is None or authorization[:7].lower() != b"bearer ":
-            return False
+            return None
         digest = hashlib.sha256(authorization[7:].strip()).digest()
         ok = False
         for d in self._digests:
             ok |= hmac.compare_digest(digest, d)
-        return ok
+        return digest.hex()[:8] if ok else None
 
 
 def key_id(key: bytes) -> str:

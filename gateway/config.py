@@ -26,6 +26,7 @@ Port = Annotated[int, Meta(ge=1, le=65535, description="an integer from 1 to 655
 Flag = Annotated[bool, Meta(description="true or false")]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("auto", "json", "text")
 
 
 class ConfigError(Exception):
@@ -69,6 +70,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway_backlog: Annotated[int, Meta(ge=128, le=65535, description="an integer from 128 to 65535")] = 2048
     gateway_backpressure: Count = 4096
     gateway_log_level: Annotated[str, Meta(description="one of " + ", ".join(_LOG_LEVELS))] = "info"
+    #: ``json`` lines, ``text``, or ``auto``: text on a terminal, JSON otherwise.
+    gateway_log_format: Annotated[str, Meta(description="one of " + ", ".join(_LOG_FORMATS))] = "auto"
+    #: One access log line per request on stdout.
+    gateway_access_log: Flag = True
+    #: Prometheus metrics on /metrics.
+    gateway_metrics: Flag = True
+    #: Whether /metrics needs a client key (when API_KEYS is set).
+    gateway_metrics_require_key: Flag = False
 
     def __repr__(self) -> str:
         shown = []
@@ -217,6 +226,8 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"invalid BACKEND_CAPABILITIES={s.backend_capabilities!r}: {exc}") from None
     if s.gateway_log_level not in _LOG_LEVELS:
         raise ConfigError(_bad("GATEWAY_LOG_LEVEL", s.gateway_log_level, accepted("GATEWAY_LOG_LEVEL")))
+    if s.gateway_log_format not in _LOG_FORMATS:
+        raise ConfigError(_bad("GATEWAY_LOG_FORMAT", s.gateway_log_format, accepted("GATEWAY_LOG_FORMAT")))
     if s.gateway_ca_bundle and not Path(s.gateway_ca_bundle).is_file():
         raise ConfigError(_bad("GATEWAY_CA_BUNDLE", s.gateway_ca_bundle, "the path of an existing PEM file"))
     if not s.gateway_host:

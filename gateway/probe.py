@@ -6,10 +6,14 @@ import ssl
 import time
 
 import httpcore
+import msgspec
 import orjson
 
+from gateway import __version__
 from gateway.upstream import Target, open_connection
 
+#: Marks the gateway's own model listing (refreshed in the background for the metrics' labels).
+MODELS_USER_AGENT = f"gateway/{__version__} (model list)".encode()
 #: A health answer larger than this is not read further: the status is what matters.
 _MAX_BODY = 64 * 1024
 
@@ -76,3 +80,55 @@ async def probe(
     if detail:
         body["detail"] = detail
     return (200 if status == "ready" else 503), orjson.dumps(body)
+
+
+class _Model(msgspec.Struct):
+    id: str
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Model]
+
+
+_models_decoder = msgspec.json.Decoder(_ModelList)
+
+
+async def list_models(
+    target: Target,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    network: httpcore.AsyncNetworkBackend,
+    timeout: float,  # noqa: ASYNC109 - applied per connect/read, not as a cancel scope
+) -> set[str]:
+    """The model ids the backend lists at ``/v1/models``; empty when it cannot be asked."""
+    try:
+        conn = await open_connection(target, ssl_context, timeout, None, network)
+        try:
+            request = httpcore.Request(
+                b"GET",
+                target.url(target.base_path + b"/models"),
+                headers=[
+                    (b"host", target.host_header),
+                    (b"accept", b"application/json"),
+                    (b"user-agent", MODELS_USER_AGENT),
+                    *target.auth_headers,
+                ],
+                extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
+            )
+            response = await conn.handle_async_request(request)
+            try:
+                parts, seen = [], 0
+                async for chunk in response.stream:  # type: ignore[union-attr]
+                    parts.append(chunk)
+                    seen += len(chunk)
+                    if seen > 4 * 1024 * 1024:
+                        return set()
+            finally:
+                await response.aclose()
+        finally:
+            await conn.aclose()
+        if response.status != 200:
+            return set()
+        return {m.id for m in _models_decoder.decode(b"".join(parts)).data}
+    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, OSError, msgspec.MsgspecError):
+        return set()

@@ -8,6 +8,7 @@ with a final ``data: {"error":...}`` event, so a cut answer never looks complete
 from __future__ import annotations
 
 import logging
+from time import perf_counter
 from typing import Any
 
 import httpcore
@@ -27,11 +28,33 @@ _STALE = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
 
 
 class Exchange:
-    """The progress of one proxied request, shared with the disconnect watcher and the timer."""
+    """One request's progress and figures, shared with the disconnect watcher, the timer and the
+    metrics/access log written at its end."""
 
-    __slots__ = ("active", "cancelled_by", "phase", "started", "sse", "prev", "last", "status")
+    __slots__ = (
+        "active",
+        "cancelled_by",
+        "phase",
+        "started",
+        "sse",
+        "prev",
+        "last",
+        "status",
+        "t_start",
+        "t_upstream",
+        "t_first",
+        "t_last",
+        "t_end",
+        "chunks",
+        "nbytes",
+        "max_gap",
+        "end",
+        "error_class",
+        "request_id",
+        "key_id",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, t_start: float = 0.0, request_id: bytes = b"") -> None:
         #: True until the response is finished; the watcher cancels only an active exchange.
         self.active = True
         #: "disconnect" or "timeout" when the gateway cancelled the request itself.
@@ -42,6 +65,23 @@ class Exchange:
         self.prev = b""
         self.last = b""
         self.status = 0
+        self.t_start = t_start
+        #: When the request went upstream; 0 if it never did.
+        self.t_upstream = 0.0
+        #: When the first body chunk came from the backend; 0 if none did.
+        self.t_first = 0.0
+        self.t_last = 0.0
+        self.t_end = 0.0
+        self.chunks = 0
+        self.nbytes = 0
+        #: The largest gap between two chunks from the backend.
+        self.max_gap = 0.0
+        #: Why the response ended: done, client_gone, upstream_error, timeout.
+        self.end = "done"
+        #: For upstream errors: connect, timeout or reset.
+        self.error_class: str | None = None
+        self.request_id = request_id
+        self.key_id = "-"
 
     def tail(self) -> bytes:
         """The last two bytes sent to the client."""
@@ -82,6 +122,7 @@ async def forward(
         conn, reused = await pool.acquire()
         try:
             ex.phase = "waiting for response headers"
+            ex.t_upstream = perf_counter()
             try:
                 response = await conn.handle_async_request(request)
             except _STALE:
@@ -91,11 +132,23 @@ async def forward(
                 raise
             try:
                 relayed, ex.sse = response_headers(response.headers)
+                relayed.append((b"x-request-id", ex.request_id))
                 ex.status = response.status
                 await send({"type": "http.response.start", "status": response.status, "headers": relayed})
                 ex.started = True
                 ex.phase = "reading the response body"
                 async for chunk in response.stream:  # type: ignore[union-attr]
+                    # Per chunk: a timestamp, one comparison, two counters. Nothing else.
+                    now = perf_counter()
+                    if ex.chunks:
+                        gap = now - ex.t_last
+                        if gap > ex.max_gap:
+                            ex.max_gap = gap
+                    else:
+                        ex.t_first = now
+                    ex.t_last = now
+                    ex.chunks += 1
+                    ex.nbytes += len(chunk)
                     ex.prev = ex.last
                     ex.last = chunk
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -113,8 +166,9 @@ async def forward(
                 pool.release(conn)
 
 
-async def send_error(send: Send, err: GatewayError) -> None:
-    headers = [(b"content-type", b"application/json")]
+async def send_error(send: Send, err: GatewayError, ex: Exchange) -> None:
+    ex.status = err.status
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", ex.request_id)]
     if err.headers:
         headers.extend(err.headers)
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -125,10 +179,11 @@ async def fail(send: Send, ex: Exchange, err: GatewayError) -> None:
     """Tell the client about a failure in whatever phase it happened."""
     ex.active = False
     if not ex.started:
-        await send_error(send, err)
+        await send_error(send, err, ex)
         return
     if ex.sse:
         event = sse_error_event(err.message, err.type, err.code, ex.tail())
+        ex.nbytes += len(event)
         await send({"type": "http.response.body", "body": event, "more_body": True})
     else:
         # A plain body cut mid-way: nothing can be appended that a JSON parser would accept;

@@ -26,6 +26,7 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
 
 HEALTH = Route(name="health", methods=("GET", "HEAD"), upstream=False, needs_key=False)
 READY = Route(name="ready", methods=("GET", "HEAD"), upstream=False, needs_key=False)
+METRICS = Route(name="metrics", methods=("GET",), upstream=False, needs_key=False)
 CHAT = Route(name="chat", methods=("POST",), capability="chat", json_body=True)
 COMPLETIONS = Route(name="completions", methods=("POST",), capability="completions", json_body=True)
 EMBEDDINGS = Route(name="embeddings", methods=("POST",), capability="embeddings", json_body=True)
@@ -38,6 +39,7 @@ TABLE: Mapping[str, Route] = MappingProxyType(
     {
         "/health": HEALTH,
         "/ready": READY,
+        "/metrics": METRICS,
         "/v1/chat/completions": CHAT,
         "/v1/completions": COMPLETIONS,
         "/v1/embeddings": EMBEDDINGS,

@@ -10,6 +10,7 @@ session so a terminal's Ctrl-C reaches only the supervisor, which drains first.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from gateway.config import ENV_NAMES, Settings, load_settings
 from gateway.drain import CONTROL_ENV, begin_drain, workers_idle
+from gateway.observe import MULTIPROC_ENV
 
 #: How long Granian's workers get to stop once the drain is over (or its grace period spent):
 #: requests still in flight then are cut, and the OS closes their upstream connections.
@@ -72,6 +74,11 @@ class Supervisor:
     def start(self) -> None:
         self.control_dir = Path(tempfile.mkdtemp(prefix="gateway-ctl-"))
         env = {**os.environ, **settings_env(self.settings), **self._extra_env, CONTROL_ENV: str(self.control_dir)}
+        if self.settings.gateway_metrics:
+            # prometheus-client's multiprocess mode: one scrape shows the sum of all workers.
+            metrics_dir = self.control_dir / "metrics"
+            metrics_dir.mkdir()
+            env[MULTIPROC_ENV] = str(metrics_dir)
         self.child = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "gateway.server"],
             env=env,
@@ -118,9 +125,7 @@ class Supervisor:
 
     def _cleanup(self) -> None:
         if self.control_dir is not None:
-            for entry in self.control_dir.iterdir():
-                entry.unlink(missing_ok=True)
-            self.control_dir.rmdir()
+            shutil.rmtree(self.control_dir, ignore_errors=True)
             self.control_dir = None
 
 

@@ -43,6 +43,7 @@ DROP_REQUEST_HEADERS = frozenset(
         b"content-length",
         b"authorization",
         b"x-api-key",
+        b"x-request-id",
     }
 )
 
@@ -59,6 +60,7 @@ DROP_RESPONSE_HEADERS = frozenset(
         b"upgrade",
         b"date",
         b"server",
+        b"x-request-id",
     }
 )
 
@@ -302,3 +304,12 @@ def map_error(exc: Exception, phase: str) -> GatewayError:
     if isinstance(exc, (httpcore.NetworkError, httpcore.RemoteProtocolError)):
         return backend_unavailable(f"connection lost ({phase}: {exc or type(exc).__name__})")
     return backend_unavailable(f"{type(exc).__name__} ({phase})")
+
+
+def error_class(exc: BaseException) -> str:
+    """connect, timeout or reset: the metrics' class of an upstream failure."""
+    if isinstance(exc, httpcore.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpcore.ConnectError):
+        return "connect"
+    return "reset"

@@ -178,6 +178,8 @@ class FakeBackend:
 
     handler: Handler = default_handler
     requests: list[Req] = field(default_factory=list)
+    #: The gateway's own background model listings, kept apart from what clients caused.
+    internal: list[Req] = field(default_factory=list)
     connections: int = 0
     disconnects: list[float] = field(default_factory=list)
     port: int = 0
@@ -242,7 +244,10 @@ class FakeBackend:
                 length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
                 body = await reader.readexactly(length) if length else b""
                 req = Req(method, target, headers, body)
-                self.requests.append(req)
+                if (req.header("user-agent") or "").endswith("(model list)"):
+                    self.internal.append(req)
+                else:
+                    self.requests.append(req)
                 eof = asyncio.ensure_future(reader.read(1))
                 handler = asyncio.ensure_future(self.handler(req, Conn(writer)))
                 await asyncio.wait({eof, handler}, return_when=asyncio.FIRST_COMPLETED)

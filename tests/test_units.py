@@ -104,13 +104,14 @@ def test_response_headers() -> None:
             (b"transfer-encoding", b"chunked"),
             (b"Connection", b"keep-alive"),
             (b"cache-control", b"max-age=10"),
-            (b"x-request-id", b"r1"),
+            (b"x-request-id", b"upstream-own-id"),  # replaced by the gateway's request id
+            (b"x-vllm-thing", b"kept"),
         ]
     )
     assert sse
     assert out == [
         (b"content-type", b"text/event-stream; charset=utf-8"),
-        (b"x-request-id", b"r1"),
+        (b"x-vllm-thing", b"kept"),
         (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no"),
     ]

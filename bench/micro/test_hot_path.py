@@ -50,7 +50,7 @@ from gateway.auth import KeyRing
 from gateway.errors import error_body, sse_error_event
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
-from gateway.relay import response_headers
+from gateway.relay import Exchange, response_headers
 from gateway.upstream import DROP_REQUEST_HEADERS
 
 #: Events in the streamed benchmarks' response (a 1000-token answer, one event per token).
@@ -111,7 +111,7 @@ def test_auth_check(benchmark: BenchmarkFixture, n_keys: int, outcome: str) -> N
 ROUTE_PATHS = {
     "chat": ("/v1/chat/completions", routes.CHAT),
     "passthrough": ("/v1/audio/transcriptions", routes.PASSTHROUGH),
-    "unknown": ("/metrics", None),
+    "unknown": ("/nope", None),
 }
 
 
@@ -157,7 +157,7 @@ def test_request_headers_app(benchmark: BenchmarkFixture, gateway_on: Callable[[
     scope = AppRequest(app, "/v1/chat/completions", SMALL_BODY).scope
 
     def prefix() -> None:
-        coro = app._upstream(routes.CHAT, scope, _receive_stop, _never_send)
+        coro = app._upstream(routes.CHAT, scope, _receive_stop, _never_send, Exchange())
         try:
             coro.send(None)
         except _Stop:

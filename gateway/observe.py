@@ -1,0 +1,281 @@
+"""Metrics and access logs, recorded once per request at its end.
+
+Per chunk the relay only takes a timestamp, compares one gap and counts (see ``relay.forward``);
+everything here runs once per request, after the response is finished.
+
+Metrics are prometheus-client objects. Under ``gateway serve`` every Granian worker writes them to
+files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, set up by the
+supervisor), so one scrape of ``/metrics``, whichever worker answers it, shows the sum of all
+workers. Without that variable (Granian run by hand, tests in one process) each app keeps its own
+registry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from gateway.relay import Exchange
+
+log = logging.getLogger("gateway")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Seconds; from sub-millisecond (a fast backend) to minutes (long generations).
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+#: The gateway's own time before a request goes upstream: microseconds to milliseconds.
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0)
+
+_UPSTREAM_ERROR_CLASS = {"backend_unavailable": "connect", "backend_timeout": "timeout"}
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+_json_decoder = json.JSONDecoder()
+
+
+def request_id(given: bytes | None) -> bytes:
+    """The client's X-Request-ID when it is 1-128 of ``[A-Za-z0-9._-]``, else a new one."""
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return os.urandom(12).hex().encode()
+
+
+def find_usage(tail: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the last ``"usage":{...}`` in the response's last bytes.
+
+    Only the tail is looked at: the final usage chunk of a stream, or the end of a JSON body,
+    where OpenAI-compatible servers put ``usage``. Nothing else of the body is parsed.
+    """
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    try:
+        text = tail[at + 7 :].decode("utf-8", "replace")
+        colon = text.index(":")
+        start = colon + 1
+        while start < len(text) and text[start] in " \t\r\n":
+            start += 1
+        value, _ = _json_decoder.raw_decode(text, start)
+    except (ValueError, IndexError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+class Metrics:
+    """The gateway's metric families, with children cached per label set."""
+
+    def __init__(self, backend: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.backend = backend
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = None if self.multiprocess else self.registry
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Requests answered, by route, model, backend and HTTP status.",
+            ["route", "model", "backend", "status"],
+            registry=reg,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Requests being answered.",
+            ["backend"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "From the request's arrival to the first body byte from the backend, as the client sees it.",
+            ["route", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "From the request's arrival to the end of its response.",
+            ["route", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "The gateway's own time before the request goes upstream (auth, body, checks).",
+            ["route", "backend"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=reg,
+        )
+        self.max_gap = Histogram(
+            "gateway_stream_max_chunk_gap_seconds",
+            "Each stream's largest gap between two chunks from the backend, observed once at its end.",
+            ["route", "backend"],
+            buckets=GAP_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total",
+            "Backend failures by class: connect, timeout, reset (connection lost), status_5xx.",
+            ["backend", "class"],
+            registry=reg,
+        )
+        self.disconnects = Counter(
+            "gateway_client_disconnects_total",
+            "Clients that went away before their response was complete.",
+            ["route", "backend"],
+            registry=reg,
+        )
+        self.not_supported = Counter(
+            "gateway_not_supported_total",
+            "Requests answered 501 by the gateway because the backend kind lacks the capability.",
+            ["route", "backend"],
+            registry=reg,
+        )
+        self.tokens = Counter(
+            "gateway_tokens_total",
+            "Tokens reported by the backend's usage (non-streamed bodies and final usage chunks).",
+            ["backend", "model", "type"],
+            registry=reg,
+        )
+        self.tokens_estimated = Counter(
+            "gateway_tokens_estimated_total",
+            "Completion tokens estimated from content events, for streams without a usage chunk.",
+            ["backend", "model", "type"],
+            registry=reg,
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self.in_flight_child = self.in_flight.labels(backend)
+
+    def child(self, family: Any, *labels: str) -> Any:
+        key = (id(family), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = family.labels(*labels)
+        return c
+
+    def record(self, ex: Exchange, route: str, model: str) -> None:
+        b = self.backend
+        status = ex.status
+        self.child(self.requests, route, model, b, str(status)).inc()
+        if ex.t_upstream:
+            self.child(self.overhead, route, b).observe(ex.t_upstream - ex.t_start)
+        if ex.t_first:
+            self.child(self.ttft, route, b).observe(ex.t_first - ex.t_start)
+        self.child(self.duration, route, b).observe(ex.t_end - ex.t_start)
+        if ex.sse and ex.chunks > 1:
+            self.child(self.max_gap, route, b).observe(ex.max_gap)
+        end = ex.end
+        if end == "client_gone":
+            self.child(self.disconnects, route, b).inc()
+        elif end in ("upstream_error", "timeout"):
+            self.child(self.upstream_errors, b, ex.error_class or "reset").inc()
+        elif status == 501 and not ex.started:
+            self.child(self.not_supported, route, b).inc()
+        if ex.started and status >= 500:
+            self.child(self.upstream_errors, b, "status_5xx").inc()
+        if ex.started and 200 <= status < 300 and route in _TOKEN_ROUTES:
+            usage = find_usage(ex.prev + ex.last)
+            if usage is not None:
+                self.child(self.tokens, b, model, "input").inc(usage[0])
+                self.child(self.tokens, b, model, "output").inc(usage[1])
+            elif ex.sse:
+                # Role chunk, finish chunk and [DONE] carry no content; a cut stream lacks the last two.
+                framing = 3 if end == "done" else 1
+                self.child(self.tokens_estimated, b, model, "output").inc(max(ex.chunks - framing, 0))
+
+    def exposition(self) -> tuple[bytes, bytes]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            registry = self.registry
+        return generate_latest(registry), CONTENT_TYPE_LATEST.encode()
+
+
+_TOKEN_ROUTES = frozenset({"chat", "completions", "responses", "embeddings"})
+
+
+class AccessLog:
+    """One line per request on stdout: JSON (orjson) or, on a terminal, plain text."""
+
+    def __init__(self, fmt: str, backend: str) -> None:
+        if fmt == "auto":
+            fmt = "text" if os.isatty(1) else "json"
+        self.json = fmt == "json"
+        self.backend = backend
+
+    def write(self, ex: Exchange, method: str, path: str, route: str, model: str) -> None:
+        ttft = None if not ex.t_first else round((ex.t_first - ex.t_start) * 1000, 3)
+        duration = round((ex.t_end - ex.t_start) * 1000, 3)
+        if self.json:
+            line = orjson.dumps(
+                {
+                    "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                    "request_id": ex.request_id.decode("ascii"),
+                    "key_id": ex.key_id,
+                    "method": method,
+                    "path": path,
+                    "route": route,
+                    "model": model,
+                    "backend": self.backend,
+                    "status": ex.status,
+                    "bytes": ex.nbytes,
+                    "ttft_ms": ttft,
+                    "duration_ms": duration,
+                    "chunks": ex.chunks,
+                    "end": ex.end,
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        else:
+            line = (
+                f"{time.strftime('%H:%M:%S')} {ex.status} {method} {path} model={model} "
+                f"ttft={ttft}ms duration={duration}ms chunks={ex.chunks} bytes={ex.nbytes} end={ex.end} "
+                f"key={ex.key_id} id={ex.request_id.decode('ascii')}\n"
+            ).encode()
+        try:
+            os.write(1, line)  # one write per line: whole lines even with several workers on one pipe
+        except OSError:
+            pass
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """The ``gateway`` logger: JSON lines or plain text on stderr, at ``level``."""
+    if fmt == "auto":
+        fmt = "text" if os.isatty(2) else "json"
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return orjson.dumps(
+                    {
+                        "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                            timespec="milliseconds"
+                        ),
+                        "level": record.levelname.lower(),
+                        "message": record.getMessage(),
+                    }
+                ).decode()
+
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
