@@ -21,6 +21,7 @@ from gateway.auth import KeyRing
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
+from gateway.netio import AsyncioBackend
 from gateway.observe import AccessLog, Metrics, request_id, setup_logging
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
@@ -48,7 +49,7 @@ class Gateway:
         self.keys = KeyRing(settings.client_keys)
         self.target = Target(settings)
         self.ssl_context = make_ssl_context(settings)
-        self.network = network or httpcore.AnyIOBackend()
+        self.network = network or AsyncioBackend()
         self.max_body = settings.gateway_max_body_bytes
         self.total_timeout = settings.gateway_total_timeout or None
         self.extensions: dict[str, Any] = {
@@ -321,7 +322,7 @@ class Gateway:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        watcher = loop.create_task(_watch_disconnect(receive, ex, task))
+        watcher = _watch_disconnect(receive, ex, task, loop)
         timer = loop.call_later(self.total_timeout, _expire, ex, task) if self.total_timeout else None
         try:
             await forward(self.pool, self.target, method, target, headers, body, self.extensions, send, ex)
@@ -343,7 +344,8 @@ class Gateway:
             await fail(send, ex, err)
         finally:
             ex.active = False
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             if timer is not None:
                 timer.cancel()
 
@@ -355,15 +357,32 @@ def _request_id(scope: Scope) -> bytes:
     return request_id(None)
 
 
-async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[Any]) -> None:
-    """Granian's send() does not fail when the client has gone: receive() is what tells."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if ex.active:
-                ex.cancelled_by = "disconnect"
-                task.cancel()
+def _watch_disconnect(
+    receive: Receive, ex: Exchange, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop
+) -> asyncio.Task[Any] | None:
+    """Cancel ``task`` when the client disconnects (Granian's send() does not fail then).
+
+    Granian's ``receive()`` returns a future-like object: a done-callback on it watches for the
+    disconnect without a task of its own. A server whose ``receive()`` is a coroutine gets it
+    wrapped in a task (returned, to be cancelled when the exchange ends). Once the body has been
+    read, the next message can only be ``http.disconnect``.
+    """
+    pending: Any = receive()
+    watcher = None if hasattr(pending, "add_done_callback") else loop.create_task(pending)
+
+    def on_message(fut: Any) -> None:
+        if fut.cancelled():
             return
+        try:
+            message = fut.result()
+        except BaseException:  # noqa: BLE001 - the server closed the channel: the client is gone
+            message = {"type": "http.disconnect"}
+        if message["type"] == "http.disconnect" and ex.active:
+            ex.cancelled_by = "disconnect"
+            task.cancel()
+
+    (watcher or pending).add_done_callback(on_message)
+    return watcher
 
 
 def _expire(ex: Exchange, task: asyncio.Task[Any]) -> None:

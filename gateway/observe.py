@@ -218,6 +218,17 @@ class AccessLog:
             fmt = "text" if os.isatty(1) else "json"
         self.json = fmt == "json"
         self.backend = backend
+        self._second = -1
+        self._stamp = ""
+
+    def _now(self) -> str:
+        """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
 
     def write(self, ex: Exchange, method: str, path: str, route: str, model: str) -> None:
         ttft = None if not ex.t_first else round((ex.t_first - ex.t_start) * 1000, 3)
@@ -225,7 +236,7 @@ class AccessLog:
         if self.json:
             line = orjson.dumps(
                 {
-                    "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                    "time": self._now(),
                     "request_id": ex.request_id.decode("ascii"),
                     "key_id": ex.key_id,
                     "method": method,

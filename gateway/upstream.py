@@ -15,13 +15,16 @@ import asyncio
 import collections
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import h11
 import httpcore
 from httpcore import AsyncHTTP11Connection
 
 from gateway.config import Settings
 from gateway.errors import GatewayError, backend_timeout, backend_unavailable, pool_exhausted
+from gateway.netio import AsyncioBackend
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
@@ -113,18 +116,72 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+class _NoLock:
+    __slots__ = ()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
+class Connection(AsyncHTTP11Connection):
+    """httpcore's HTTP/1.1 connection, with its per-event receive loop trimmed.
+
+    httpcore enters a ``contextlib`` context manager (``map_exceptions``) around every h11
+    ``next_event()`` call, i.e. once or twice per streamed chunk. This override does the same work
+    (same events, same reads, same exception mapping) with a plain ``try``. Bodies are read with
+    ``iter_body``.
+    """
+
+    def __init__(self, origin: httpcore.Origin, stream: httpcore.AsyncNetworkStream, keepalive_expiry: float | None):
+        super().__init__(origin=origin, stream=stream, keepalive_expiry=keepalive_expiry)
+        # The pool hands a connection to one request at a time, so httpcore's state lock (an
+        # anyio lock, several task look-ups per request) guards nothing here.
+        self._state_lock = _NO_LOCK  # type: ignore[assignment]
+
+    async def _receive_event(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:  # noqa: ASYNC109
+        state = self._h11_state
+        while True:
+            try:
+                event = state.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpcore.RemoteProtocolError(exc) from exc
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
+            if data == b"" and state.their_state == h11.SEND_RESPONSE:
+                raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+            state.receive_data(data)
+
+    async def iter_body(self, read_timeout: float | None) -> AsyncIterator[bytes]:
+        """The response body, piece by piece as h11 frames it (one generator, where
+        ``response.stream`` nests two). Close the response afterwards as usual: a body not read
+        to the end then closes the connection."""
+        while True:
+            event = await self._receive_event(read_timeout)
+            if type(event) is h11.Data:
+                yield bytes(event.data)  # h11 hands out a bytearray; ASGI bodies are bytes
+            elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
+                return
+
+
 async def open_connection(
     target: Target,
     ssl_context: ssl.SSLContext | None,
     connect_timeout: float,
     keepalive: float | None,
     network: httpcore.AsyncNetworkBackend,
-) -> AsyncHTTP11Connection:
+) -> Connection:
     """A new HTTP/1.1 connection with TCP_NODELAY set; httpcore's exceptions on failure."""
     stream = await network.connect_tcp(target.host, target.port, timeout=connect_timeout, socket_options=NODELAY)
     if ssl_context is not None:
         stream = await stream.start_tls(ssl_context, server_hostname=target.host, timeout=connect_timeout)
-    return AsyncHTTP11Connection(origin=target.origin, stream=stream, keepalive_expiry=keepalive)
+    return Connection(origin=target.origin, stream=stream, keepalive_expiry=keepalive)
 
 
 class Pool:
@@ -151,12 +208,12 @@ class Pool:
         self._pool_timeout = pool_timeout
         self._keepalive = keepalive
         self._ssl = ssl_context
-        self._network = network or httpcore.AnyIOBackend()
-        self._idle: list[AsyncHTTP11Connection] = []
+        self._network = network or AsyncioBackend()
+        self._idle: list[Connection] = []
         #: Open or opening connections, idle ones included.
         self._open = 0
         self._active = 0
-        self._waiters: collections.deque[asyncio.Future[AsyncHTTP11Connection | None]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[Connection | None]] = collections.deque()
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -186,7 +243,7 @@ class Pool:
 
     # -- acquire / release --------------------------------------------------------------------
 
-    async def acquire(self) -> tuple[AsyncHTTP11Connection, bool]:
+    async def acquire(self) -> tuple[Connection, bool]:
         """A connection ready for one request, and whether it was reused from the idle stack."""
         if self._closed:
             raise backend_unavailable("the gateway is shutting down")
@@ -214,9 +271,9 @@ class Pool:
         self._active += 1
         return conn, False
 
-    async def _wait(self) -> AsyncHTTP11Connection | None:
+    async def _wait(self) -> Connection | None:
         """Wait for a connection (or, with None, a free slot) handed over by release/discard."""
-        fut: asyncio.Future[AsyncHTTP11Connection | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
             async with asyncio.timeout(self._pool_timeout):
@@ -240,7 +297,7 @@ class Pool:
                 raise pool_exhausted(self._pool_timeout) from None
             raise
 
-    def release(self, conn: AsyncHTTP11Connection) -> None:
+    def release(self, conn: Connection) -> None:
         """Return a connection after its response was closed; reused only if fully read."""
         self._active -= 1
         if conn.is_idle() and not self._closed:
@@ -248,7 +305,7 @@ class Pool:
         else:
             self._discard(conn)
 
-    def _put_back(self, conn: AsyncHTTP11Connection) -> None:
+    def _put_back(self, conn: Connection) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -256,7 +313,7 @@ class Pool:
                 return
         self._idle.append(conn)
 
-    def _discard(self, conn: AsyncHTTP11Connection) -> None:
+    def _discard(self, conn: Connection) -> None:
         self._open -= 1
         if not conn.is_closed():
             # Only reached for expired idle connections and defensive paths: the response
