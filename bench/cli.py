@@ -33,7 +33,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=("sim",), default="sim", help="start this backend (default: the simulator)")
+    p.add_argument(
+        "--backend",
+        choices=("sim", "llamacpp"),
+        default="sim",
+        help="start this backend: the simulator (default) or the real llama.cpp server (built once, tiny model)",
+    )
     p.add_argument("--backend-kind", help="use an already running backend of this kind instead (with --backend-url)")
     p.add_argument("--backend-url", help="its OpenAI base URL, e.g. http://gpu-host:8000/v1")
     p.add_argument("--backend-key", help="its API key, if it needs one")
@@ -90,6 +95,15 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
             url = args.backend_url
             kind, key, backend_tree = args.backend_kind, args.backend_key, None
             progress(f"using the {kind} backend at {url}")
+        elif args.backend == "llamacpp":
+            from bench.llamacpp import KEY, MODEL, start_llamacpp
+
+            llama, llama_port = stack.enter_context(start_llamacpp(other_cpu, logs / "llama-server.log", progress))
+            url, kind, key = f"http://127.0.0.1:{llama_port}/v1", "llamacpp", KEY
+            backend_tree = Tree(llama.pid)
+            if args.model == build_parser().get_default("model"):
+                args.model = MODEL
+            progress(f"llama-server on port {llama_port}")
         else:
             sim, sim_port = stack.enter_context(start_sim(other_cpu, logs / "sim.log"))
             url, kind, key = f"http://127.0.0.1:{sim_port}/v1", "vllm", None

@@ -95,6 +95,7 @@ class Connection:
         self._reader = self._writer = None
 
     async def request(self, raw: bytes, *, abort_after_events: int | None = None, timeout: float = 60.0) -> Sample:
+        reused = self._writer is not None
         if self._writer is None:
             await self._connect()
         assert self._reader is not None and self._writer is not None
@@ -106,8 +107,12 @@ class Connection:
             sample.error = "timeout"
             self.close(abort=True)
         except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
-            sample.error = f"{type(exc).__name__}: {exc}"
             self.close(abort=True)
+            if reused and sample.status == 0 and _closed_while_idle(exc):
+                # The server had closed the idle keep-alive connection (llama.cpp does after 5 s):
+                # like any HTTP client, send the request again on a new one.
+                return await self.request(raw, abort_after_events=abort_after_events, timeout=timeout)
+            sample.error = f"{type(exc).__name__}: {exc}"
         return sample
 
     async def _read_response(self, s: Sample, abort_after_events: int | None) -> None:
@@ -176,6 +181,13 @@ class Connection:
             s.error = "error event"
         if close:
             self.close()
+
+
+def _closed_while_idle(exc: BaseException) -> bool:
+    """Whether a reused connection failed before any byte of the answer: closed by the server."""
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return not exc.partial
+    return isinstance(exc, ConnectionResetError | BrokenPipeError)
 
 
 def install_uvloop() -> str:

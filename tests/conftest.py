@@ -17,6 +17,9 @@ from tests.fakes import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Fixtures for the tests against the real llama.cpp server (they start nothing unless asked for).
+pytest_plugins = ("tests.llamacpp",)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -8,5 +8,9 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# The real llama.cpp server for tests/test_llamacpp.py (and `python -m bench --backend llamacpp`):
+# built once per machine into ~/.cache (about 4 minutes on 2 cores, its output in a log there),
+# reused afterwards. Without cmake or a compiler it says so in one line and those tests skip.
+.venv/bin/python tests/tools/build_llama_server.py
 # pytest exits 5 when it collected no test: that is a failure here too (non-zero).
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,161 @@
+"""Fixtures and helpers for the tests against the real llama.cpp server.
+
+The binary comes from ``tests/tools/build_llama_server.py`` (``tests/run.sh`` builds it once per
+machine); the model is generated once per session by ``tests/tools/tiny_gguf.py``.
+``tests/conftest.py`` registers this module as a plugin; a test module that uses its fixtures
+first skips itself when ``unavailable_reason()`` says the server cannot run here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.tools import build_llama_server
+from tests.tools.llama_server import ALIAS, CTX, LlamaServer
+
+SERVER_KEY = "llama-server-key-1"
+CLIENT_KEY = "gateway-client-key-1"
+
+__all__ = [
+    "ALIAS",
+    "CLIENT_KEY",
+    "SERVER_KEY",
+    "LlamaServer",
+    "StartServer",
+    "request",
+    "sse_events",
+    "stable",
+    "unavailable_reason",
+]
+
+
+def unavailable_reason() -> str | None:
+    """Why the real llama.cpp server cannot run here (one line for the skip), or None."""
+    reason = build_llama_server.unavailable_reason()
+    if reason is not None:
+        return reason
+    try:
+        import gguf  # noqa: F401
+        import numpy  # noqa: F401
+    except ImportError as e:
+        return f"cannot generate the test model: {e} (install the dev extra: pip install -e '.[dev]')"
+    return None
+
+
+# -- models and servers ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("llamacpp")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(llama_dir: Path) -> Path:
+    """387 KB, about 10,000 tokens/s on one thread."""
+    from tests.tools.tiny_gguf import TINY, write_model
+
+    return write_model(llama_dir / "tiny.gguf", replace(TINY, ctx=CTX))
+
+
+@pytest.fixture(scope="session")
+def paced_model(llama_dir: Path) -> Path:
+    """135 MB, about 7-10 ms per token on one thread: long enough to leave mid-stream."""
+    from tests.tools.tiny_gguf import PACED, write_model
+
+    return write_model(llama_dir / "paced.gguf", replace(PACED, ctx=CTX))
+
+
+StartServer = Callable[..., LlamaServer]
+_serial = itertools.count(1)
+
+
+@pytest.fixture
+def start_llama(llama_dir: Path, tiny_model: Path) -> Iterator[StartServer]:
+    """Start llama-servers (``start_llama(model=..., embeddings=..., port=..., start=...)``);
+    every one is stopped at the end of the test."""
+    started: list[LlamaServer] = []
+
+    def start(model: Path | None = None, *, start: bool = True, **kw: Any) -> LlamaServer:
+        kw.setdefault("api_key", SERVER_KEY)
+        srv = LlamaServer(model or tiny_model, llama_dir / f"llama-{next(_serial)}.log", **kw)
+        started.append(srv)
+        return srv.start() if start else srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def _module_server(llama_dir: Path, model: Path, name: str, embeddings: bool) -> Iterator[LlamaServer]:
+    srv = LlamaServer(model, llama_dir / f"{name}.log", api_key=SERVER_KEY, embeddings=embeddings).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir: Path, tiny_model: Path) -> Iterator[LlamaServer]:
+    """The tiny model, without embeddings."""
+    yield from _module_server(llama_dir, tiny_model, "llama", embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def llama_embed(llama_dir: Path, tiny_model: Path) -> Iterator[LlamaServer]:
+    """The tiny model with ``--embeddings --pooling mean``."""
+    yield from _module_server(llama_dir, tiny_model, "llama-embed", embeddings=True)
+
+
+# -- raw HTTP ---------------------------------------------------------------------------------------
+
+
+def request(
+    port: int, method: str, path: str, body: Any = None, key: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on its own connection: status, lower-cased headers, the whole (de-chunked) body."""
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    raw = body if body is None or isinstance(body, bytes) else orjson.dumps(body)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=raw, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def sse_events(body: bytes) -> list[bytes]:
+    """The ``data:`` payloads of an event stream, in order (``b"[DONE]"`` included)."""
+    assert body.endswith(b"\n\n"), body[-200:]
+    events = []
+    for frame in body[:-2].split(b"\n\n"):
+        assert frame.startswith(b"data: "), frame
+        events.append(frame[len(b"data: ") :])
+    return events
+
+
+#: What differs between two otherwise identical answers: ids, clocks, timings, prompt-cache hits.
+_VOLATILE = ("id", "created", "timings")
+
+
+def stable(doc: Any) -> Any:
+    """A parsed answer or chunk without the fields that differ from one identical request to the next."""
+    if isinstance(doc, dict):
+        out = {k: stable(v) for k, v in doc.items() if k not in _VOLATILE}
+        if isinstance(out.get("usage"), dict):
+            out["usage"].pop("prompt_tokens_details", None)
+        return out
+    if isinstance(doc, list):
+        return [stable(v) for v in doc]
+    return doc

@@ -1,0 +1,1 @@
+"""Tools the test suite and the benchmark share, run as scripts or imported."""
