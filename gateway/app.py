@@ -10,22 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 import httpcore
+import orjson
 
 from gateway import errors, probe, routes
 from gateway.auth import KeyRing
+from gateway.balance import Backend, Replica
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
 from gateway.netio import AsyncioBackend
 from gateway.observe import AccessLog, Metrics, request_id, setup_logging
 from gateway.payload import peek, with_model
-from gateway.profiles import Support
-from gateway.relay import Exchange, fail, forward, send_error
+from gateway.profiles import PROFILES, Profile, Support, apply_overrides
+from gateway.relay import Exchange, Timeouts, fail, forward, send_error
+from gateway.routes_file import RoutesSpec, load_routes
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import DROP_REQUEST_HEADERS, Pool, Target, error_class, make_ssl_context, map_error
 
@@ -44,33 +48,49 @@ class Gateway:
 
     def __init__(self, settings: Settings, *, network: httpcore.AsyncNetworkBackend | None = None) -> None:
         self.settings = settings
-        self.profile = settings.profile
-        self.capabilities = settings.capabilities
         self.keys = KeyRing(settings.client_keys)
-        self.target = Target(settings)
-        self.ssl_context = make_ssl_context(settings)
         self.network = network or AsyncioBackend()
         self.max_body = settings.gateway_max_body_bytes
         self.total_timeout = settings.gateway_total_timeout or None
-        self.extensions: dict[str, Any] = {
-            "timeout": {
-                "connect": settings.gateway_connect_timeout,
-                "read": settings.gateway_read_timeout,
-                "write": settings.gateway_read_timeout,
-                "pool": settings.gateway_pool_timeout,
-            }
-        }
-        self.static_headers = [(b"host", self.target.host_header), *self.target.auth_headers]
-        kind = settings.profile.kind
-        self.metrics = Metrics(kind) if settings.gateway_metrics else None
-        self.access_log = AccessLog(settings.gateway_log_format, kind) if settings.gateway_access_log else None
+        read = settings.gateway_read_timeout
+        self.timeouts = Timeouts(
+            connect=settings.gateway_connect_timeout,
+            header=settings.gateway_header_timeout or read,
+            first_token=settings.gateway_ttft_timeout or read,
+            idle=settings.gateway_idle_timeout or read,
+            pool=settings.gateway_pool_timeout,
+        )
+        self.retries = settings.gateway_retries
+        #: With a routes file: the backends' specs and keys (the Backends are built at startup).
+        self.routes_spec: RoutesSpec | None = None
+        self.route_keys: dict[str, str] = {}
+        if settings.gateway_routes:
+            self.routes_spec, self.route_keys = load_routes(settings.gateway_routes)
+        self.backends: list[Backend] = []
+        #: Routing by model (routes file only): served model or alias -> (backend, model to send).
+        self.by_model: dict[str, tuple[Backend, str]] = {}
+        self.default: Backend | None = None
+        label = self.routes_spec.backends[0].name if self.routes_spec else settings.profile.kind
+        self.metrics = Metrics(label) if settings.gateway_metrics else None
+        self.access_log = AccessLog(settings.gateway_log_format) if settings.gateway_access_log else None
         #: Model names that may appear as a metric label; any other is counted as "other".
         self.known_models: set[str] = {settings.model_name} if settings.model_name else set()
-        self._models_task: asyncio.Task[None] | None = None
-        self.pool: Pool | None = None
+        if self.routes_spec is not None:
+            for spec in self.routes_spec.backends:
+                self.known_models.update(spec.models, spec.aliases)
+        self._tasks: list[asyncio.Task[None]] = []
         self.inflight = 0
         self.draining = False
         self._drain: WorkerDrain | None = None
+
+    @property
+    def pool(self) -> Pool | None:
+        """The first replica's pool (the only one in the common single-backend setup)."""
+        return self.backends[0].replicas[0].pool if self.backends else None
+
+    @property
+    def routed(self) -> bool:
+        return self.routes_spec is not None
 
     # -- ASGI entry ---------------------------------------------------------------------------
 
@@ -101,28 +121,92 @@ class Gateway:
     async def startup(self) -> None:
         s = self.settings
         setup_logging(s.gateway_log_level, s.gateway_log_format)
-        self.pool = Pool(
-            self.target,
-            size=s.gateway_pool_size,
-            connect_timeout=s.gateway_connect_timeout,
-            pool_timeout=s.gateway_pool_timeout,
-            keepalive=s.gateway_keepalive,
-            ssl_context=self.ssl_context,
-            network=self.network,
-        )
+        if self.routes_spec is None:
+            self.backends = [
+                self._backend(s.profile.kind, s.profile, s.capabilities, s.base_urls, s.backend_api_key, None)
+            ]
+        else:
+            for spec in self.routes_spec.backends:
+                profile = PROFILES[spec.kind]
+                backend = self._backend(
+                    spec.name,
+                    profile,
+                    apply_overrides(profile.capabilities, spec.capabilities),
+                    tuple(spec.urls),
+                    self.route_keys.get(spec.name, ""),
+                    spec.weights,
+                    models=tuple(spec.models),
+                    aliases=spec.aliases,
+                )
+                self.backends.append(backend)
+                for model in spec.models:
+                    self.by_model[model] = (backend, model)
+                for alias, model in spec.aliases.items():
+                    self.by_model[alias] = (backend, model)
+        self.default = self.backends[0]
         control = os.environ.get(CONTROL_ENV)
         if control:
             self._drain = WorkerDrain(Path(control), lambda: self.inflight, self._begin_drain)
             self._drain.start()
-        if self.metrics is not None:
-            self._models_task = asyncio.get_running_loop().create_task(self._refresh_models())
+        loop = asyncio.get_running_loop()
+        if self.routed or len(self.default.replicas) > 1:
+            probe_timeout = min(s.gateway_connect_timeout, 5.0)
+            for backend in self.backends:
+                self._tasks.append(
+                    loop.create_task(backend.probe_forever(self.network, s.gateway_probe_interval, probe_timeout))
+                )
+        if self.metrics is not None and not self.routed:
+            self._tasks.append(loop.create_task(self._refresh_models()))
+
+    def _backend(
+        self,
+        name: str,
+        profile: Profile,
+        capabilities: Mapping[str, Support],
+        urls: tuple[str, ...],
+        key: str,
+        weights: list[int] | None,
+        *,
+        models: tuple[str, ...] = (),
+        aliases: Mapping[str, str] | None = None,
+    ) -> Backend:
+        s = self.settings
+        replicas = []
+        for i, url in enumerate(urls):
+            target = Target(url, profile, key)
+            ssl_context = make_ssl_context(s, url)
+            pool = Pool(
+                target,
+                size=s.gateway_pool_size,
+                connect_timeout=s.gateway_connect_timeout,
+                pool_timeout=s.gateway_pool_timeout,
+                keepalive=s.gateway_keepalive,
+                ssl_context=ssl_context,
+                network=self.network,
+            )
+            replicas.append(Replica(target, pool, ssl_context, weights[i] if weights else 1))
+        return Backend(
+            name,
+            profile,
+            capabilities,
+            replicas,
+            models=models,
+            aliases=aliases,
+            eject_after=s.gateway_eject_after,
+            eject_seconds=s.gateway_eject_seconds,
+            max_inflight=s.gateway_max_inflight,
+            queue_size=s.gateway_queue_size,
+            queue_timeout=s.gateway_queue_timeout,
+        )
 
     async def _refresh_models(self) -> None:
         """Keep the set of model names the backend lists (bounds the metrics' model label)."""
+        assert self.default is not None
+        replica = self.default.replicas[0]
         while True:
             listed = await probe.list_models(
-                self.target,
-                ssl_context=self.ssl_context,
+                replica.target,
+                ssl_context=replica.ssl_context,
                 network=self.network,
                 timeout=self.settings.gateway_connect_timeout,
             )
@@ -134,16 +218,17 @@ class Gateway:
         self.draining = True
 
     async def shutdown(self) -> None:
-        if self._models_task is not None:
-            self._models_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._drain is not None:
             await self._drain.stop()
         if self.metrics is not None and self.metrics.multiprocess:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
-        if self.pool is not None:
-            await self.pool.aclose()
+        for backend in self.backends:
+            for replica in backend.replicas:
+                await replica.pool.aclose()
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -155,16 +240,12 @@ class Gateway:
         model = "none"
         self.inflight += 1
         metrics = self.metrics
-        # The gauge counts requests bound for the backend, not probes and scrapes.
-        gauged = metrics is not None and route is not None and route.upstream
-        if gauged:
-            metrics.in_flight_child.inc()  # type: ignore[union-attr]
         try:
             if route is None:
                 raise errors.not_found(path)
             if route.methods is not None and method not in route.methods:
                 raise errors.method_not_allowed(method, path, route.methods)
-            if not route.upstream:
+            if not route.upstream or (route is routes.MODELS and self.routed):
                 ex.request_id = _request_id(scope)
                 await self._local(route, method, scope, send, ex)
             elif self.draining:
@@ -184,8 +265,6 @@ class Gateway:
                 ex.status = 499  # nginx's "client closed request": nothing was answered
             name = route.name if route is not None else "unknown"
             if metrics is not None:
-                if gauged:
-                    metrics.in_flight_child.dec()
                 metrics.record(ex, name, model)
             if self.access_log is not None:
                 self.access_log.write(ex, method, path, name, model)
@@ -197,27 +276,50 @@ class Gateway:
         elif route is routes.METRICS:
             if self.metrics is None:
                 raise errors.not_found("/metrics")
-            if self.settings.gateway_metrics_require_key and self.keys.enabled:
+            if self.settings.gateway_metrics_require_key:
                 self._authenticate(scope["headers"], ex)
             body, content_type = self.metrics.exposition()
             status, headers = 200, [(b"content-type", content_type)]
-        elif self.draining:
-            status, body = 503, b'{"status":"draining","kind":"%s"}' % self.profile.kind.encode()
+        elif route is routes.MODELS:  # the routes file's models: the gateway answers itself
+            self._authenticate(scope["headers"], ex)
+            status, body = 200, self._model_list()
         else:
-            status, body = await probe.probe(
-                self.target,
-                self.profile.health_path,
-                self.profile.kind,
-                ssl_context=self.ssl_context,
-                network=self.network,
-                timeout=min(self.settings.gateway_connect_timeout, 5.0),
-            )
+            status, body = await self._ready()
         ex.status = status
         ex.nbytes = len(body)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body, "more_body": False})
 
+    async def _ready(self) -> tuple[int, bytes]:
+        assert self.default is not None
+        if self.draining:
+            return 503, orjson.dumps({"status": "draining", "kind": self.default.profile.kind})
+        single = self.default.single
+        if not self.routed and single is not None:
+            # One backend, one replica: probe it on each call.
+            status, info = await probe.probe(
+                single.target,
+                self.default.profile.health_path,
+                self.default.profile.kind,
+                ssl_context=single.ssl_context,
+                network=self.network,
+                timeout=min(self.settings.gateway_connect_timeout, 5.0),
+            )
+            return status, orjson.dumps(info)
+        reports = [b.report() for b in self.backends]
+        ok = all(r["usable_replicas"] for r in reports)
+        return (200 if ok else 503), orjson.dumps({"status": "ready" if ok else "degraded", "backends": reports})
+
+    def _model_list(self) -> bytes:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": backend.name}
+            for name, (backend, _) in self.by_model.items()
+        ]
+        return orjson.dumps({"object": "list", "data": data})
+
     def _authenticate(self, headers: list[tuple[bytes, bytes]], ex: Exchange) -> None:
+        if not self.keys.enabled:
+            return
         values = [v for n, v in headers if n == b"authorization"]
         key_id = self.keys.verify(values[0]) if len(values) == 1 else None
         if key_id is None:
@@ -231,7 +333,7 @@ class Gateway:
         auth_count = 0
         content_length: bytes | None = None
         given_id: bytes | None = None
-        forwarded = list(self.static_headers)
+        forwarded: list[tuple[bytes, bytes]] = []
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
@@ -251,29 +353,64 @@ class Gateway:
                 raise errors.unauthorized()
             ex.key_id = key_id
 
+        backend = self.default
+        assert backend is not None, "lifespan startup did not run"
         cap = route.capability
-        if cap is not None and self.capabilities[cap] is Support.UNSUPPORTED:
-            raise errors.not_supported(self.profile.display_name, cap)
+        if not self.routed and cap is not None and backend.capabilities[cap] is Support.UNSUPPORTED:
+            raise errors.not_supported(backend.profile.display_name, cap)
 
         body = await self._read_body(receive, content_length)
 
         model = "none"
         if route.json_body:
             peeked = peek(body)
-            if peeked.wants_tools and self.capabilities["tools"] is Support.UNSUPPORTED:
-                raise errors.not_supported(self.profile.display_name, "tools")
             name = peeked.model
-            if name is None and self.settings.model_name:
+            if self.routed:
+                name = name or self.settings.model_name
+                if not name:
+                    raise errors.missing_model()
+                found = self.by_model.get(name)
+                if found is None:
+                    raise errors.model_not_found(name)
+                backend, served = found
+                if cap is not None and backend.capabilities[cap] is Support.UNSUPPORTED:
+                    raise errors.not_supported(backend.profile.display_name, cap)
+                if served != peeked.model:  # an alias, or the MODEL_NAME fill-in
+                    body = with_model(body, served)
+                name = served
+            elif name is None and self.settings.model_name:
                 name = self.settings.model_name
                 body = with_model(body, name)
+            if peeked.wants_tools and backend.capabilities["tools"] is Support.UNSUPPORTED:
+                raise errors.not_supported(backend.profile.display_name, "tools")
             if name:
                 model = name if name in self.known_models else "other"
         if body or scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
             forwarded.append((b"content-length", str(len(body)).encode()))
 
+        ex.backend = backend.name
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        target = self.target.upstream_target(raw_path.split(b"?", 1)[0], scope.get("query_string", b""))
-        await self._exchange(scope["method"].encode(), target, forwarded, body, receive, send, ex)
+        await backend.admit(self.draining)
+        # The gauge counts requests bound for a backend, not probes and scrapes.
+        gauge = self.metrics.child(self.metrics.in_flight, backend.name) if self.metrics is not None else None
+        if gauge is not None:
+            gauge.inc()
+        try:
+            await self._exchange(
+                backend,
+                scope["method"].encode(),
+                raw_path.split(b"?", 1)[0],
+                scope.get("query_string", b""),
+                forwarded,
+                body,
+                receive,
+                send,
+                ex,
+            )
+        finally:
+            backend.leave()
+            if gauge is not None:
+                gauge.dec()
         return model
 
     async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
@@ -309,8 +446,10 @@ class Gateway:
 
     async def _exchange(
         self,
+        backend: Backend,
         method: bytes,
-        target: bytes,
+        path: bytes,
+        query: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         receive: Receive,
@@ -318,21 +457,20 @@ class Gateway:
         ex: Exchange,
     ) -> None:
         """Forward with cancellation on client disconnect (and on the total timeout, if set)."""
-        assert self.pool is not None, "lifespan startup did not run"
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         watcher = _watch_disconnect(receive, ex, task, loop)
         timer = loop.call_later(self.total_timeout, _expire, ex, task) if self.total_timeout else None
         try:
-            await forward(self.pool, self.target, method, target, headers, body, self.extensions, send, ex)
+            await forward(backend, method, path, query, headers, body, self.timeouts, self.retries, send, ex)
         except asyncio.CancelledError:
             if ex.cancelled_by is None:
                 raise
             task.uncancel()
             if ex.cancelled_by == "timeout":
                 ex.end, ex.error_class = "timeout", "timeout"
-                await fail(send, ex, errors.backend_timeout(f"the total timeout of {self.total_timeout:g} s passed"))
+                await fail(send, ex, errors.backend_timeout(f"GATEWAY_TOTAL_TIMEOUT ({self.total_timeout:g} s) passed"))
             else:
                 ex.end = "client_gone"
         except Exception as exc:  # mapped once, here, at the upstream boundary
@@ -340,7 +478,7 @@ class Gateway:
             if not isinstance(exc, GatewayError):
                 ex.error_class = error_class(exc)
                 ex.end = "timeout" if ex.error_class == "timeout" else "upstream_error"
-                log.warning("upstream %s failed while %s: %r", self.target.display, ex.phase, exc)
+                log.warning("upstream %s failed waiting for %s: %r", backend.name, ex.phase, exc)
             await fail(send, ex, err)
         finally:
             ex.active = False

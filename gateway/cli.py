@@ -90,9 +90,18 @@ def _serve(settings: Settings) -> int:
     from gateway.server import serve
 
     keys = settings.client_keys
+    if settings.gateway_routes:
+        from gateway.routes_file import load_routes
+
+        spec, _ = load_routes(settings.gateway_routes)  # a bad file stops here, with exit 2
+        where = ", ".join(
+            f"{b.name} ({b.kind}, {len(b.urls)} replica{'s' if len(b.urls) != 1 else ''})" for b in spec.backends
+        )
+    else:
+        urls = settings.base_urls
+        where = f"{settings.profile.display_name} at {', '.join(urls)}"
     print(
-        f"gateway: serving http://{settings.gateway_host}:{settings.gateway_port} -> "
-        f"{settings.profile.display_name} at {settings.base_url} "
+        f"gateway: serving http://{settings.gateway_host}:{settings.gateway_port} -> {where} "
         f"({settings.gateway_workers} worker{'s' if settings.gateway_workers != 1 else ''})",
         file=sys.stderr,
         flush=True,

@@ -38,7 +38,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     backend_kind: Annotated[str, Meta(description="one of " + ", ".join(PROFILES))] = "vllm"
     #: The backend's OpenAI base URL (ending in /v1). Empty means the kind's default.
-    backend_base_url: Annotated[str, Meta(description="an http(s) URL such as http://host:8000/v1")] = ""
+    backend_base_url: Annotated[
+        str, Meta(description="an http(s) URL such as http://host:8000/v1, or several replicas separated by commas")
+    ] = ""
     backend_api_key: str = ""
     #: Overrides of the kind's capabilities, e.g. ``-embeddings,+tools``.
     backend_capabilities: str = ""
@@ -55,6 +57,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway_read_timeout: PositiveSeconds = 600.0
     #: Cap on a whole request; 0 turns it off (long generations are normal).
     gateway_total_timeout: Seconds = 0.0
+    #: Refinements of the read timeout; 0 means GATEWAY_READ_TIMEOUT.
+    gateway_header_timeout: Seconds = 0.0
+    gateway_ttft_timeout: Seconds = 0.0
+    gateway_idle_timeout: Seconds = 0.0
+    #: A routes file declaring several backends (the BACKEND_* variables are then not used).
+    gateway_routes: Annotated[str, Meta(description="the path of a routes.toml file")] = ""
+    #: Retries on another replica while nothing was sent to the client.
+    gateway_retries: Annotated[int, Meta(ge=0, le=10, description="an integer from 0 to 10")] = 2
+    #: Active health probes of each replica (several replicas or backends only).
+    gateway_probe_interval: PositiveSeconds = 5.0
+    #: Passive ejection after this many consecutive connect failures or 5xx answers ...
+    gateway_eject_after: Annotated[int, Meta(ge=1, le=1000, description="an integer from 1 to 1000")] = 3
+    #: ... for this long, then one trial request.
+    gateway_eject_seconds: PositiveSeconds = 10.0
+    #: Admission: requests in flight per backend (0: no cap), and the bounded wait beyond it.
+    gateway_max_inflight: Annotated[int, Meta(ge=0, le=1_000_000, description="an integer >= 0")] = 0
+    gateway_queue_size: Annotated[int, Meta(ge=0, le=1_000_000, description="an integer >= 0")] = 1000
+    gateway_queue_timeout: PositiveSeconds = 30.0
     #: Upstream connections per worker.
     gateway_pool_size: Count = 1024
     #: How long a request may wait for a free upstream connection.
@@ -98,8 +118,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return PROFILES[self.backend_kind]
 
     @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The backend's replicas (``BACKEND_BASE_URL`` may list several, comma-separated)."""
+        given = tuple(u.strip() for u in self.backend_base_url.split(",") if u.strip())
+        return given or ((self.profile.default_base_url,) if self.profile.default_base_url else ())
+
+    @property
     def base_url(self) -> str:
-        return self.backend_base_url or self.profile.default_base_url or ""
+        urls = self.base_urls
+        return urls[0] if urls else ""
 
     @property
     def capabilities(self) -> Mapping[str, Support]:
@@ -204,6 +231,18 @@ def _bad(env_name: str, value: str, what: str) -> str:
     return f"invalid {env_name}={shown}: expected {what}"
 
 
+def valid_url(url: str) -> bool:
+    """An http(s) URL with a host and a valid port, no query or fragment."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        return False
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    return True
+
+
 def _check(s: Settings) -> None:
     """Checks msgspec's constraints cannot express."""
     if s.backend_kind not in PROFILES:
@@ -213,19 +252,17 @@ def _check(s: Settings) -> None:
             f"BACKEND_BASE_URL must be set for BACKEND_KIND={s.backend_kind} (it has no default): "
             f"expected {accepted('BACKEND_BASE_URL')}"
         )
-    parts = urlsplit(s.base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(_bad("BACKEND_BASE_URL", s.base_url, accepted("BACKEND_BASE_URL")))
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ConfigError(_bad("BACKEND_BASE_URL", s.base_url, accepted("BACKEND_BASE_URL"))) from None
+    for url in s.base_urls:
+        if not valid_url(url):
+            raise ConfigError(_bad("BACKEND_BASE_URL", s.backend_base_url or url, accepted("BACKEND_BASE_URL")))
     try:
         apply_overrides(s.profile.capabilities, s.backend_capabilities)
     except CapabilityError as exc:
         raise ConfigError(f"invalid BACKEND_CAPABILITIES={s.backend_capabilities!r}: {exc}") from None
     if s.gateway_log_level not in _LOG_LEVELS:
         raise ConfigError(_bad("GATEWAY_LOG_LEVEL", s.gateway_log_level, accepted("GATEWAY_LOG_LEVEL")))
+    if s.gateway_routes and not Path(s.gateway_routes).is_file():
+        raise ConfigError(_bad("GATEWAY_ROUTES", s.gateway_routes, "the path of an existing routes.toml file"))
     if s.gateway_log_format not in _LOG_FORMATS:
         raise ConfigError(_bad("GATEWAY_LOG_FORMAT", s.gateway_log_format, accepted("GATEWAY_LOG_FORMAT")))
     if s.gateway_ca_bundle and not Path(s.gateway_ca_bundle).is_file():

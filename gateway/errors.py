@@ -135,3 +135,23 @@ def draining() -> GatewayError:
         "The gateway is shutting down; retry on another instance.",
         headers=[(b"retry-after", b"1"), (b"connection", b"close")],
     )
+
+
+def overloaded(backend: str) -> GatewayError:
+    return GatewayError(
+        429,
+        "rate_limit_error",
+        "overloaded",
+        f"The {backend} backend has as many requests in flight and queued as it admits; retry shortly.",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def model_not_found(model: str) -> GatewayError:
+    return GatewayError(
+        404, "invalid_request_error", "model_not_found", f"The model {model!r} is not served here.", param="model"
+    )
+
+
+def missing_model() -> GatewayError:
+    return bad_request("The request names no model, and several backends are configured.", param="model")

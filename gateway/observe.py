@@ -81,6 +81,7 @@ class Metrics:
     def __init__(self, backend: str) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        #: The label for requests that never reached a backend (404s, 401s, ...).
         self.backend = backend
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
@@ -157,7 +158,6 @@ class Metrics:
             registry=reg,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
-        self.in_flight_child = self.in_flight.labels(backend)
 
     def child(self, family: Any, *labels: str) -> Any:
         key = (id(family), *labels)
@@ -167,7 +167,7 @@ class Metrics:
         return c
 
     def record(self, ex: Exchange, route: str, model: str) -> None:
-        b = self.backend
+        b = ex.backend if ex.backend != "-" else self.backend
         status = ex.status
         self.child(self.requests, route, model, b, str(status)).inc()
         if ex.t_upstream:
@@ -213,11 +213,10 @@ _TOKEN_ROUTES = frozenset({"chat", "completions", "responses", "embeddings"})
 class AccessLog:
     """One line per request on stdout: JSON (orjson) or, on a terminal, plain text."""
 
-    def __init__(self, fmt: str, backend: str) -> None:
+    def __init__(self, fmt: str) -> None:
         if fmt == "auto":
             fmt = "text" if os.isatty(1) else "json"
         self.json = fmt == "json"
-        self.backend = backend
         self._second = -1
         self._stamp = ""
 
@@ -243,7 +242,7 @@ class AccessLog:
                     "path": path,
                     "route": route,
                     "model": model,
-                    "backend": self.backend,
+                    "backend": ex.backend,
                     "status": ex.status,
                     "bytes": ex.nbytes,
                     "ttft_ms": ttft,
@@ -255,7 +254,7 @@ class AccessLog:
             )
         else:
             line = (
-                f"{time.strftime('%H:%M:%S')} {ex.status} {method} {path} model={model} "
+                f"{time.strftime('%H:%M:%S')} {ex.status} {method} {path} backend={ex.backend} model={model} "
                 f"ttft={ttft}ms duration={duration}ms chunks={ex.chunks} bytes={ex.nbytes} end={ex.end} "
                 f"key={ex.key_id} id={ex.request_id.decode('ascii')}\n"
             ).encode()

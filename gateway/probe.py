@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ssl
 import time
+from typing import Any
 
 import httpcore
 import msgspec
-import orjson
 
 from gateway import __version__
 from gateway.upstream import Target, open_connection
@@ -26,8 +26,8 @@ async def probe(
     ssl_context: ssl.SSLContext | None,
     network: httpcore.AsyncNetworkBackend,
     timeout: float,  # noqa: ASYNC109 - applied per connect/read, not as a cancel scope
-) -> tuple[int, bytes]:
-    """The gateway's readiness (200 or 503) and its JSON body.
+) -> tuple[int, dict[str, Any]]:
+    """The gateway's readiness (200 or 503) and what to say about it.
 
     ``ready``: the backend answered below 500 (a 401 from a protected path still proves it is
     up); ``loading``: it answered 503 (llama.cpp's "Loading model", LocalAI's "starting");
@@ -71,7 +71,7 @@ async def probe(
         detail = f"the backend answered {backend_status}"
     else:
         status = "ready"
-    body: dict[str, object] = {
+    body: dict[str, Any] = {
         "status": status,
         "kind": kind,
         "latency_ms": latency_ms,
@@ -79,7 +79,7 @@ async def probe(
     }
     if detail:
         body["detail"] = detail
-    return (200 if status == "ready" else 503), orjson.dumps(body)
+    return (200 if status == "ready" else 503), body
 
 
 class _Model(msgspec.Struct):

@@ -45,6 +45,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     capabilities: Mapping[str, Support]
     #: What the kind is best suited for, shown in the README's backends table.
     best_for: str
+    #: Multiplies the active probe interval (SGLang's /health runs a one-token generation).
+    probe_factor: float = 1.0
 
     def support(self, capability: str) -> Support:
         return self.capabilities.get(capability, Support.SUPPORTED)
@@ -78,6 +80,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 takes_key=True,
                 capabilities=_caps(embeddings=D, tools=D),
                 best_for="high-throughput serving with prefix caching",
+                probe_factor=4.0,
             ),
             Profile(
                 kind="tgi",

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpcore
 
 from gateway.errors import GatewayError, error_body, sse_error_event
 from gateway.types import Send
-from gateway.upstream import DROP_RESPONSE_HEADERS, Pool, Target
+
+if TYPE_CHECKING:
+    from gateway.balance import Backend, Replica
+from gateway.upstream import DROP_RESPONSE_HEADERS, Connection, Pool
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +55,7 @@ class Exchange:
         "error_class",
         "request_id",
         "key_id",
+        "backend",
     )
 
     def __init__(self, t_start: float = 0.0, request_id: bytes = b"") -> None:
@@ -59,7 +63,8 @@ class Exchange:
         self.active = True
         #: "disconnect" or "timeout" when the gateway cancelled the request itself.
         self.cancelled_by: str | None = None
-        self.phase = "connecting"
+        #: connect, headers, first_token or body: what the request was waiting for.
+        self.phase = "connect"
         self.started = False
         self.sse = False
         self.prev = b""
@@ -82,6 +87,8 @@ class Exchange:
         self.error_class: str | None = None
         self.request_id = request_id
         self.key_id = "-"
+        #: The backend's name (metrics and logs); "-" when the request never got to one.
+        self.backend = "-"
 
     def tail(self) -> bytes:
         """The last two bytes sent to the client."""
@@ -103,68 +110,190 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
     return out, sse
 
 
+class Timeouts:
+    """Per-phase limits in seconds: each its own error (see upstream.map_error)."""
+
+    __slots__ = ("connect", "header", "first_token", "idle", "extensions")
+
+    def __init__(self, connect: float, header: float, first_token: float, idle: float, pool: float) -> None:
+        self.connect = connect
+        self.header = header
+        self.first_token = first_token
+        self.idle = idle
+        #: httpcore reads "read" while it waits for the response headers; the body is read by
+        #: Connection.iter_body with first_token / idle.
+        self.extensions: dict[str, Any] = {
+            "timeout": {"connect": connect, "read": header, "write": header, "pool": pool}
+        }
+
+
+#: Answers retried on another replica while nothing has gone to the client yet.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: A retried answer is kept (to relay it if every attempt fails) up to this size.
+_KEEP_LIMIT = 64 * 1024
+
+
 async def forward(
-    pool: Pool,
-    target: Target,
+    backend: Backend,
     method: bytes,
-    url_target: bytes,
+    path: bytes,
+    query: bytes,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
-    extensions: dict[str, Any],
+    timeouts: Timeouts,
+    retries: int,
     send: Send,
     ex: Exchange,
 ) -> None:
-    """Forward one request and relay the response; httpcore's exceptions propagate."""
-    request = httpcore.Request(method, target.url(url_target), headers=headers, content=body, extensions=extensions)
-    read_timeout = extensions["timeout"]["read"]
-    attempts = 0
+    """Forward one request to one of the backend's replicas and relay the response.
+
+    Connect failures and 429/502/503/504 answers are retried on another replica, up to
+    ``retries`` more times, only while nothing has been sent to the client; when the budget is
+    spent the last answer is relayed unchanged. httpcore's exceptions propagate.
+    """
+    tried: list[Replica] = []
+    kept: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
     while True:
-        ex.phase = "connecting"
-        conn, reused = await pool.acquire()
+        replica = backend.pick(tried)
+        tried.append(replica)
+        may_retry = len(tried) <= retries and len(tried) < len(backend.replicas)
+        target = replica.target
+        request = httpcore.Request(
+            method,
+            target.url(target.upstream_target(path, query)),
+            headers=[*target.static_headers, *headers],
+            content=body,
+            extensions=timeouts.extensions,
+        )
+        replica.inflight += 1
         try:
-            ex.phase = "waiting for response headers"
-            ex.t_upstream = perf_counter()
             try:
-                response = await conn.handle_async_request(request)
-            except _STALE:
-                attempts += 1
-                if reused and attempts < 3:
-                    continue  # the finally below releases (discards) the dead connection
+                conn, response = await _send(replica.pool, request, ex)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout):
+                backend.failed(replica)
+                if may_retry:
+                    continue
+                if kept is not None:
+                    await _relay_kept(send, ex, kept)
+                    return
                 raise
-            try:
-                relayed, ex.sse = response_headers(response.headers)
-                relayed.append((b"x-request-id", ex.request_id))
-                ex.status = response.status
-                await send({"type": "http.response.start", "status": response.status, "headers": relayed})
-                ex.started = True
-                ex.phase = "reading the response body"
-                async for chunk in conn.iter_body(read_timeout):
-                    # Per chunk: a timestamp, one comparison, two counters. Nothing else.
-                    now = perf_counter()
-                    if ex.chunks:
-                        gap = now - ex.t_last
-                        if gap > ex.max_gap:
-                            ex.max_gap = gap
-                    else:
-                        ex.t_first = now
-                    ex.t_last = now
-                    ex.chunks += 1
-                    ex.nbytes += len(chunk)
-                    ex.prev = ex.last
-                    ex.last = chunk
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            finally:
-                # Closes the connection unless the body was read to the end: this is what makes
-                # the backend abort a generation nobody will read.
-                await response.aclose()
-            pool.release(conn)
-            conn = None  # type: ignore[assignment]
-            ex.active = False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            status = response.status
+            if status in RETRY_STATUSES and may_retry:
+                kept = (status, response.headers, await _read_kept(replica.pool, conn, response))
+                if status == 429:
+                    backend.cool_off(replica, _retry_after(response.headers))
+                else:
+                    backend.failed(replica)
+                continue
+            if status >= 500:
+                backend.failed(replica)
+            else:
+                backend.succeeded(replica)
+            await _relay(replica.pool, conn, response, timeouts, send, ex)
             return
         finally:
-            if conn is not None:
-                pool.release(conn)
+            replica.inflight -= 1
+
+
+async def _send(pool: Pool, request: httpcore.Request, ex: Exchange) -> tuple[Connection, httpcore.Response]:
+    """A connection and the response headers; a reused connection the backend had closed while
+    idle is replaced (up to twice) before giving up."""
+    attempts = 0
+    while True:
+        ex.phase = "connect"
+        conn, reused = await pool.acquire()
+        ex.phase = "headers"
+        ex.t_upstream = perf_counter()
+        try:
+            return conn, await conn.handle_async_request(request)
+        except _STALE:
+            pool.release(conn)  # httpcore closed it: discarded
+            attempts += 1
+            if reused and attempts < 3:
+                continue
+            raise
+        except BaseException:
+            pool.release(conn)
+            raise
+
+
+async def _read_kept(pool: Pool, conn: Connection, response: httpcore.Response) -> bytes:
+    """Read a response we may relay later (a retried error answer), bounded."""
+    parts, size = [], 0
+    try:
+        async for chunk in conn.iter_body(5.0, 5.0):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > _KEEP_LIMIT:
+                break
+    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError):
+        pass
+    finally:
+        await response.aclose()
+        pool.release(conn)
+    return b"".join(parts)[:_KEEP_LIMIT]
+
+
+def _retry_after(headers: list[tuple[bytes, bytes]]) -> float:
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return 1.0
+    return 1.0
+
+
+async def _relay_kept(send: Send, ex: Exchange, kept: tuple[int, list[tuple[bytes, bytes]], bytes]) -> None:
+    status, raw_headers, body = kept
+    relayed, ex.sse = response_headers(raw_headers)
+    relayed = [(n, v) for n, v in relayed if n.lower() != b"content-length"]
+    relayed.append((b"content-length", str(len(body)).encode()))
+    relayed.append((b"x-request-id", ex.request_id))
+    ex.status = status
+    await send({"type": "http.response.start", "status": status, "headers": relayed})
+    ex.started = True
+    ex.active = False
+    ex.nbytes = len(body)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _relay(
+    pool: Pool, conn: Connection, response: httpcore.Response, timeouts: Timeouts, send: Send, ex: Exchange
+) -> None:
+    try:
+        try:
+            relayed, ex.sse = response_headers(response.headers)
+            relayed.append((b"x-request-id", ex.request_id))
+            ex.status = response.status
+            await send({"type": "http.response.start", "status": response.status, "headers": relayed})
+            ex.started = True
+            ex.phase = "first_token" if ex.sse else "body"
+            first = timeouts.first_token if ex.sse else timeouts.idle
+            async for chunk in conn.iter_body(first, timeouts.idle):
+                # Per chunk: a timestamp, one comparison, two counters. Nothing else.
+                now = perf_counter()
+                if ex.chunks:
+                    gap = now - ex.t_last
+                    if gap > ex.max_gap:
+                        ex.max_gap = gap
+                else:
+                    ex.t_first = now
+                    ex.phase = "body"
+                ex.t_last = now
+                ex.chunks += 1
+                ex.nbytes += len(chunk)
+                ex.prev = ex.last
+                ex.last = chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            # Closes the connection unless the body was read to the end: this is what makes
+            # the backend abort a generation nobody will read.
+            await response.aclose()
+    finally:
+        pool.release(conn)
+    ex.active = False
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def send_error(send: Send, err: GatewayError, ex: Exchange) -> None:

@@ -25,6 +25,7 @@ from httpcore import AsyncHTTP11Connection
 from gateway.config import Settings
 from gateway.errors import GatewayError, backend_timeout, backend_unavailable, pool_exhausted
 from gateway.netio import AsyncioBackend
+from gateway.profiles import Profile
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
@@ -69,10 +70,10 @@ DROP_RESPONSE_HEADERS = frozenset(
 
 
 class Target:
-    """Where requests go and what every request to it carries; built once per worker."""
+    """One replica's address and what every request to it carries; built once per worker."""
 
-    def __init__(self, settings: Settings) -> None:
-        parts = urlsplit(settings.base_url)
+    def __init__(self, base_url: str, profile: Profile, api_key: str) -> None:
+        parts = urlsplit(base_url)
         scheme = parts.scheme.encode()
         host = parts.hostname or ""
         default_port = 443 if scheme == b"https" else 80
@@ -90,11 +91,13 @@ class Target:
         self.base_path = base_path.encode()
         #: The server root, for health paths (the base URL without a trailing /v1).
         self.root_path = (base_path[: -len("/v1")] if base_path.endswith("/v1") else base_path).encode()
-        key = settings.backend_api_key
         self.auth_headers: list[tuple[bytes, bytes]] = (
-            [(b"authorization", b"Bearer " + key.encode())] if key and settings.profile.takes_key else []
+            [(b"authorization", b"Bearer " + api_key.encode())] if api_key and profile.takes_key else []
         )
-        self.display = f"{settings.profile.display_name} at {settings.base_url}"
+        self.base_url = base_url
+        self.display = f"{profile.display_name} at {base_url}"
+        #: Sent with every request: Host and the backend's key.
+        self.static_headers: list[tuple[bytes, bytes]] = [(b"host", self.host_header), *self.auth_headers]
 
     def upstream_target(self, raw_path: bytes, query: bytes) -> bytes:
         """The request-target for a client path that starts with ``/v1``."""
@@ -105,8 +108,8 @@ class Target:
         return httpcore.URL(scheme=self.scheme, host=self.origin.host, port=self.port, target=target)
 
 
-def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    if not settings.base_url.startswith("https:"):
+def make_ssl_context(settings: Settings, base_url: str) -> ssl.SSLContext | None:
+    if not base_url.startswith("https:"):
         return None
     ctx = ssl.create_default_context(cafile=settings.gateway_ca_bundle or None)
     if not settings.gateway_tls_verify:
@@ -158,12 +161,15 @@ class Connection(AsyncHTTP11Connection):
                 raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
             state.receive_data(data)
 
-    async def iter_body(self, read_timeout: float | None) -> AsyncIterator[bytes]:
+    async def iter_body(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
         """The response body, piece by piece as h11 frames it (one generator, where
-        ``response.stream`` nests two). Close the response afterwards as usual: a body not read
+        ``response.stream`` nests two), waiting at most ``first_timeout`` for the first piece and
+        ``idle_timeout`` between pieces. Close the response afterwards as usual: a body not read
         to the end then closes the connection."""
+        timeout = first_timeout
         while True:
-            event = await self._receive_event(read_timeout)
+            event = await self._receive_event(timeout)
+            timeout = idle_timeout
             if type(event) is h11.Data:
                 yield bytes(event.data)  # h11 hands out a bytearray; ASGI bodies are bytes
             elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
@@ -346,21 +352,31 @@ class Pool:
                 fut.set_exception(backend_unavailable("the gateway is shutting down"))
 
 
+#: Which timeout a read that timed out ran into, by phase (the error's code stays
+#: backend_timeout; its message names the setting).
+_PHASE_TIMEOUTS = {
+    "connect": "no connection within GATEWAY_CONNECT_TIMEOUT",
+    "headers": "no response headers within GATEWAY_HEADER_TIMEOUT (default: GATEWAY_READ_TIMEOUT)",
+    "first_token": "no first token within GATEWAY_TTFT_TIMEOUT (default: GATEWAY_READ_TIMEOUT)",
+    "body": "silent for longer than GATEWAY_IDLE_TIMEOUT (default: GATEWAY_READ_TIMEOUT)",
+}
+
+
 def map_error(exc: Exception, phase: str) -> GatewayError:
     """httpcore's exceptions, mapped once at this boundary to the gateway's errors."""
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, (httpcore.ConnectTimeout, httpcore.PoolTimeout)):
-        return backend_timeout(f"no connection within the connect timeout ({phase})")
+        return backend_timeout(_PHASE_TIMEOUTS["connect"])
     if isinstance(exc, httpcore.TimeoutException):
-        return backend_timeout(f"no data within the read timeout ({phase})")
+        return backend_timeout(_PHASE_TIMEOUTS.get(phase, _PHASE_TIMEOUTS["body"]))
     if isinstance(exc, httpcore.ConnectError):
         return backend_unavailable(f"connection failed ({exc or type(exc).__name__})")
     if isinstance(exc, httpcore.LocalProtocolError):
         return GatewayError(400, "invalid_request_error", "invalid_request", f"The request cannot be forwarded: {exc}")
     if isinstance(exc, (httpcore.NetworkError, httpcore.RemoteProtocolError)):
-        return backend_unavailable(f"connection lost ({phase}: {exc or type(exc).__name__})")
-    return backend_unavailable(f"{type(exc).__name__} ({phase})")
+        return backend_unavailable(f"connection lost while waiting for {phase} ({exc or type(exc).__name__})")
+    return backend_unavailable(f"{type(exc).__name__} while waiting for {phase}")
 
 
 def error_class(exc: BaseException) -> str:

@@ -281,9 +281,10 @@ def gateway_on(loop: asyncio.AbstractEventLoop) -> Iterator[Callable[[MemoryNetw
         app = Gateway(settings, network=network)
         loop.run_until_complete(app.startup())
         # The background model listing would share the in-memory network: not part of a request.
-        if app._models_task is not None:
-            app._models_task.cancel()
-            loop.run_until_complete(asyncio.wait([app._models_task]))
+        if app._tasks:
+            for task in app._tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.wait(app._tasks))
             network.connects = 0
         started.append(app)
         return app

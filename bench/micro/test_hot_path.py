@@ -124,7 +124,9 @@ def test_route_resolve(benchmark: BenchmarkFixture, kind: str) -> None:
 def test_capability_check(benchmark: BenchmarkFixture, gateway_on: Callable[[MemoryNetwork], Gateway]) -> None:
     # The app looks up the mapping it cached at construction: ``Settings.capabilities`` is a
     # property that re-applies the overrides on every access, so it is never read per request.
-    caps = gateway_on(MemoryNetwork([])).capabilities
+    app = gateway_on(MemoryNetwork([]))
+    assert app.default is not None
+    caps = app.default.capabilities
     cap = routes.CHAT.capability
     assert cap is not None
     assert benchmark(lambda: caps[cap] is Support.UNSUPPORTED) is False
@@ -314,10 +316,12 @@ def test_httpcore_baseline(
     app = gateway_on(network)
     pool = app.pool
     assert pool is not None
-    url = app.target.url(b"/v1/chat/completions")
+    assert app.default is not None
+    target = app.default.replicas[0].target
+    url = target.url(b"/v1/chat/completions")
     body = chat_body(stream=stream)
     headers = [
-        *app.static_headers,
+        *target.static_headers,
         *((n, v) for n, v in client_headers(len(body)) if n not in DROP_REQUEST_HEADERS),
         (b"content-length", str(len(body)).encode()),
     ]
@@ -325,7 +329,7 @@ def test_httpcore_baseline(
     async def exchange() -> int:
         conn, _ = await pool.acquire()
         try:
-            request = httpcore.Request(b"POST", url, headers=headers, content=body, extensions=app.extensions)
+            request = httpcore.Request(b"POST", url, headers=headers, content=body, extensions=app.timeouts.extensions)
             response = await conn.handle_async_request(request)
             size = 0
             try:

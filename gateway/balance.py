@@ -1,0 +1,238 @@
+"""Backends and their replicas: balancing, health, ejection, admission.
+
+A ``Backend`` is one served set of models on one kind of engine, with one or more replicas (URLs),
+each with its own pool. Picking a replica is power of two choices on in-flight requests divided by
+weight (ties at random); a backend with one replica skips all of it. Replicas leave the rotation
+when their active probe says they are loading or down, or passively after consecutive connect
+failures or 5xx answers (ejected for a cool-off, then given a single trial request). When every
+replica is out, traffic goes to them anyway (fail-open) and /ready says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import ssl
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpcore
+
+from gateway import errors, probe
+from gateway.profiles import Profile, Support
+from gateway.upstream import Pool, Target
+
+
+class Replica:
+    __slots__ = (
+        "target",
+        "pool",
+        "ssl_context",
+        "weight",
+        "inflight",
+        "failures",
+        "ejected_until",
+        "trial",
+        "state",
+        "latency_ms",
+        "detail",
+    )
+
+    def __init__(self, target: Target, pool: Pool, ssl_context: ssl.SSLContext | None, weight: int) -> None:
+        self.target = target
+        self.pool = pool
+        self.ssl_context = ssl_context
+        self.weight = weight
+        self.inflight = 0
+        #: Consecutive connect failures or 5xx answers.
+        self.failures = 0
+        #: monotonic() until which the replica is out (passive ejection, or a 429's Retry-After).
+        self.ejected_until = 0.0
+        #: A trial request is in flight after a cool-off: no other traffic until it answers.
+        self.trial = False
+        #: From the active probe: ready, loading or unreachable.
+        self.state = "ready"
+        self.latency_ms: float | None = None
+        self.detail: str | None = None
+
+    def usable(self, now: float) -> bool:
+        return self.state == "ready" and self.ejected_until <= now and not self.trial
+
+    def report(self, now: float) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "url": self.target.base_url,
+            "state": self.state if self.ejected_until <= now else "ejected",
+            "in_flight": self.inflight,
+            "latency_ms": self.latency_ms,
+        }
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+class Backend:
+    """One backend: its profile, capabilities, models, replicas and admission limit."""
+
+    def __init__(
+        self,
+        name: str,
+        profile: Profile,
+        capabilities: Mapping[str, Support],
+        replicas: list[Replica],
+        *,
+        models: tuple[str, ...] = (),
+        aliases: Mapping[str, str] | None = None,
+        eject_after: int = 3,
+        eject_seconds: float = 10.0,
+        max_inflight: int = 0,
+        queue_size: int = 0,
+        queue_timeout: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.profile = profile
+        self.capabilities = capabilities
+        self.replicas = replicas
+        self.single = replicas[0] if len(replicas) == 1 else None
+        self.models = models
+        self.aliases = dict(aliases or {})
+        self.eject_after = eject_after
+        self.eject_seconds = eject_seconds
+        self.max_inflight = max_inflight
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self.inflight = 0
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    # -- picking a replica ----------------------------------------------------------------------
+
+    def pick(self, tried: list[Replica] | None = None) -> Replica:
+        """Power of two choices among usable replicas not tried yet; fail-open when none is."""
+        single = self.single
+        if single is not None:
+            return single
+        now = time.monotonic()
+        untried = [r for r in self.replicas if not tried or r not in tried]
+        pool = [r for r in untried if r.usable(now)]
+        if not pool:
+            # Half-open: one trial request to a replica whose cool-off is over.
+            for r in untried:
+                if r.state == "ready" and r.ejected_until and r.ejected_until <= now and not r.trial:
+                    r.trial = True
+                    return r
+            pool = untried or self.replicas  # fail-open: try anyway rather than refuse all
+        if len(pool) == 1:
+            return pool[0]
+        a, b = random.sample(pool, 2)  # noqa: S311 - load balancing, not security
+        la, lb = a.inflight / a.weight, b.inflight / b.weight
+        if la == lb:
+            return a if random.random() < 0.5 else b  # noqa: S311
+        return a if la < lb else b
+
+    def succeeded(self, r: Replica) -> None:
+        if r.failures or r.trial or r.ejected_until:
+            r.failures = 0
+            r.trial = False
+            r.ejected_until = 0.0
+
+    def failed(self, r: Replica) -> None:
+        """A connect failure or a 5xx: after ``eject_after`` in a row, out for ``eject_seconds``."""
+        r.failures += 1
+        if r.trial or r.failures >= self.eject_after:
+            r.ejected_until = time.monotonic() + self.eject_seconds
+        r.trial = False
+
+    def cool_off(self, r: Replica, seconds: float) -> None:
+        """A 429 with Retry-After: no traffic to this replica for that long."""
+        r.ejected_until = max(r.ejected_until, time.monotonic() + min(seconds, 300.0))
+        r.trial = False
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def usable_count(self) -> int:
+        now = time.monotonic()
+        return sum(1 for r in self.replicas if r.usable(now))
+
+    def report(self) -> dict[str, Any]:
+        now = time.monotonic()
+        usable = sum(1 for r in self.replicas if r.usable(now))
+        return {
+            "name": self.name,
+            "kind": self.profile.kind,
+            "status": "ready" if usable else "fail-open",
+            "usable_replicas": usable,
+            "replicas": [r.report(now) for r in self.replicas],
+        }
+
+    async def probe_forever(
+        self,
+        network: httpcore.AsyncNetworkBackend,
+        interval: float,
+        timeout: float,  # noqa: ASYNC109 - per probe connection, not a cancel scope
+    ) -> None:
+        every = interval * self.profile.probe_factor
+        while True:
+            await self.probe_once(network, timeout)
+            await asyncio.sleep(every)
+
+    async def probe_once(
+        self,
+        network: httpcore.AsyncNetworkBackend,
+        timeout: float,  # noqa: ASYNC109 - per probe connection, not a cancel scope
+    ) -> None:
+        results = await asyncio.gather(
+            *(
+                probe.probe(
+                    r.target,
+                    self.profile.health_path,
+                    self.profile.kind,
+                    ssl_context=r.ssl_context,
+                    network=network,
+                    timeout=timeout,
+                )
+                for r in self.replicas
+            )
+        )
+        for r, (_, state) in zip(self.replicas, results, strict=True):
+            r.state = state["status"]
+            r.latency_ms = state["latency_ms"]
+            r.detail = state.get("detail")
+
+    # -- admission --------------------------------------------------------------------------------
+
+    async def admit(self, draining: bool) -> None:
+        """Wait for room under ``max_inflight`` (bounded queue), else 429 / 503 while draining."""
+        if not self.max_inflight or self.inflight < self.max_inflight:
+            self.inflight += 1
+            return
+        if draining:
+            raise errors.draining()
+        if len(self._queue) >= self.queue_size:
+            raise errors.overloaded(self.name)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(fut)
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self.leave()  # the slot was handed over as we gave up: pass it on
+            else:
+                fut.cancel()
+                try:
+                    self._queue.remove(fut)
+                except ValueError:
+                    pass
+            if isinstance(exc, TimeoutError):
+                raise errors.overloaded(self.name) from None
+            raise
+        # The slot was handed over by leave(): inflight already counts it.
+
+    def leave(self) -> None:
+        while self._queue:
+            fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_result(None)  # hand the slot over
+                return
+        self.inflight -= 1
