@@ -61,6 +61,9 @@ class Gateway:
             pool=settings.gateway_pool_timeout,
         )
         self.retries = settings.gateway_retries
+        sticky = settings.gateway_sticky
+        self.sticky_key = sticky == "key"
+        self.sticky_header = sticky[len("header:") :].lower().encode() if sticky.startswith("header:") else None
         #: With a routes file: the backends' specs and keys (the Backends are built at startup).
         self.routes_spec: RoutesSpec | None = None
         self.route_keys: dict[str, str] = {}
@@ -333,6 +336,8 @@ class Gateway:
         auth_count = 0
         content_length: bytes | None = None
         given_id: bytes | None = None
+        sticky: bytes | None = None
+        sticky_header = self.sticky_header
         forwarded: list[tuple[bytes, bytes]] = []
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -342,6 +347,8 @@ class Gateway:
                 content_length = value
             elif name == b"x-request-id":
                 given_id = value
+            elif name == sticky_header:
+                sticky = value
             if name not in DROP_REQUEST_HEADERS:
                 forwarded.append((name, value))
         ex.request_id = rid = request_id(given_id)
@@ -352,6 +359,8 @@ class Gateway:
             if key_id is None:
                 raise errors.unauthorized()
             ex.key_id = key_id
+            if self.sticky_key:
+                sticky = key_id.encode()
 
         backend = self.default
         assert backend is not None, "lifespan startup did not run"
@@ -406,6 +415,7 @@ class Gateway:
                 receive,
                 send,
                 ex,
+                sticky,
             )
         finally:
             backend.leave()
@@ -455,6 +465,7 @@ class Gateway:
         receive: Receive,
         send: Send,
         ex: Exchange,
+        sticky: bytes | None = None,
     ) -> None:
         """Forward with cancellation on client disconnect (and on the total timeout, if set)."""
         task = asyncio.current_task()
@@ -463,7 +474,7 @@ class Gateway:
         watcher = _watch_disconnect(receive, ex, task, loop)
         timer = loop.call_later(self.total_timeout, _expire, ex, task) if self.total_timeout else None
         try:
-            await forward(backend, method, path, query, headers, body, self.timeouts, self.retries, send, ex)
+            await forward(backend, method, path, query, headers, body, self.timeouts, self.retries, send, ex, sticky)
         except asyncio.CancelledError:
             if ex.cancelled_by is None:
                 raise

@@ -15,6 +15,7 @@ import collections
 import random
 import ssl
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,14 +108,21 @@ class Backend:
 
     # -- picking a replica ----------------------------------------------------------------------
 
-    def pick(self, tried: list[Replica] | None = None) -> Replica:
-        """Power of two choices among usable replicas not tried yet; fail-open when none is."""
+    def pick(self, tried: list[Replica] | None = None, sticky: bytes | None = None) -> Replica:
+        """Power of two choices among usable replicas not tried yet; fail-open when none is.
+
+        With a ``sticky`` value (a session header or the client key), the usable replica with the
+        highest rendezvous hash of it: the same client keeps reaching the same replica (its prefix
+        cache) while that one is usable, and only its share moves when replicas come and go.
+        """
         single = self.single
         if single is not None:
             return single
         now = time.monotonic()
         untried = [r for r in self.replicas if not tried or r not in tried]
         pool = [r for r in untried if r.usable(now)]
+        if sticky is not None and pool:
+            return max(pool, key=lambda r: zlib.crc32(r.target.base_url.encode() + sticky))
         if not pool:
             # Half-open: one trial request to a replica whose cool-off is over.
             for r in untried:

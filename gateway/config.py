@@ -75,6 +75,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway_max_inflight: Annotated[int, Meta(ge=0, le=1_000_000, description="an integer >= 0")] = 0
     gateway_queue_size: Annotated[int, Meta(ge=0, le=1_000_000, description="an integer >= 0")] = 1000
     gateway_queue_timeout: PositiveSeconds = 30.0
+    #: Optional stickiness across replicas, for prefix-cache reuse: ``key`` (the client key) or
+    #: ``header:NAME`` (e.g. header:x-session-id). Empty: off.
+    gateway_sticky: Annotated[str, Meta(description="empty, key, or header:NAME")] = ""
     #: Upstream connections per worker.
     gateway_pool_size: Count = 1024
     #: How long a request may wait for a free upstream connection.
@@ -261,6 +264,12 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"invalid BACKEND_CAPABILITIES={s.backend_capabilities!r}: {exc}") from None
     if s.gateway_log_level not in _LOG_LEVELS:
         raise ConfigError(_bad("GATEWAY_LOG_LEVEL", s.gateway_log_level, accepted("GATEWAY_LOG_LEVEL")))
+    if (
+        s.gateway_sticky
+        and s.gateway_sticky != "key"
+        and not (s.gateway_sticky.startswith("header:") and len(s.gateway_sticky) > len("header:"))
+    ):
+        raise ConfigError(_bad("GATEWAY_STICKY", s.gateway_sticky, accepted("GATEWAY_STICKY")))
     if s.gateway_routes and not Path(s.gateway_routes).is_file():
         raise ConfigError(_bad("GATEWAY_ROUTES", s.gateway_routes, "the path of an existing routes.toml file"))
     if s.gateway_log_format not in _LOG_FORMATS:
@@ -269,3 +278,11 @@ def _check(s: Settings) -> None:
         raise ConfigError(_bad("GATEWAY_CA_BUNDLE", s.gateway_ca_bundle, "the path of an existing PEM file"))
     if not s.gateway_host:
         raise ConfigError(_bad("GATEWAY_HOST", s.gateway_host, "an address to bind, e.g. 127.0.0.1 or 0.0.0.0"))
+    if _has_control_character(s.backend_api_key):
+        # It goes out in a header: h11 would refuse it on every request with an error that quotes it,
+        # to the client and in /ready. Refuse it here, without showing it.
+        raise ConfigError(_bad("BACKEND_API_KEY", s.backend_api_key, "printable characters only (no line break)"))
+
+
+def _has_control_character(value: str) -> bool:
+    return any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value)

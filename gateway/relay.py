@@ -144,6 +144,7 @@ async def forward(
     retries: int,
     send: Send,
     ex: Exchange,
+    sticky: bytes | None = None,
 ) -> None:
     """Forward one request to one of the backend's replicas and relay the response.
 
@@ -154,7 +155,7 @@ async def forward(
     tried: list[Replica] = []
     kept: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
     while True:
-        replica = backend.pick(tried)
+        replica = backend.pick(tried, sticky)
         tried.append(replica)
         may_retry = len(tried) <= retries and len(tried) < len(backend.replicas)
         target = replica.target

@@ -456,3 +456,38 @@ def test_admission_cap_queue_and_429() -> None:
         run(go())
         chats = [x for x in fb.requests if x.target.endswith("/chat/completions")]
         assert len(chats) == 2
+
+
+def test_sticky_sessions_keep_a_client_on_one_replica() -> None:
+    with backends(3) as fbs:
+
+        async def go() -> None:
+            app = await started(BACKEND_BASE_URL=",".join(fb.url for fb in fbs), GATEWAY_STICKY="header:x-session-id")
+            try:
+                for session in ("alice", "bob", "carol", "dave"):
+                    for _ in range(5):
+                        r = await call(
+                            app,
+                            "POST",
+                            "/v1/chat/completions",
+                            chat("m"),
+                            headers=[(b"x-session-id", session.encode())],
+                        )
+                        assert r.status == 200
+            finally:
+                await app.shutdown()
+
+        run(go())
+        seen: dict[str, set[int]] = {}
+        for i, fb in enumerate(fbs):
+            for r in fb.requests:
+                if r.method == "POST":
+                    seen.setdefault(str(r.header("x-session-id")), set()).add(i)
+        assert set(seen) == {"alice", "bob", "carol", "dave"}
+        assert all(len(replicas) == 1 for replicas in seen.values())  # each session on one replica
+
+
+def test_sticky_setting_is_checked() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_STICKY"):
+        settings_from_strings({"GATEWAY_STICKY": "cookie"})
+    assert settings_from_strings({"GATEWAY_STICKY": "key"}).gateway_sticky == "key"
