@@ -271,7 +271,8 @@ def test_error_shapes_per_kind() -> None:
             assert answer.status == 404, kind
             assert check(answer.json()), (kind, answer.body)
             wrong_method = request(sim.port, "GET", "/v1/chat/completions")
-            assert wrong_method.status == 405, kind
+            # llama.cpp routes by method and path: a wrong method is an unknown route.
+            assert wrong_method.status == (404 if kind == "llamacpp" else 405), kind
 
 
 def test_sglang_flat_error_through_client() -> None:
@@ -286,8 +287,266 @@ def test_llamacpp_quirks() -> None:
     with running(kind="llamacpp", embeddings=False) as sim:
         off = request(sim.port, "POST", "/v1/embeddings", {"input": "x"})
         assert off.status == 501 and off.json()["error"]["type"] == "not_supported_error"
-        many = request(sim.port, "POST", "/v1/chat/completions", chat_body(n=2))
-        assert many.status == 400 and "Only one completion choice" in many.json()["error"]["message"]
+        assert off.headers["connection"] == "close"
+
+
+# -- llama.cpp, as the real llama-server answers (checked against the pinned build) ----------------------
+
+LLAMA_JSON = "application/json; charset=utf-8"
+LLAMA_404 = b'{"error":{"message":"File Not Found","type":"not_found_error","code":404}}'
+TIMINGS_KEYS = [
+    "cache_n",
+    "prompt_n",
+    "prompt_ms",
+    "prompt_per_token_ms",
+    "prompt_per_second",
+    "predicted_n",
+    "predicted_ms",
+    "predicted_per_token_ms",
+    "predicted_per_second",
+]
+
+
+@pytest.fixture
+def llama() -> Iterator[SimServer]:
+    with running(kind="llamacpp", model="tiny", api_key="k") as server:
+        yield server
+
+
+def keyed(port: int, method: str, path: str, body: Any = None, **headers: str) -> Any:
+    return request(port, method, path, body, {"authorization": "Bearer k", **headers})
+
+
+def stream_chunks(answer: Any) -> list[Any]:
+    """The JSON chunks of a stream (``[DONE]`` checked and left out)."""
+    events = payloads(answer.events())
+    assert events[-1] == b"[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_llamacpp_json_type_and_close_on_errors(llama: SimServer) -> None:
+    port = llama.port
+    for method, path, key, status in (
+        ("GET", "/health", False, 200),
+        ("GET", "/v1/models", True, 200),
+        ("POST", "/v1/chat/completions", True, 200),
+        ("POST", "/v1/chat/completions", False, 401),
+        ("GET", "/no/such", True, 404),
+        ("POST", "/v1/completions", True, 400),  # no prompt
+    ):
+        body = (
+            chat_body() if method == "POST" and path.endswith("chat/completions") else {} if method == "POST" else None
+        )
+        answer = keyed(port, method, path, body) if key else request(port, method, path, body)
+        assert answer.status == status, (path, answer)
+        assert answer.headers["content-type"] == LLAMA_JSON, path
+        assert ("connection" in answer.headers) is (status >= 400), path
+    with RawClient(port) as raw:  # the server closes after an error, as llama-server does
+        assert raw.request("GET", "/no/such", headers={"authorization": "Bearer k"}).status == 404
+        assert raw.is_closed_by_peer()
+    with running(kind="vllm") as other:  # other kinds keep their own habits
+        answer = request(other.port, "GET", "/no/such")
+        assert answer.headers["content-type"] == "application/json" and "connection" not in answer.headers
+
+
+def test_llamacpp_models_need_the_key_and_metrics_stay_open(llama: SimServer) -> None:
+    for path in ("/v1/models", "/models"):
+        assert request(llama.port, "GET", path).status == 401
+        assert keyed(llama.port, "GET", path).status == 200
+    for path in ("/health", "/v1/health"):
+        assert request(llama.port, "GET", path).status == 200
+    assert request(llama.port, "GET", "/").status == 404  # open, but nothing there
+    metrics = request(llama.port, "GET", "/metrics")  # the simulator's own, not llama-server's 501
+    assert metrics.status == 200 and b"sim_requests_total" in metrics.body
+
+
+def test_llamacpp_model_list() -> None:
+    with running(kind="llamacpp", model="tiny", ctx_size=512) as sim:
+        doc = request(sim.port, "GET", "/v1/models").json()
+        with client_for(sim) as client:
+            listed = client.models.list()
+    assert list(doc) == ["models", "object", "data"]
+    assert doc["object"] == "list" and doc["models"][0]["name"] == doc["models"][0]["model"] == "tiny"
+    (model,) = doc["data"]
+    assert list(model) == ["id", "aliases", "tags", "object", "architecture", "created", "owned_by", "meta"]
+    assert (model["id"], model["aliases"], model["tags"], model["object"]) == ("tiny", ["tiny"], [], "model")
+    assert model["owned_by"] == "llamacpp" and isinstance(model["created"], int)
+    assert model["meta"]["n_ctx"] == 512 and model["meta"]["n_embd"] == 64
+    assert [m.id for m in listed.data] == ["tiny"]
+
+
+def test_llamacpp_chat_stream_chunks(llama: SimServer) -> None:
+    answer = keyed(llama.port, "POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=3, model="asked"))
+    assert answer.headers["content-type"] == "text/event-stream" and answer.headers["x-accel-buffering"] == "no"
+    chunks = stream_chunks(answer)
+    assert len(chunks) == 5  # role, 3 tokens, finish
+    envelope = ["choices", "created", "id", "model", "system_fingerprint", "object"]
+    assert all(list(c)[:6] == envelope for c in chunks)
+    assert all(c["system_fingerprint"] == "b0-unknown" and c["model"] == "tiny" for c in chunks)
+    assert all(c["id"].startswith("chatcmpl-") and c["id"] == chunks[0]["id"] for c in chunks)
+    assert all("logprobs" not in c["choices"][0] for c in chunks)
+    assert chunks[0]["choices"] == [
+        {"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}
+    ]
+    assert chunks[1]["choices"] == [{"finish_reason": None, "index": 0, "delta": {"content": " the"}}]
+    # Without include_usage the finish chunk carries the timings, and no usage follows.
+    finish = chunks[-1]
+    assert finish["choices"] == [{"finish_reason": "length", "index": 0, "delta": {}}]
+    assert list(finish["timings"]) == TIMINGS_KEYS and "usage" not in finish
+    assert finish["timings"]["prompt_n"] == 3 and finish["timings"]["predicted_n"] == 3  # "hello there": 3
+
+
+def test_llamacpp_chat_stream_usage_chunk(llama: SimServer) -> None:
+    body = chat_body(stream=True, max_tokens=2, stream_options={"include_usage": True})
+    chunks = stream_chunks(keyed(llama.port, "POST", "/v1/chat/completions", body))
+    finish, last = chunks[-2:]
+    assert finish["choices"][0]["finish_reason"] == "length" and "timings" not in finish
+    assert last["choices"] == []
+    assert last["usage"] == {
+        "completion_tokens": 2,
+        "prompt_tokens": 3,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert list(last)[-2:] == ["usage", "timings"] and last["timings"]["predicted_n"] == 2
+    with client_for(llama, key="k") as client:  # the SDK reads it all
+        got = list(
+            client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=2,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    assert got[-1].usage is not None and got[-1].usage.completion_tokens == 2
+    assert got[-1].usage.prompt_tokens_details is not None and got[-1].usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_llamacpp_completion_stream(llama: SimServer) -> None:
+    for options in (None, {"include_usage": True}):  # the same either way
+        body: dict[str, Any] = {"model": "asked", "prompt": "hello there", "max_tokens": 2, "stream": True}
+        if options:
+            body["stream_options"] = options
+        chunks = stream_chunks(keyed(llama.port, "POST", "/v1/completions", body))
+        assert len(chunks) == 3  # 2 tokens, finish: no role chunk, no "choices": [] chunk
+        assert all(c["choices"] for c in chunks)
+        assert all(c["id"].startswith("chatcmpl-") and c["model"] == "tiny" for c in chunks)
+        assert list(chunks[0]) == ["choices", "created", "model", "system_fingerprint", "object", "id"]
+        assert chunks[0]["choices"] == [{"text": " the", "index": 0, "logprobs": None, "finish_reason": None}]
+        finish = chunks[-1]
+        assert list(finish) == ["choices", "created", "model", "system_fingerprint", "object", "usage", "id", "timings"]
+        assert finish["choices"] == [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]
+        assert (
+            finish["usage"]["completion_tokens"] == 2 and finish["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        )
+
+
+def test_llamacpp_model_field(llama: SimServer) -> None:
+    chat = keyed(llama.port, "POST", "/v1/chat/completions", chat_body(model="asked"))
+    text = keyed(llama.port, "POST", "/v1/completions", {"model": "asked", "prompt": "x", "max_tokens": 1})
+    embedded = keyed(llama.port, "POST", "/v1/embeddings", {"model": "asked", "input": "x"})
+    unnamed = keyed(llama.port, "POST", "/v1/embeddings", {"input": "x"})
+    assert chat.json()["model"] == text.json()["model"] == "tiny"  # the served alias, whatever was asked
+    assert embedded.json()["model"] == "asked" and unnamed.json()["model"] == "tiny"
+
+
+def test_llamacpp_whole_answers(llama: SimServer) -> None:
+    chat = keyed(llama.port, "POST", "/v1/chat/completions", chat_body(max_tokens=2)).json()
+    assert list(chat) == ["choices", "created", "model", "system_fingerprint", "object", "usage", "id", "timings"]
+    assert chat["system_fingerprint"] == "b0-unknown" and chat["object"] == "chat.completion"
+    assert chat["choices"] == [
+        {"finish_reason": "length", "index": 0, "message": {"role": "assistant", "content": " the quick"}}
+    ]
+    assert chat["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert list(chat["timings"]) == TIMINGS_KEYS and chat["timings"]["prompt_ms"] > 0
+    text = keyed(llama.port, "POST", "/v1/completions", {"prompt": "hello there", "max_tokens": 2}).json()
+    assert text["id"].startswith("chatcmpl-") and text["system_fingerprint"] == "b0-unknown"
+    assert text["choices"] == [{"text": " the quick", "index": 0, "logprobs": None, "finish_reason": "length"}]
+    assert text["usage"]["prompt_tokens_details"] == {"cached_tokens": 0} and "timings" in text
+    with client_for(llama, key="k") as client:
+        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert answer.system_fingerprint == "b0-unknown" and answer.choices[0].message.content == " the quick"
+
+
+def test_llamacpp_context_size() -> None:
+    exceeded = {
+        "error": {
+            "code": 400,
+            "message": "request (40 tokens) exceeds the available context size (32 tokens), try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 40,
+            "n_ctx": 32,
+        }
+    }
+    with running(kind="llamacpp", ctx_size=32) as sim:
+        for stream in (False, True):  # plain JSON even for a stream
+            answer = request(
+                sim.port, "POST", "/v1/chat/completions", chat_body(stream, messages=[{"content": "x" * 160}])
+            )
+            assert (answer.status, answer.json()) == (400, exceeded)
+            assert answer.headers["content-type"] == LLAMA_JSON and answer.headers["connection"] == "close"
+        # 32 tokens of prompt is already too many; 31 leaves room for one token.
+        edge = request(sim.port, "POST", "/v1/completions", {"prompt": "x" * 128, "max_tokens": 5})
+        assert edge.status == 400 and edge.json()["error"]["n_prompt_tokens"] == 32
+        full = request(sim.port, "POST", "/v1/completions", {"prompt": "x" * 124, "max_tokens": 5}).json()
+        assert full["usage"]["completion_tokens"] == 1 and full["choices"][0]["finish_reason"] == "length"
+        stopped = request(sim.port, "POST", "/v1/completions", {"prompt": "x" * 100}).json()  # no max_tokens
+        assert stopped["usage"]["completion_tokens"] == 7 and stopped["choices"][0]["finish_reason"] == "length"
+        assert sim.stats.completed_requests_total == 2
+    long_prompt = {"prompt": "x" * 4000, "max_tokens": 1}
+    with running(kind="llamacpp") as sim:  # the default context never gets in the way
+        assert request(sim.port, "POST", "/v1/completions", long_prompt).status == 200
+    with running(kind="vllm", ctx_size=32) as sim:  # other kinds take any prompt
+        assert request(sim.port, "POST", "/v1/completions", long_prompt).status == 200
+
+
+def test_llamacpp_n_choices(llama: SimServer) -> None:
+    whole = keyed(llama.port, "POST", "/v1/chat/completions", chat_body(max_tokens=2, n=2)).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1]
+    assert all(c["message"]["content"] == " the quick" for c in whole["choices"])
+    assert whole["usage"]["completion_tokens"] == 2  # llama-server counts one choice
+    text = keyed(llama.port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1, "n": 3}).json()
+    assert [c["index"] for c in text["choices"]] == [0, 1, 2]
+    body = chat_body(stream=True, max_tokens=2, n=2, stream_options={"include_usage": True})
+    chunks = stream_chunks(keyed(llama.port, "POST", "/v1/chat/completions", body))
+    by_choice: dict[int, list[Any]] = {0: [], 1: []}
+    usages = [c for c in chunks if not c["choices"]]
+    for c in chunks:
+        if c["choices"]:
+            by_choice[c["choices"][0]["index"]].append(c["choices"][0])
+    for choice in by_choice.values():
+        assert choice[0]["delta"] == {"role": "assistant", "content": None}
+        assert "".join(c["delta"].get("content") or "" for c in choice) == " the quick"
+        assert choice[-1]["finish_reason"] == "length"
+    assert len(usages) == 2  # one usage chunk after each choice's finish
+    assert llama.stats.generated_tokens_total == 2 * 2 + 3 + 2 * 2
+    with client_for(llama, key="k") as client:
+        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert len(answer.choices) == 2
+    for n in (0, 300, "2"):
+        bad = keyed(llama.port, "POST", "/v1/chat/completions", chat_body(n=n))
+        assert bad.status == 400 and "Field 'n'" in bad.json()["error"]["message"], n
+    with running(kind="vllm") as other:  # other kinds answer one choice, as before
+        assert len(request(other.port, "POST", "/v1/chat/completions", chat_body(n=2)).json()["choices"]) == 1
+
+
+def test_llamacpp_not_found(llama: SimServer) -> None:
+    for method, path in (("GET", "/no/such"), ("GET", "/v1/chat/completions"), ("POST", "/v1/models")):
+        answer = keyed(llama.port, method, path, {} if method == "POST" else None)
+        assert (answer.status, answer.body) == (404, LLAMA_404), (method, path)
+    assert request(llama.port, "GET", "/no/such").status == 401  # the key comes first
+    alias = keyed(llama.port, "POST", "/chat/completions", chat_body())
+    assert alias.status == 200 and alias.json()["object"] == "chat.completion"
+
+
+def test_llamacpp_embeddings_are_model_wide(llama: SimServer) -> None:
+    answer = keyed(llama.port, "POST", "/v1/embeddings", {"input": ["a", "b"], "dimensions": 8}).json()
+    assert list(answer) == ["model", "object", "usage", "data"]
+    assert [len(d["embedding"]) for d in answer["data"]] == [64, 64]  # dimensions is ignored
+    assert list(answer["data"][0]) == ["embedding", "index", "object"]
+    packed = keyed(llama.port, "POST", "/v1/embeddings", {"input": "a", "encoding_format": "base64"}).json()
+    assert packed["data"][0]["encoding_format"] == "base64"
 
 
 def test_llamacpp_load_phase_answers_503_everywhere() -> None:
@@ -296,6 +555,8 @@ def test_llamacpp_load_phase_answers_503_everywhere() -> None:
         for path, method in (("/health", "GET"), ("/v1/models", "GET"), ("/v1/chat/completions", "POST")):
             answer = request(sim.port, method, path, chat_body() if method == "POST" else None)
             assert (answer.status, answer.json()) == (503, loading)
+            assert answer.headers["content-type"] == "application/json; charset=utf-8"
+            assert answer.headers["connection"] == "close"
         assert wait_for(lambda: sim.loaded, 2.0)
         assert request(sim.port, "GET", "/health").status == 200
 
@@ -684,3 +945,6 @@ def test_cli_rejects_bad_flags() -> None:
         config_from_args(parser.parse_args(["--stall-after", "1"]))
     with pytest.raises(ConfigError):
         config_from_args(parser.parse_args(["--itl-ms", "-1"]))
+    assert config_from_args(parser.parse_args(["--kind", "llamacpp", "--ctx-size", "512"])).ctx_size == 512
+    with pytest.raises(ConfigError):
+        config_from_args(parser.parse_args(["--ctx-size", "0"]))

@@ -4,8 +4,10 @@ It serves ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed or not
 ``POST /v1/embeddings``, ``GET /v1/models``, the kind's health route and ``GET /metrics``, with the
 kind's wire habits (SSE framing, 401 and error bodies, mid-stream errors, ``[DONE]`` or not, load
 phase; see ``kinds.py``), engine-like timing (``engine.py``) and injectable faults. Any model name
-is accepted and echoed back. It is a raw asyncio ``Protocol`` HTTP/1.1 server (``http.py``) on
-uvloop: no framework, so it is never the bottleneck of what it is put behind.
+is accepted and echoed back (llama.cpp's chat and completions name the served one instead). The
+``/metrics`` route is the simulator's own instrument, open for every kind (real llama.cpp answers
+501 there unless started with ``--metrics``). It is a raw asyncio ``Protocol`` HTTP/1.1 server
+(``http.py``) on uvloop: no framework, so it is never the bottleneck of what it is put behind.
 
 Use it
     * ``python -m gateway.sim --kind tgi --port 0`` (or ``gateway sim``): prints

@@ -20,11 +20,10 @@ from gateway.sim import responses
 from gateway.sim.config import ConfigError, Fault, SimConfig, parse_fault
 from gateway.sim.engine import Scheduler, Ticker, Timing
 from gateway.sim.http import Canned, HttpConnection, Request
-from gateway.sim.kinds import JSON, WIRES, Loading
+from gateway.sim.kinds import WIRES, Loading
 from gateway.sim.stats import METRICS_CONTENT_TYPE, SimStats, render_metrics
 
 RouteHandler = Callable[[HttpConnection, Request], Awaitable[None]]
-_JSON_HEADERS = (JSON,)
 #: In no-delay mode a stream yields to the loop this often, so one long stream cannot starve others.
 _YIELD_EVERY = 32
 #: Per-request timing overrides: header -> ``Timing`` field.
@@ -36,9 +35,12 @@ class ClientGone(Exception):
 
 
 class PlanError(Exception):
-    def __init__(self, message: str) -> None:
+    """A request the kind refuses: its message in the kind's error shape, or a whole body."""
+
+    def __init__(self, message: str, body: bytes | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.body = body
 
 
 class Plan:
@@ -46,7 +48,7 @@ class Plan:
 
     __slots__ = (
         "kind", "model", "stream", "include_usage", "n_tokens", "finish", "prompt_tokens", "timing", "fault",
-        "inputs", "dimensions", "as_base64",
+        "n", "inputs", "dimensions", "as_base64",
     )  # fmt: skip
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, timing: Timing, fault: Fault) -> None:
@@ -60,6 +62,8 @@ class Plan:
         self.include_usage = False
         self.n_tokens = 0
         self.finish = "stop"
+        #: Choices to generate (1 unless the kind honours ``n``).
+        self.n = 1
         self.inputs: list[object] = []
         self.dimensions = responses.DEFAULT_DIMENSIONS
         self.as_base64 = False
@@ -93,7 +97,11 @@ class SimApp:
             prefill_us_per_token=config.prefill_us_per_token,
             batch_slowdown=config.batch_slowdown,
         )
-        self._models = Canned(200, _JSON_HEADERS, responses.model_list(config.model, wire.owned_by))
+        self._json_headers = ((b"content-type", wire.json_type),)
+        width = wire.embedding_width or responses.DEFAULT_DIMENSIONS
+        self._models = Canned(
+            200, self._json_headers, wire.answers.model_list(config.model, wire.owned_by, config.ctx_size, width)
+        )
         routes: dict[str, tuple[tuple[str, ...], RouteHandler]] = {
             "/v1/chat/completions": (("POST",), self._chat),
             "/v1/completions": (("POST",), self._completions),
@@ -103,6 +111,9 @@ class SimApp:
             routes["/v1/embeddings"] = (("POST",), self._embeddings)
         for path in wire.health:
             routes[path] = (("GET", "HEAD"), self._health)
+        for alias, path in wire.aliases.items():
+            if path in routes:
+                routes[alias] = routes[path]
         self._routes = routes
 
     # -- dispatch -----------------------------------------------------------------------------------
@@ -113,21 +124,21 @@ class SimApp:
         head_only = req.method == "HEAD"
         if not self.loaded.is_set():
             if wire.loading is Loading.EVERY_PATH and wire.loading_any is not None:
-                conn.respond_canned(wire.loading_any, head_only=head_only)
+                self._send_canned(conn, wire.loading_any, head_only=head_only)
                 return
             canned = wire.loading_health.get(path)
             if canned is not None:
-                conn.respond_canned(canned, head_only=head_only)
+                self._send_canned(conn, canned, head_only=head_only)
                 return
         if path == "/metrics" and req.method in ("GET", "HEAD"):
             body = render_metrics(self.stats, self.config.model)
             conn.respond(200, ((b"content-type", METRICS_CONTENT_TYPE),), body, head_only=head_only)
             return
         if self._key and wire.needs_key(path) and not self._authorized(req.headers):
-            conn.respond_canned(wire.unauthorized, head_only=head_only)
+            self._send_canned(conn, wire.unauthorized, head_only=head_only)
             return
         route = self._routes.get(path)
-        if route is None:
+        if route is None or (wire.wrong_method_is_404 and req.method not in route[0]):
             self._error(conn, 404, wire.not_found_message, head_only=head_only)
             return
         methods, handler = route
@@ -154,15 +165,23 @@ class SimApp:
         return False
 
     def _error(self, conn: HttpConnection, status: int, message: str, *, head_only: bool = False) -> None:
-        conn.respond(status, _JSON_HEADERS, self.wire.error(status, message), head_only=head_only)
+        self._send_json(conn, status, self.wire.error(status, message), head_only=head_only)
+
+    def _send_json(self, conn: HttpConnection, status: int, body: bytes, *, head_only: bool = False) -> None:
+        close = status >= 400 and self.wire.close_on_error
+        conn.respond(status, self._json_headers, body, head_only=head_only, close=close)
+
+    def _send_canned(self, conn: HttpConnection, canned: Canned, *, head_only: bool = False) -> None:
+        close = canned.status >= 400 and self.wire.close_on_error
+        conn.respond_canned(canned, head_only=head_only, close=close)
 
     # -- simple routes ------------------------------------------------------------------------------
 
     async def _health(self, conn: HttpConnection, req: Request) -> None:
-        conn.respond_canned(self.wire.health[req.path], head_only=req.method == "HEAD")
+        self._send_canned(conn, self.wire.health[req.path], head_only=req.method == "HEAD")
 
     async def _list_models(self, conn: HttpConnection, req: Request) -> None:
-        conn.respond_canned(self._models, head_only=req.method == "HEAD")
+        self._send_canned(conn, self._models, head_only=req.method == "HEAD")
 
     # -- inference ----------------------------------------------------------------------------------
 
@@ -174,7 +193,7 @@ class SimApp:
 
     async def _embeddings(self, conn: HttpConnection, req: Request) -> None:
         if not self.config.embeddings and self.wire.embeddings_off is not None:
-            conn.respond_canned(self.wire.embeddings_off)
+            self._send_canned(conn, self.wire.embeddings_off)
             return
         await self._inference(conn, req, "embedding")
 
@@ -184,7 +203,10 @@ class SimApp:
         try:
             plan = self._plan(req, kind)
         except PlanError as exc:
-            self._error(conn, self.wire.invalid_status, exc.message)
+            if exc.body is not None:
+                self._send_json(conn, 400, exc.body)
+            else:
+                self._error(conn, self.wire.invalid_status, exc.message)
             return
         try:
             await self._serve(conn, plan)
@@ -221,16 +243,21 @@ class SimApp:
 
     async def _stream(self, conn: HttpConnection, plan: Plan) -> None:
         wire, stats, timing = self.wire, self.stats, plan.timing
-        frames = responses.StreamFrames(sse_data=wire.sse_data, chat=plan.kind == "chat", model=plan.model)
+        frames = wire.answers.frames(sse_data=wire.sse_data, chat=plan.kind == "chat", model=plan.model, n=plan.n)
         out = _Emitter(self, conn, plan.fault, frames)
         ticker = Ticker()
+        admitted = ticker.now()
         if wire.early_headers:
             conn.start_stream(200, wire.stream_headers)
         await ticker.wait(timing.first_token_s(plan.prompt_tokens))
+        first = ticker.now()
         if not await out.check():
             return
-        if frames.chat and not await out.emit(frames.role()):
-            return
+        choices = range(plan.n)
+        for c in choices:
+            role = frames.role(c)
+            if role is not None and not await out.emit(role):
+                return
         for i in range(plan.n_tokens):
             if i:
                 gap = timing.gap_s(stats.running, self._rng)
@@ -238,12 +265,17 @@ class SimApp:
                     await ticker.wait(gap)
                 elif i % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
-            stats.generated_tokens_total += 1
-            if not await out.emit(frames.token(i)):
-                return
-        if not await out.emit(frames.finish(plan.finish)):
-            return
-        if plan.include_usage and not await out.emit(frames.usage(plan.prompt_tokens, plan.n_tokens)):
+            for c in choices:
+                stats.generated_tokens_total += 1
+                if not await out.emit(frames.token(i, c)):
+                    return
+        elapsed = responses.Elapsed((first - admitted) * 1000.0, (ticker.now() - first) * 1000.0)
+        for c in choices:
+            for event in frames.ends(c, plan.finish, plan.prompt_tokens, plan.n_tokens, plan.include_usage, elapsed):
+                if not await out.emit(event):
+                    return
+        trailer = frames.trailer(plan.prompt_tokens, plan.n_tokens, plan.include_usage)
+        if trailer is not None and not await out.emit(trailer):
             return
         conn.send_chunk(frames.done)
         conn.end_stream()
@@ -252,7 +284,9 @@ class SimApp:
     async def _whole(self, conn: HttpConnection, plan: Plan) -> None:
         timing, fault, stats = plan.timing, plan.fault, self.stats
         ticker = Ticker()
+        admitted = ticker.now()
         await ticker.wait(timing.first_token_s(plan.prompt_tokens))
+        first = ticker.now()
         if fault.any and not await self._whole_check(conn, fault, 0):
             return
         if fault.any or not timing.zero:
@@ -263,9 +297,11 @@ class SimApp:
                     return
         if conn.lost:
             raise ClientGone
-        build = responses.chat_completion if plan.kind == "chat" else responses.text_completion
-        conn.respond(200, _JSON_HEADERS, build(plan.model, plan.n_tokens, plan.finish, plan.prompt_tokens))
-        stats.generated_tokens_total += plan.n_tokens
+        answers = self.wire.answers
+        build = answers.chat_completion if plan.kind == "chat" else answers.text_completion
+        elapsed = responses.Elapsed((first - admitted) * 1000.0, (ticker.now() - first) * 1000.0)
+        self._send_json(conn, 200, build(plan.model, plan.n_tokens, plan.finish, plan.prompt_tokens, plan.n, elapsed))
+        stats.generated_tokens_total += plan.n_tokens * plan.n
         stats.completed_requests_total += 1
 
     async def _whole_check(self, conn: HttpConnection, fault: Fault, n: int | None) -> bool:
@@ -293,8 +329,10 @@ class SimApp:
             return
         if conn.lost:
             raise ClientGone
-        body = responses.embeddings(plan.model, plan.inputs, plan.dimensions, plan.as_base64, plan.prompt_tokens)
-        conn.respond(200, _JSON_HEADERS, body)
+        body = self.wire.answers.embeddings(
+            plan.model, plan.inputs, plan.dimensions, plan.as_base64, plan.prompt_tokens
+        )
+        self._send_json(conn, 200, body)
         self.stats.completed_requests_total += 1
 
     # -- request checking ---------------------------------------------------------------------------
@@ -306,13 +344,16 @@ class SimApp:
             raise PlanError("The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise PlanError("The request body must be a JSON object.")
+        wire = self.wire
         model = body.get("model")
-        if not isinstance(model, str) or not model or model == self.wire.model_alias:
+        if not isinstance(model, str) or not model or model == wire.model_alias:
             model = self.config.model
         timing, n_default = self._timing_for(req.headers)
         fault = self._fault_for(req.headers)
         if kind == "embedding":
             return self._embedding_plan(body, model, timing, fault)
+        if not wire.echoes_model:
+            model = self.config.model
         if kind == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -323,10 +364,9 @@ class SimApp:
             if not isinstance(prompt, str | list):
                 raise PlanError("`prompt` must be a string or a list.")
             chars = responses.prompt_chars(prompt)
-        n = body.get("n")
-        if self.wire.rejects_n and isinstance(n, int) and n > 1:
-            raise PlanError("Only one completion choice is allowed")
         plan = Plan(kind, model, responses.estimate_tokens(chars), timing, fault)
+        if wire.choices:
+            plan.n = self._choices(body.get("n"))
         plan.stream = body.get("stream") is True
         options = body.get("stream_options")
         plan.include_usage = plan.stream and isinstance(options, dict) and options.get("include_usage") is True
@@ -339,7 +379,25 @@ class SimApp:
             plan.n_tokens, plan.finish = limit, "length"
         else:
             raise PlanError("`max_tokens` must be an integer >= 1.")
+        if wire.context_error is not None:
+            n_ctx = self.config.ctx_size
+            if plan.prompt_tokens >= n_ctx:
+                raise PlanError("context exceeded", wire.context_error(plan.prompt_tokens, n_ctx))
+            if plan.n_tokens > n_ctx - plan.prompt_tokens:
+                # The sequence runs until its context is full.
+                plan.n_tokens, plan.finish = n_ctx - plan.prompt_tokens, "length"
         return plan
+
+    def _choices(self, n: object) -> int:
+        """``n`` as llama.cpp checks it: one choice per slot at most."""
+        if n is None:
+            return 1
+        if not isinstance(n, int | float) or isinstance(n, bool):
+            raise PlanError("Field 'n': type must be number")
+        most = self.scheduler.max_running
+        if not 1 <= n <= most:
+            raise PlanError(f"Field 'n': Value must be between 1 <= value <= {most}, but got {n}")
+        return int(n)
 
     def _embedding_plan(self, body: dict[str, Any], model: str, timing: Timing, fault: Fault) -> Plan:
         given = body.get("input")
@@ -351,7 +409,9 @@ class SimApp:
             raise PlanError("`input` must be a string, a list of strings, or token ids.")
         dims = body.get("dimensions")
         plan = Plan("embedding", model, responses.estimate_tokens(responses.prompt_chars(inputs)), timing, fault)
-        if dims is not None:
+        if self.wire.embedding_width is not None:
+            plan.dimensions = self.wire.embedding_width
+        elif dims is not None:
             if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 65536:
                 raise PlanError("`dimensions` must be an integer between 1 and 65536.")
             plan.dimensions = dims

@@ -47,8 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", str, "address to bind", "host")
     add("--port", int, "port to bind; 0 picks a free one (printed at start)", "port")
     add("--api-key", str, "backend key clients must send; ignored by kinds without auth (ollama)")
-    add("--model", str, "model id listed by /v1/models (any requested name is echoed back)", "model")
+    add(
+        "--model",
+        str,
+        "model id listed by /v1/models (requested names are echoed back; llamacpp answers with this one)",
+        "model",
+    )
     add("--seed", int, "seed for the ITL jitter")
+    add("--ctx-size", int, "context per slot in tokens; longer prompts get llama.cpp's 400 (llamacpp only)", "ctx_size")
     switch("--no-embeddings", "serve no embeddings (llama.cpp answers 501, other kinds 404)")
 
     group = parser.add_argument_group("timing")

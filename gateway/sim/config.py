@@ -99,8 +99,13 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     port: Port = 8001
     #: Backend key; empty means no auth. Ignored by kinds that take no key (Ollama).
     api_key: str = ""
-    #: The id listed by /v1/models. Requests may name any model: it is echoed back.
+    #: The id listed by /v1/models. Requests may name any model: it is echoed back (llama.cpp's chat
+    #: and text completions answer with this one instead, as llama-server answers with its alias).
     model: str = "sim-model"
+    #: Context of one slot, in tokens (llama.cpp's ``-c`` divided by its slots). Only kinds that
+    #: enforce a context use it: llama.cpp refuses a prompt of this many tokens or more with 400
+    #: ``exceed_context_size_error`` and stops a completion where the context is full.
+    ctx_size: PositiveInt = 131072
     #: Serve /v1/embeddings (TGI never does). Off gives the kind's answer for a server that
     #: does not embed: llama.cpp's 501 ``not_supported_error``, a 404 elsewhere.
     embeddings: bool = True

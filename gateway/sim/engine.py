@@ -52,6 +52,10 @@ class Ticker:
         self._loop = asyncio.get_running_loop()
         self._due = self._loop.time()
 
+    def now(self) -> float:
+        """The loop's clock, in seconds."""
+        return self._loop.time()
+
     async def wait(self, seconds: float) -> None:
         if seconds <= 0:
             return

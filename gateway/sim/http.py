@@ -250,19 +250,24 @@ class HttpConnection(asyncio.Protocol):
             out += _CLOSE
         return out
 
-    def respond(self, status: int, headers: Headers, body: bytes, *, head_only: bool = False) -> None:
-        """Write a whole response with a Content-Length, in one write."""
+    def respond(
+        self, status: int, headers: Headers, body: bytes, *, head_only: bool = False, close: bool = False
+    ) -> None:
+        """Write a whole response with a Content-Length, in one write; ``close`` ends the
+        connection after it (``Connection: close``)."""
         if self.lost:
             return
         self.started = True
+        if close:
+            self._close_after = True
         out = self._head(status, headers)
         out += b"content-length: %d\r\n\r\n" % len(body)
         if not head_only:
             out += body
         self._transport.write(out)  # type: ignore[union-attr]
 
-    def respond_canned(self, canned: Canned, *, head_only: bool = False) -> None:
-        self.respond(canned.status, canned.headers, canned.body, head_only=head_only)
+    def respond_canned(self, canned: Canned, *, head_only: bool = False, close: bool = False) -> None:
+        self.respond(canned.status, canned.headers, canned.body, head_only=head_only, close=close)
 
     def start_stream(self, status: int, headers: Headers) -> None:
         """Write the head of a streamed response: chunked, or close-delimited for HTTP/1.0."""

@@ -3,7 +3,18 @@
 Facts from ../shared/backends.md: SSE framing, health routes, which paths need the key and which
 headers carry it, the 401, the error body shape, the mid-stream error event, whether ``[DONE]``
 follows it, and how the kind behaves while it loads. The request handlers consult ``WIRES`` and
-never branch on a kind's name.
+never branch on a kind's name; the bytes of a kind's answers come from its ``answers``
+(``responses.Answers``).
+
+The ``llamacpp`` row was checked byte by byte against llama-server (the build pinned in
+``../shared/llamacpp-ci.md``): ``application/json; charset=utf-8`` and ``Connection: close`` on
+every error, the key on every path but ``/health``, ``/v1/health`` and ``/``, unknown routes and
+wrong methods as 404 "File Not Found", ``n`` choices (one slot each, so at most ``max_running``),
+the answer's ``model`` always the served alias, a per-slot context (``--ctx-size``) with its 400
+``exceed_context_size_error``, and 64-wide embeddings whatever ``dimensions`` says. Two things
+differ on purpose: the simulator's own ``/metrics`` stays open and answers its counters, where
+llama-server wants the key and answers 501 ``not_supported_error`` unless started with
+``--metrics``; and no prompt cache is simulated (``cached_tokens`` and ``cache_n`` are 0).
 """
 
 from __future__ import annotations
@@ -16,9 +27,12 @@ from types import MappingProxyType
 import msgspec
 import orjson
 
+from gateway.sim import responses
 from gateway.sim.http import Canned
 
 JSON = (b"content-type", b"application/json")
+#: llama-server's JSON type, on every JSON answer.
+JSON_UTF8 = (b"content-type", b"application/json; charset=utf-8")
 EMPTY_OK = Canned(200)
 
 
@@ -37,12 +51,18 @@ class Loading(enum.Enum):
 
 ErrorBody = Callable[[int, str], bytes]
 NeedsKey = Callable[[str], bool]
+#: The body of a refused over-long prompt, from its token count and the context size.
+ContextError = Callable[[int, int], bytes]
 
 
 class Wire(msgspec.Struct, frozen=True, kw_only=True):
     kind: str
     #: Prefix of every SSE data line: ``b"data: "``, or ``b"data:"`` for axum (TGI).
     sse_data: bytes = b"data: "
+    #: The ``content-type`` of every JSON answer.
+    json_type: bytes = JSON[1]
+    #: Whether an error answer closes the connection (``Connection: close``; llama.cpp).
+    close_on_error: bool = False
     stream_headers: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"text/event-stream"),)
     #: Whether the stream's head goes out before the first token (llama.cpp and Ollama wait
     #: for the first result, so an early failure is a plain JSON error).
@@ -70,12 +90,27 @@ class Wire(msgspec.Struct, frozen=True, kw_only=True):
     embeddings: bool = True
     #: What ``/v1/embeddings`` answers when the server runs without embeddings.
     embeddings_off: Canned | None = None
-    #: llama.cpp refuses n > 1.
-    rejects_n: bool = False
+    #: Whether ``n`` choices are generated (llama.cpp, up to one per slot); other kinds answer one.
+    choices: bool = False
     #: A requested model name mapped to the served one (TGI's "tgi").
     model_alias: str | None = None
+    #: Whether chat and text completions name the requested model; llama.cpp always names its own
+    #: (its embeddings still echo the request's).
+    echoes_model: bool = True
+    #: Refuse a prompt of ``ctx_size`` tokens or more with this body (400), and stop a completion
+    #: where the context is full; None: no context limit (the prompt is not checked).
+    context_error: ContextError | None = None
+    #: Embedding width whatever ``dimensions`` asks (llama.cpp: the model's ``n_embd``);
+    #: None: ``dimensions``, else ``responses.DEFAULT_DIMENSIONS``.
+    embedding_width: int | None = None
     owned_by: str
     not_found_message: str = "Not Found"
+    #: Whether a known path asked with another method is a 404 like an unknown path (llama.cpp),
+    #: not a 405.
+    wrong_method_is_404: bool = False
+    #: More paths for a route: alias -> the served path.
+    aliases: Mapping[str, str] = MappingProxyType({})
+    answers: responses.Answers = responses.OPENAI
 
 
 def _phrase_type(status: int) -> str:
@@ -126,8 +161,25 @@ _LLAMACPP_ERROR_TYPES = {
 
 
 def _llamacpp_error(status: int, message: str) -> bytes:
+    etype = _LLAMACPP_ERROR_TYPES.get(status, "server_error")
+    if status == 404:
+        # The router's own 404 lists its keys in another order than the handlers' errors.
+        return orjson.dumps({"error": {"message": message, "type": etype, "code": status}})
+    return orjson.dumps({"error": {"code": status, "message": message, "type": etype}})
+
+
+def _llamacpp_context_error(n_prompt: int, n_ctx: int) -> bytes:
     return orjson.dumps(
-        {"error": {"code": status, "message": message, "type": _LLAMACPP_ERROR_TYPES.get(status, "server_error")}}
+        {
+            "error": {
+                "code": 400,
+                "message": f"request ({n_prompt} tokens) exceeds the available context size ({n_ctx} tokens), "
+                "try increasing it",
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": n_prompt,
+                "n_ctx": n_ctx,
+            }
+        }
     )
 
 
@@ -180,12 +232,16 @@ def _openai_event(prefix: bytes, message: str) -> bytes:
 _VLLM_GUARDED = ("/v1", "/v2", "/inference", "/cohere")
 _SGLANG_OPEN = ("/health", "/ready", "/metrics")
 _TGI_GUARDED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate", "/generate_stream"})
-_LLAMACPP_OPEN = frozenset({"/health", "/v1/health", "/models", "/v1/models", "/"})
+_LLAMACPP_OPEN = frozenset({"/health", "/v1/health", "/"})
 _LOCALAI_OPEN = frozenset({"/healthz", "/readyz"})
 
 
 def _json(status: int, payload: object, *extra: tuple[bytes, bytes]) -> Canned:
     return Canned(status, (JSON, *extra), orjson.dumps(payload))
+
+
+def _llamacpp_json(status: int, payload: object) -> Canned:
+    return Canned(status, (JSON_UTF8,), orjson.dumps(payload))
 
 
 _UNAUTHORIZED_STRING = _json(401, {"error": "Unauthorized"})
@@ -235,24 +291,29 @@ WIRES: Mapping[str, Wire] = MappingProxyType(
             ),
             Wire(
                 kind="llamacpp",
-                stream_headers=((b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")),
+                stream_headers=((b"x-accel-buffering", b"no"), (b"content-type", b"text/event-stream")),
+                json_type=JSON_UTF8[1],
+                close_on_error=True,
                 early_headers=False,
                 error=_llamacpp_error,
                 stream_error=_nested_event(_llamacpp_error),
                 done_after_error=False,
                 health=MappingProxyType(
-                    {"/health": _json(200, {"status": "ok"}), "/v1/health": _json(200, {"status": "ok"})}
+                    {
+                        "/health": _llamacpp_json(200, {"status": "ok"}),
+                        "/v1/health": _llamacpp_json(200, {"status": "ok"}),
+                    }
                 ),
                 loading=Loading.EVERY_PATH,
-                loading_any=_json(
+                loading_any=_llamacpp_json(
                     503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
                 ),
                 key_headers=(b"x-api-key",),
                 needs_key=lambda path: path not in _LLAMACPP_OPEN,
-                unauthorized=_json(
+                unauthorized=_llamacpp_json(
                     401, {"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}}
                 ),
-                embeddings_off=_json(
+                embeddings_off=_llamacpp_json(
                     501,
                     {
                         "error": {
@@ -262,9 +323,15 @@ WIRES: Mapping[str, Wire] = MappingProxyType(
                         }
                     },
                 ),
-                rejects_n=True,
+                choices=True,
+                echoes_model=False,
+                context_error=_llamacpp_context_error,
+                embedding_width=64,
                 owned_by="llamacpp",
                 not_found_message="File Not Found",
+                wrong_method_is_404=True,
+                aliases=MappingProxyType({"/models": "/v1/models", "/chat/completions": "/v1/chat/completions"}),
+                answers=responses.LLAMACPP,
             ),
             Wire(
                 kind="ollama",
