@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from time import perf_counter
 from typing import Any
+from urllib.parse import quote
 
 import httpcore
 import orjson
@@ -51,6 +52,7 @@ class Gateway:
         self.keys = KeyRing(settings.client_keys)
         self.network = network or AsyncioBackend()
         self.max_body = settings.gateway_max_body_bytes
+        self.body_timeout = settings.gateway_client_body_timeout
         self.total_timeout = settings.gateway_total_timeout or None
         read = settings.gateway_read_timeout
         self.timeouts = Timeouts(
@@ -248,6 +250,8 @@ class Gateway:
                 raise errors.not_found(path)
             if route.methods is not None and method not in route.methods:
                 raise errors.method_not_allowed(method, path, route.methods)
+            if method in routes.REFUSED_METHODS:
+                raise errors.method_not_allowed(method, path, ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"))
             if not route.upstream or (route is routes.MODELS and self.routed):
                 ex.request_id = _request_id(scope)
                 await self._local(route, method, scope, send, ex)
@@ -338,6 +342,7 @@ class Gateway:
         given_id: bytes | None = None
         sticky: bytes | None = None
         sticky_header = self.sticky_header
+        connection: list[bytes] = []
         forwarded: list[tuple[bytes, bytes]] = []
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -349,8 +354,15 @@ class Gateway:
                 given_id = value
             elif name == sticky_header:
                 sticky = value
+            elif name == b"connection":
+                connection.append(value)
             if name not in DROP_REQUEST_HEADERS:
                 forwarded.append((name, value))
+        if connection:
+            # Fields the client's Connection header names are hop-by-hop too (RFC 9110 7.6.1).
+            listed = {t.strip().lower() for t in b",".join(connection).split(b",")} - {b"keep-alive", b"close", b""}
+            if listed:
+                forwarded = [(n, v) for n, v in forwarded if n not in listed]
         ex.request_id = rid = request_id(given_id)
         forwarded.append((b"x-request-id", rid))
 
@@ -398,7 +410,10 @@ class Gateway:
             forwarded.append((b"content-length", str(len(body)).encode()))
 
         ex.backend = backend.name
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        raw_path: bytes = scope.get("raw_path") or b""
+        if not raw_path.startswith(b"/v1/"):
+            # The client percent-encoded the /v1 prefix itself: forward the decoded path, re-encoded.
+            raw_path = quote(scope["path"], safe="/:@!$&'()*+,;=-._~").encode()
         await backend.admit(self.draining)
         # The gauge counts requests bound for a backend, not probes and scrapes.
         gauge = self.metrics.child(self.metrics.in_flight, backend.name) if self.metrics is not None else None
@@ -432,6 +447,13 @@ class Gateway:
                 raise errors.bad_request("Invalid Content-Length header.") from None
             if declared > limit:
                 raise errors.too_large(limit)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._receive_body(receive, limit)
+        except TimeoutError:
+            raise errors.request_timeout(self.body_timeout) from None
+
+    async def _receive_body(self, receive: Receive, limit: int) -> bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientGone

@@ -155,3 +155,13 @@ def model_not_found(model: str) -> GatewayError:
 
 def missing_model() -> GatewayError:
     return bad_request("The request names no model, and several backends are configured.", param="model")
+
+
+def request_timeout(seconds: float) -> GatewayError:
+    return GatewayError(
+        408,
+        "invalid_request_error",
+        "request_timeout",
+        f"The request body did not arrive within {seconds:g} s.",
+        headers=[(b"connection", b"close")],
+    )

@@ -317,10 +317,16 @@ async def fail(send: Send, ex: Exchange, err: GatewayError) -> None:
         ex.nbytes += len(event)
         await send({"type": "http.response.body", "body": event, "more_body": True})
     else:
-        # A plain body cut mid-way: nothing can be appended that a JSON parser would accept;
-        # ending here leaves a short body (and a short read where a content-length was sent).
-        log.warning("upstream body cut after the response started: %s", err.message)
+        # A plain body cut mid-way: nothing can be appended that a JSON parser would accept, and
+        # ending the response normally would close the chunked body cleanly, so the client would
+        # take the cut body as complete. Failing the ASGI call makes the server abort the
+        # connection: the client sees a failed transfer.
+        raise ResponseAborted(err.message)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class ResponseAborted(Exception):
+    """Raised out of the ASGI call so that the server aborts a response it cannot finish."""
 
 
 __all__ = ["Exchange", "error_body", "fail", "forward", "response_headers", "send_error"]

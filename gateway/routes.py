@@ -49,6 +49,10 @@ TABLE: Mapping[str, Route] = MappingProxyType(
 )
 
 
+#: Never forwarded: TRACE would echo the backend key the gateway adds; CONNECT opens a tunnel.
+REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+
+
 def resolve(path: str) -> Route | None:
     """The route for a decoded request path, or None (404).
 

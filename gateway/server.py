@@ -32,6 +32,7 @@ def run_granian(settings: Settings) -> None:
     """Serve the app with Granian in this process (blocking). ASGI, uvloop, HTTP/1.1."""
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops, TaskImpl
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
     Granian(
@@ -47,6 +48,7 @@ def run_granian(settings: Settings) -> None:
         websockets=False,
         backlog=settings.gateway_backlog,
         backpressure=settings.gateway_backpressure,
+        http1_settings=HTTP1Settings(header_read_timeout=max(1, int(settings.gateway_client_header_timeout * 1000))),
         log_level=LogLevels(settings.gateway_log_level),
         workers_kill_timeout=int(STOP_TIMEOUT),
     ).serve()

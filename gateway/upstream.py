@@ -304,9 +304,10 @@ class Pool:
             raise
 
     def release(self, conn: Connection) -> None:
-        """Return a connection after its response was closed; reused only if fully read."""
+        """Return a connection after its response was closed; reused only if fully read and the
+        backend sent nothing past the end of the response."""
         self._active -= 1
-        if conn.is_idle() and not self._closed:
+        if conn.is_idle() and not self._closed and not conn._h11_state.trailing_data[0]:
             self._put_back(conn)
         else:
             self._discard(conn)
