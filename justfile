@@ -39,6 +39,10 @@ load *args:
     mkdir -p bench/results
     {{ bin }}/locust -f bench/locustfile.py --headless -u 32 -r 32 -t 60s --host http://127.0.0.1:4000 --csv bench/results/load --html bench/results/load.html {{ args }}
 
+# Soak test for RELIABILITY.md: mixed traffic and faults through the gateway, memory, fds and connections watched (default 10 minutes; flags: --help)
+soak *args:
+    {{ bin }}/python tests/tools/soak.py {{ args }}
+
 # ruff check, ruff format --check and mypy --strict on the gateway package
 lint:
     {{ bin }}/ruff check .

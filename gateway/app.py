@@ -447,6 +447,8 @@ class Gateway:
                 raise errors.bad_request("Invalid Content-Length header.") from None
             if declared > limit:
                 raise errors.too_large(limit)
+        if not self.body_timeout:
+            return await self._receive_body(receive, limit)
         try:
             async with asyncio.timeout(self.body_timeout):
                 return await self._receive_body(receive, limit)

@@ -89,7 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway_client_header_timeout: Annotated[
         float, Meta(ge=0.001, le=60, description="a number of seconds from 0.001 to 60")
     ] = 30.0
-    gateway_client_body_timeout: PositiveSeconds = 120.0
+    gateway_client_body_timeout: Seconds = 120.0
     gateway_max_body_bytes: Annotated[int, Meta(ge=1024, description="a number of bytes >= 1024")] = 32 * 1024 * 1024
     #: On SIGTERM, how long in-flight requests may take to finish.
     gateway_drain_seconds: Seconds = 30.0

@@ -37,13 +37,17 @@ def peek(body: bytes) -> Peek:
         raise bad_request(f"Invalid request body: {msg}.", param=param) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}.") from None
+    except UnicodeDecodeError:  # a string field (``model``) that is not UTF-8
+        raise bad_request("The request body is not valid JSON: a string is not valid UTF-8.") from None
+    except RecursionError:  # msgspec's depth limit: a body nested more deeply than any real request
+        raise bad_request("The request body is nested too deeply.") from None
 
 
 def with_model(body: bytes, model: str) -> bytes:
     """``body`` with ``model`` set; every other value stays as the client's raw bytes."""
     try:
         fields = _object_decoder.decode(body)
-    except msgspec.MsgspecError as exc:  # peek() already accepted it; be safe all the same
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:  # peek() accepted it; be safe
         raise GatewayError(400, "invalid_request_error", "invalid_request", str(exc)) from None
     fields["model"] = msgspec.Raw(_encoder.encode(model))
     return _encoder.encode(fields)

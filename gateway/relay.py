@@ -99,11 +99,16 @@ class Exchange:
 def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
     """Relayed headers (hop-by-hop ones dropped) and whether the body is an event stream."""
     sse = False
+    listed: set[bytes] | None = None
     for name, value in raw:
-        if name.lower() == b"content-type" and value[:17].lower() == b"text/event-stream":
-            sse = True
-            break
+        lower = name.lower()
+        if lower == b"content-type":
+            sse = value[:17].lower() == b"text/event-stream"
+        elif lower == b"connection":  # the fields it names are for that hop only (RFC 9110 7.6.1)
+            listed = (listed or set()) | {t.strip().lower() for t in value.split(b",")}
     drop = DROP_RESPONSE_HEADERS | _SSE_REPLACED if sse else DROP_RESPONSE_HEADERS
+    if listed:
+        drop = drop | listed
     out = [(name, value) for name, value in raw if name.lower() not in drop]
     if sse:
         out.extend(SSE_EXTRA_HEADERS)
@@ -316,17 +321,14 @@ async def fail(send: Send, ex: Exchange, err: GatewayError) -> None:
         event = sse_error_event(err.message, err.type, err.code, ex.tail())
         ex.nbytes += len(event)
         await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     else:
         # A plain body cut mid-way: nothing can be appended that a JSON parser would accept, and
         # ending the response normally would close the chunked body cleanly, so the client would
-        # take the cut body as complete. Failing the ASGI call makes the server abort the
-        # connection: the client sees a failed transfer.
-        raise ResponseAborted(err.message)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-class ResponseAborted(Exception):
-    """Raised out of the ASGI call so that the server aborts a response it cannot finish."""
+        # take the cut body as complete. Returning without the final message makes Granian drop
+        # the connection without the last chunk (or short of the Content-Length): the client sees
+        # a failed transfer.
+        log.warning("upstream body cut after the response started: %s", err.message)
 
 
 __all__ = ["Exchange", "error_body", "fail", "forward", "response_headers", "send_error"]

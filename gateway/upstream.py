@@ -374,7 +374,13 @@ def map_error(exc: Exception, phase: str) -> GatewayError:
     if isinstance(exc, httpcore.ConnectError):
         return backend_unavailable(f"connection failed ({exc or type(exc).__name__})")
     if isinstance(exc, httpcore.LocalProtocolError):
-        return GatewayError(400, "invalid_request_error", "invalid_request", f"The request cannot be forwarded: {exc}")
+        # h11's message quotes the refused value, which may be a header the gateway adds itself.
+        return GatewayError(
+            400,
+            "invalid_request_error",
+            "invalid_request",
+            "The request cannot be forwarded: a header or the path holds characters HTTP does not allow.",
+        )
     if isinstance(exc, (httpcore.NetworkError, httpcore.RemoteProtocolError)):
         return backend_unavailable(f"connection lost while waiting for {phase} ({exc or type(exc).__name__})")
     return backend_unavailable(f"{type(exc).__name__} while waiting for {phase}")

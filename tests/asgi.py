@@ -41,6 +41,7 @@ async def call(
     body: bytes | list[bytes] = b"",
     headers: list[tuple[bytes, bytes]] | None = None,
     query: bytes = b"",
+    raw_path: bytes | None = None,
 ) -> Result:
     parts = body if isinstance(body, list) else [body]
     messages: list[dict[str, Any]] = [
@@ -71,7 +72,7 @@ async def call(
         "type": "http",
         "method": method,
         "path": path,
-        "raw_path": path.encode(),
+        "raw_path": path.encode() if raw_path is None else raw_path,
         "query_string": query,
         "headers": headers or [],
     }

@@ -177,11 +177,12 @@ class FakeBackend:
     """Start with ``with FakeBackend() as fb:``; ``fb.url`` is its OpenAI base URL."""
 
     handler: Handler = default_handler
-    requests: list[Req] = field(default_factory=list)
+    # (Left out of the repr: a failing test's report would print every request.)
+    requests: list[Req] = field(default_factory=list, repr=False)
     #: The gateway's own background model listings, kept apart from what clients caused.
-    internal: list[Req] = field(default_factory=list)
+    internal: list[Req] = field(default_factory=list, repr=False)
     connections: int = 0
-    disconnects: list[float] = field(default_factory=list)
+    disconnects: list[float] = field(default_factory=list, repr=False)
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -208,7 +209,9 @@ class FakeBackend:
         self._loop.close()
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        # Request heads up to 1 MiB, beyond Granian's own bound (408 KiB), so what the gateway
+        # forwards is always seen; a larger one is answered 431 as a real server would.
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, limit=1 << 20)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
@@ -237,6 +240,9 @@ class FakeBackend:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                except asyncio.LimitOverrunError:
+                    writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n")
                     return
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = lines[0].split(" ", 2)

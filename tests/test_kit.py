@@ -43,7 +43,7 @@ HEALTH_TOOL = {
 }
 #: Where a backend is told its listening port when it takes no --port flag.
 LISTEN_ENV = ("OLLAMA_HOST", "LOCALAI_ADDRESS")
-RECIPES = {"up", "down", "logs", "serve", "sim", "demo", "test", "lint", "bench", "bench-micro", "load"}
+RECIPES = {"up", "down", "logs", "serve", "sim", "demo", "test", "lint", "bench", "bench-micro", "load", "soak"}
 _INTERPOLATION = re.compile(r"\$\{(\w+):-([^}]*)\}")
 
 

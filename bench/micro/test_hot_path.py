@@ -156,6 +156,7 @@ def test_request_headers_app(benchmark: BenchmarkFixture, gateway_on: Callable[[
     """
     app = gateway_on(MemoryNetwork([]))
     app.keys = KeyRing([])
+    app.body_timeout = 0.0  # its timer needs a running loop, which this synchronous drive has not
     scope = AppRequest(app, "/v1/chat/completions", SMALL_BODY).scope
 
     def prefix() -> None:
