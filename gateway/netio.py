@@ -112,11 +112,13 @@ def _on_timeout(fut: asyncio.Future[None]) -> None:
 class Stream(AsyncNetworkStream):
     """One TCP (or TLS) connection as httpcore sees it."""
 
-    __slots__ = ("_proto", "_loop")
+    __slots__ = ("_proto", "_loop", "written")
 
     def __init__(self, proto: _Protocol, loop: asyncio.AbstractEventLoop) -> None:
         self._proto = proto
         self._loop = loop
+        #: Bytes of the current request handed to the transport (reset when a request starts).
+        self.written = 0
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - httpcore's API
         proto = self._proto
@@ -151,6 +153,7 @@ class Stream(AsyncNetworkStream):
         if transport is None or transport.is_closing() or proto._eof and proto._exc is not None:
             raise httpcore.WriteError("connection closed")
         transport.write(buffer)
+        self.written += len(buffer)
         if not proto._write_paused:
             return
         fut: asyncio.Future[None] = self._loop.create_future()

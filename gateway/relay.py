@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import httpcore
 
 from gateway.errors import GatewayError, error_body, sse_error_event
+from gateway.netio import Stream as NetStream
 from gateway.types import Send
 
 if TYPE_CHECKING:
@@ -28,6 +29,13 @@ _SSE_REPLACED = frozenset({b"cache-control", b"x-accel-buffering", b"content-len
 #: Errors that mean a reused keep-alive connection had been closed by the backend before our
 #: request reached it: safe to try once more on another connection.
 _STALE = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+
+
+def _written(conn: Connection) -> bool:
+    """Whether any byte of the request was handed to the connection (unknown: assume so)."""
+    stream = conn._network_stream
+    return stream.written > 0 if isinstance(stream, NetStream) else True
 
 
 class Exchange:
@@ -210,12 +218,17 @@ async def _send(pool: Pool, request: httpcore.Request, ex: Exchange) -> tuple[Co
         conn, reused = await pool.acquire()
         ex.phase = "headers"
         ex.t_upstream = perf_counter()
+        stream = conn._network_stream
+        if isinstance(stream, NetStream):
+            stream.written = 0
         try:
             return conn, await conn.handle_async_request(request)
         except _STALE:
             pool.release(conn)  # httpcore closed it: discarded
             attempts += 1
-            if reused and attempts < 3:
+            # The backend had closed the idle connection: send again on another one, unless the
+            # request may have reached it (some bytes went out) and is not idempotent.
+            if reused and attempts < 3 and (request.method in _IDEMPOTENT or not _written(conn)):
                 continue
             raise
         except BaseException:

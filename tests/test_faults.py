@@ -315,3 +315,26 @@ def test_idle_gateway_stops_at_once_on_sigint(start_gateway: type[GatewayProc], 
     t0 = time.monotonic()
     assert g.stop(signal.SIGINT) == 0
     assert time.monotonic() - t0 < 5
+
+
+def test_post_that_reached_the_backend_is_not_sent_again(
+    start_gateway: type[GatewayProc], backend: FakeBackend
+) -> None:
+    """A reused connection that fails after the request went out: a POST is not resent (the
+    backend may be generating it), while an idle connection closed beforehand is simply replaced."""
+    g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_POOL_SIZE="1", GATEWAY_METRICS="false").start()
+    second_request_ok(g, backend)  # leaves one idle keep-alive connection in the pool
+
+    async def crashes_after_reading(req: Req, conn: Conn) -> None:
+        conn.writer.close()  # read the request, then go away without an answer
+
+    backend.handler = crashes_after_reading
+    before = len(backend.requests)
+    with (
+        openai.OpenAI(base_url=g.url + "/v1", api_key="x", max_retries=0) as c,
+        pytest.raises(openai.APIStatusError) as info,
+    ):
+        c.chat.completions.create(model="m", messages=[])
+    assert info.value.status_code == 502
+    assert len(backend.requests) == before + 1  # exactly once
+    second_request_ok(g, backend)
