@@ -25,8 +25,9 @@ from gateway.balance import Backend, Replica
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
+from gateway.limits import Limiter, load_keys
 from gateway.netio import AsyncioBackend
-from gateway.observe import AccessLog, Metrics, request_id, setup_logging
+from gateway.observe import AccessLog, Metrics, request_id, setup_logging, tokens_used
 from gateway.payload import peek, with_model
 from gateway.profiles import PROFILES, Profile, Support, apply_overrides
 from gateway.relay import Exchange, Timeouts, fail, forward, send_error
@@ -49,7 +50,10 @@ class Gateway:
 
     def __init__(self, settings: Settings, *, network: httpcore.AsyncNetworkBackend | None = None) -> None:
         self.settings = settings
-        self.keys = KeyRing(settings.client_keys)
+        self.keys = KeyRing(
+            settings.client_keys, load_keys(settings.gateway_keys_file) if settings.gateway_keys_file else None
+        )
+        self.limiter = Limiter()
         self.network = network or AsyncioBackend()
         self.max_body = settings.gateway_max_body_bytes
         self.body_timeout = settings.gateway_client_body_timeout
@@ -273,6 +277,8 @@ class Gateway:
             name = route.name if route is not None else "unknown"
             if metrics is not None:
                 metrics.record(ex, name, model)
+            if ex.limits is not None and ex.limits.tpm is not None:
+                self.limiter.spend(ex.limits, tokens_used(ex))
             if self.access_log is not None:
                 self.access_log.write(ex, method, path, name, model)
 
@@ -367,12 +373,15 @@ class Gateway:
         forwarded.append((b"x-request-id", rid))
 
         if self.keys.enabled:
-            key_id = self.keys.verify(authorization) if auth_count == 1 else None
-            if key_id is None:
+            identity = self.keys.identify(authorization) if auth_count == 1 else None
+            if identity is None:
                 raise errors.unauthorized()
-            ex.key_id = key_id
+            ex.key_id, limits = identity
+            if limits is not None:
+                ex.limits = limits
+                ex.extra_headers = self.limiter.admit(limits)  # 429 when over its limits
             if self.sticky_key:
-                sticky = key_id.encode()
+                sticky = ex.key_id.encode()
 
         backend = self.default
         assert backend is not None, "lifespan startup did not run"

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+from gateway.limits import KeyLimits
 
 
 class KeyRing:
     """The configured client keys, held only as SHA-256 digests.
 
     A presented key is hashed and compared with every digest in constant time, so neither the
-    comparison nor the number of keys checked tells an attacker anything about the keys.
+    comparison nor the number of keys checked tells an attacker anything about the keys. Keys from
+    a keys file carry a name and limits (``gateway.limits``).
     """
 
-    __slots__ = ("_digests",)
+    __slots__ = ("_digests", "_named")
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys)
+    def __init__(self, keys: Iterable[str], named: Mapping[bytes, KeyLimits] | None = None) -> None:
+        self._named = dict(named or {})
+        self._digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys) + tuple(self._named)
 
     @property
     def enabled(self) -> bool:
@@ -29,13 +33,22 @@ class KeyRing:
 
     def verify(self, authorization: bytes | None) -> str | None:
         """The key id (see ``key_id``) of a valid ``Bearer`` key, else None."""
+        found = self.identify(authorization)
+        return None if found is None else found[0]
+
+    def identify(self, authorization: bytes | None) -> tuple[str, KeyLimits | None] | None:
+        """For a valid ``Bearer`` key: what logs show for it (a keys-file name, else the key id)
+        and its limits; None for an invalid one."""
         if authorization is None or authorization[:7].lower() != b"bearer ":
             return None
         digest = hashlib.sha256(authorization[7:].strip()).digest()
         ok = False
         for d in self._digests:
             ok |= hmac.compare_digest(digest, d)
-        return digest.hex()[:8] if ok else None
+        if not ok:
+            return None
+        limits = self._named.get(digest)
+        return (limits.name, limits) if limits is not None else (digest.hex()[:8], None)
 
 
 def key_id(key: bytes) -> str:

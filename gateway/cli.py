@@ -90,6 +90,10 @@ def _serve(settings: Settings) -> int:
     from gateway.server import serve
 
     keys = settings.client_keys
+    if settings.gateway_keys_file:
+        from gateway.limits import load_keys
+
+        load_keys(settings.gateway_keys_file)  # a bad file stops here, with exit 2
     if settings.gateway_routes:
         from gateway.routes_file import load_routes
 
@@ -106,6 +110,6 @@ def _serve(settings: Settings) -> int:
         file=sys.stderr,
         flush=True,
     )
-    if not keys:
+    if not keys and not settings.gateway_keys_file:
         print("gateway: warning: API_KEYS is empty, client auth is OFF", file=sys.stderr, flush=True)
     return serve(settings)

@@ -46,7 +46,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     backend_capabilities: str = ""
     #: Filled into requests that carry no ``model``.
     model_name: str = ""
-    #: Comma-separated client keys; empty turns client auth off.
+    #: Comma-separated client keys; empty turns client auth off (unless GATEWAY_KEYS_FILE is set).
     api_keys: str = ""
 
     gateway_host: str = "127.0.0.1"
@@ -75,6 +75,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway_max_inflight: Annotated[int, Meta(ge=0, le=1_000_000, description="an integer >= 0")] = 0
     gateway_queue_size: Annotated[int, Meta(ge=0, le=1_000_000, description="an integer >= 0")] = 1000
     gateway_queue_timeout: PositiveSeconds = 30.0
+    #: Client keys with per-minute limits (names shown in logs instead of the keys).
+    gateway_keys_file: Annotated[str, Meta(description="the path of a keys.toml file")] = ""
     #: Optional stickiness across replicas, for prefix-cache reuse: ``key`` (the client key) or
     #: ``header:NAME`` (e.g. header:x-session-id). Empty: off.
     gateway_sticky: Annotated[str, Meta(description="empty, key, or header:NAME")] = ""
@@ -276,6 +278,8 @@ def _check(s: Settings) -> None:
         and not (s.gateway_sticky.startswith("header:") and len(s.gateway_sticky) > len("header:"))
     ):
         raise ConfigError(_bad("GATEWAY_STICKY", s.gateway_sticky, accepted("GATEWAY_STICKY")))
+    if s.gateway_keys_file and not Path(s.gateway_keys_file).is_file():
+        raise ConfigError(_bad("GATEWAY_KEYS_FILE", s.gateway_keys_file, "the path of an existing keys.toml file"))
     if s.gateway_routes and not Path(s.gateway_routes).is_file():
         raise ConfigError(_bad("GATEWAY_ROUTES", s.gateway_routes, "the path of an existing routes.toml file"))
     if s.gateway_log_format not in _LOG_FORMATS:

@@ -75,6 +75,16 @@ def find_usage(tail: bytes) -> tuple[int, int] | None:
     return prompt, completion
 
 
+def tokens_used(ex: Exchange) -> int:
+    """Tokens a finished request used: its usage, else (streams) the estimate from its chunks."""
+    if not ex.started or not 200 <= ex.status < 300:
+        return 0
+    usage = find_usage(ex.prev + ex.last)
+    if usage is not None:
+        return usage[0] + usage[1]
+    return max(ex.chunks - (3 if ex.end == "done" else 1), 0) if ex.sse else 0
+
+
 class Metrics:
     """The gateway's metric families, with children cached per label set."""
 

@@ -19,6 +19,7 @@ from gateway.types import Send
 
 if TYPE_CHECKING:
     from gateway.balance import Backend, Replica
+    from gateway.limits import KeyLimits
 from gateway.upstream import DROP_RESPONSE_HEADERS, Connection, Pool
 
 log = logging.getLogger("gateway")
@@ -64,6 +65,8 @@ class Exchange:
         "request_id",
         "key_id",
         "backend",
+        "limits",
+        "extra_headers",
     )
 
     def __init__(self, t_start: float = 0.0, request_id: bytes = b"") -> None:
@@ -97,6 +100,9 @@ class Exchange:
         self.key_id = "-"
         #: The backend's name (metrics and logs); "-" when the request never got to one.
         self.backend = "-"
+        #: The client key's limits (a keys file), and headers to add to the response for them.
+        self.limits: KeyLimits | None = None
+        self.extra_headers: list[tuple[bytes, bytes]] = []
 
     def tail(self) -> bytes:
         """The last two bytes sent to the client."""
@@ -269,6 +275,7 @@ async def _relay_kept(send: Send, ex: Exchange, kept: tuple[int, list[tuple[byte
     relayed = [(n, v) for n, v in relayed if n.lower() != b"content-length"]
     relayed.append((b"content-length", str(len(body)).encode()))
     relayed.append((b"x-request-id", ex.request_id))
+    relayed.extend(ex.extra_headers)
     ex.status = status
     await send({"type": "http.response.start", "status": status, "headers": relayed})
     ex.started = True
@@ -284,6 +291,7 @@ async def _relay(
         try:
             relayed, ex.sse = response_headers(response.headers)
             relayed.append((b"x-request-id", ex.request_id))
+            relayed.extend(ex.extra_headers)
             ex.status = response.status
             await send({"type": "http.response.start", "status": response.status, "headers": relayed})
             ex.started = True
