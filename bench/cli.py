@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gateway-env", action="append", default=[], metavar="KEY=VALUE", help="extra gateway setting (repeatable)"
     )
+    p.add_argument("--client-key", help="the client key to send to the gateway (with API_KEYS or a keys file)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -116,7 +117,7 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         gateway_tree = Tree(gw.pid)
         progress(f"gateway on port {gw_port} (pid {gw.pid}, {len(gateway_tree.pids)} processes)")
         idle_rss = gateway_tree.rss()
-        gateway = Endpoint("gateway", "127.0.0.1", gw_port, "/v1", None)
+        gateway = Endpoint("gateway", "127.0.0.1", gw_port, "/v1", args.client_key)
         runner = Runner(
             direct,
             gateway,

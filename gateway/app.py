@@ -25,7 +25,7 @@ from gateway.balance import Backend, Replica
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
-from gateway.limits import Limiter, load_keys
+from gateway.limits import Limiter, SharedLimiter, load_keys
 from gateway.netio import AsyncioBackend
 from gateway.observe import AccessLog, Metrics, request_id, setup_logging, tokens_used
 from gateway.payload import peek, with_model
@@ -54,6 +54,7 @@ class Gateway:
             settings.client_keys, load_keys(settings.gateway_keys_file) if settings.gateway_keys_file else None
         )
         self.limiter = Limiter()
+        self.shared: SharedLimiter | None = None
         self.network = network or AsyncioBackend()
         self.max_body = settings.gateway_max_body_bytes
         self.body_timeout = settings.gateway_client_body_timeout
@@ -153,6 +154,14 @@ class Gateway:
                 for alias, model in spec.aliases.items():
                     self.by_model[alias] = (backend, model)
         self.default = self.backends[0]
+        if s.redis_url and s.gateway_keys_file:
+            errors_metric = self.metrics.limit_store_errors if self.metrics is not None else None
+            self.shared = SharedLimiter(
+                s.redis_url,
+                fail_closed=s.gateway_limits_fail_closed,
+                local=self.limiter,
+                on_failure=errors_metric.inc if errors_metric is not None else None,
+            )
         control = os.environ.get(CONTROL_ENV)
         if control:
             self._drain = WorkerDrain(Path(control), lambda: self.inflight, self._begin_drain)
@@ -238,6 +247,8 @@ class Gateway:
         for backend in self.backends:
             for replica in backend.replicas:
                 await replica.pool.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -278,7 +289,7 @@ class Gateway:
             if metrics is not None:
                 metrics.record(ex, name, model)
             if ex.limits is not None and ex.limits.tpm is not None:
-                self.limiter.spend(ex.limits, tokens_used(ex))
+                (self.shared or self.limiter).spend(ex.limits, tokens_used(ex))
             if self.access_log is not None:
                 self.access_log.write(ex, method, path, name, model)
 
@@ -379,7 +390,9 @@ class Gateway:
             ex.key_id, limits = identity
             if limits is not None:
                 ex.limits = limits
-                ex.extra_headers = self.limiter.admit(limits)  # 429 when over its limits
+                # 429 when over its limits
+                shared = self.shared
+                ex.extra_headers = await shared.admit(limits) if shared is not None else self.limiter.admit(limits)
             if self.sticky_key:
                 sticky = ex.key_id.encode()
 

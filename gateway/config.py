@@ -77,6 +77,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway_queue_timeout: PositiveSeconds = 30.0
     #: Client keys with per-minute limits (names shown in logs instead of the keys).
     gateway_keys_file: Annotated[str, Meta(description="the path of a keys.toml file")] = ""
+    #: Share the keys file's limits across workers and replicas through Redis (redis://host:6379/0).
+    redis_url: Annotated[str, Meta(description="a redis:// or rediss:// URL")] = ""
+    #: When Redis cannot be reached: refuse limited keys' requests (503) instead of limiting locally.
+    gateway_limits_fail_closed: Flag = False
     #: Optional stickiness across replicas, for prefix-cache reuse: ``key`` (the client key) or
     #: ``header:NAME`` (e.g. header:x-session-id). Empty: off.
     gateway_sticky: Annotated[str, Meta(description="empty, key, or header:NAME")] = ""
@@ -278,6 +282,8 @@ def _check(s: Settings) -> None:
         and not (s.gateway_sticky.startswith("header:") and len(s.gateway_sticky) > len("header:"))
     ):
         raise ConfigError(_bad("GATEWAY_STICKY", s.gateway_sticky, accepted("GATEWAY_STICKY")))
+    if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(_bad("REDIS_URL", s.redis_url, accepted("REDIS_URL")))
     if s.gateway_keys_file and not Path(s.gateway_keys_file).is_file():
         raise ConfigError(_bad("GATEWAY_KEYS_FILE", s.gateway_keys_file, "the path of an existing keys.toml file"))
     if s.gateway_routes and not Path(s.gateway_routes).is_file():

@@ -8,11 +8,12 @@ Keys are held only as SHA-256 digests. A bad file stops start-up with one line (
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,8 @@ from msgspec import Meta
 
 from gateway.config import ConfigError
 from gateway.errors import GatewayError
+
+log = logging.getLogger("gateway")
 
 PerMinute = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -108,34 +111,13 @@ class Limiter:
     def admit(self, limits: KeyLimits) -> list[tuple[bytes, bytes]]:
         """Count one request, or raise 429; returns the ``x-ratelimit-*`` headers to send."""
         window, now = self._roll()
-        reset = max(1, int((window + 1) * 60 - now + 0.999))
         used_requests = self._requests.get(limits.name, 0)
         used_tokens = self._tokens.get(limits.name, 0)
-        headers: list[tuple[bytes, bytes]] = []
-        if limits.rpm is not None:
-            headers += [
-                (b"x-ratelimit-limit-requests", str(limits.rpm).encode()),
-                (b"x-ratelimit-remaining-requests", str(max(0, limits.rpm - used_requests - 1)).encode()),
-                (b"x-ratelimit-reset-requests", f"{reset}s".encode()),
-            ]
-        if limits.tpm is not None:
-            headers += [
-                (b"x-ratelimit-limit-tokens", str(limits.tpm).encode()),
-                (b"x-ratelimit-remaining-tokens", str(max(0, limits.tpm - used_tokens)).encode()),
-                (b"x-ratelimit-reset-tokens", f"{reset}s".encode()),
-            ]
-        over = (limits.rpm is not None and used_requests >= limits.rpm) or (
-            limits.tpm is not None and used_tokens >= limits.tpm
+        ok = not (
+            (limits.rpm is not None and used_requests >= limits.rpm)
+            or (limits.tpm is not None and used_tokens >= limits.tpm)
         )
-        if over:
-            what = "requests" if limits.rpm is not None and used_requests >= limits.rpm else "tokens"
-            raise GatewayError(
-                429,
-                "rate_limit_error",
-                "rate_limit_exceeded",
-                f"Rate limit of {what} per minute reached for key {limits.name!r}; retry in {reset} s.",
-                headers=[(b"retry-after", str(reset).encode()), *headers],
-            )
+        headers = _decide(limits, used_requests, used_tokens, ok, window, now)
         self._requests[limits.name] = used_requests + 1
         return headers
 
@@ -144,3 +126,136 @@ class Limiter:
         if limits.tpm is not None and tokens > 0:
             self._roll()
             self._tokens[limits.name] = self._tokens.get(limits.name, 0) + tokens
+
+
+#: One round trip per request: refuse when over a limit, else count the request. Tokens are
+#: counted by ``spend`` after the request. Keys expire with their minute.
+_ADMIT = """
+local r = tonumber(redis.call('GET', KEYS[1]) or '0')
+local t = tonumber(redis.call('GET', KEYS[2]) or '0')
+local rpm = tonumber(ARGV[1])
+local tpm = tonumber(ARGV[2])
+if (rpm > 0 and r >= rpm) or (tpm > 0 and t >= tpm) then
+  return {r, t, 0}
+end
+r = redis.call('INCR', KEYS[1])
+if r == 1 then redis.call('EXPIRE', KEYS[1], 61) end
+return {r - 1, t, 1}
+"""
+_SPEND = """
+local t = redis.call('INCRBY', KEYS[1], ARGV[1])
+if t == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], 61) end
+return t
+"""
+
+
+class SharedLimiter:
+    """The same limits, shared by every worker and replica through Redis (``REDIS_URL``).
+
+    If Redis cannot be reached, requests are limited by the local ``Limiter`` instead (logged
+    once per outage, counted in ``failures``), or refused with 503 when ``fail_closed``.
+    """
+
+    def __init__(
+        self, url: str, *, fail_closed: bool, local: Limiter | None = None, on_failure: Callable[[], None] | None = None
+    ) -> None:
+        import redis.asyncio as aioredis
+
+        self._on_failure = on_failure
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._admit = self._redis.register_script(_ADMIT)
+        self._spend = self._redis.register_script(_SPEND)
+        self.local = local or Limiter()
+        self.fail_closed = fail_closed
+        self.failures = 0
+        self._down = False
+        self._pending: set[object] = set()
+
+    async def admit(self, limits: KeyLimits) -> list[tuple[bytes, bytes]]:
+        import redis.exceptions
+
+        now = time.time()
+        window = int(now // 60)
+        prefix = f"gateway:limits:{limits.name}:{window}"
+        try:
+            used_requests, used_tokens, ok = await self._admit(
+                keys=[prefix + ":r", prefix + ":t"], args=[limits.rpm or 0, limits.tpm or 0]
+            )
+        except (redis.exceptions.RedisError, OSError) as exc:
+            return self._unavailable(limits, exc)
+        if self._down:
+            self._down = False
+            log.warning("the limits' Redis is reachable again")
+        return _decide(limits, int(used_requests), int(used_tokens), bool(ok), window, now)
+
+    def _unavailable(self, limits: KeyLimits, exc: BaseException) -> list[tuple[bytes, bytes]]:
+        self.failures += 1
+        if self._on_failure is not None:
+            self._on_failure()
+        if not self._down:
+            self._down = True
+            log.warning(
+                "the limits' Redis is unreachable (%s): %s", exc, "refusing" if self.fail_closed else "limiting locally"
+            )
+        if self.fail_closed:
+            raise GatewayError(
+                503,
+                "api_error",
+                "limits_unavailable",
+                "Rate limits cannot be checked right now; retry shortly.",
+                headers=[(b"retry-after", b"1")],
+            )
+        return self.local.admit(limits)
+
+    def spend(self, limits: KeyLimits, tokens: int) -> None:
+        if limits.tpm is None or tokens <= 0:
+            return
+        self.local.spend(limits, tokens)
+        import asyncio
+
+        window = int(time.time() // 60)
+        task = asyncio.get_running_loop().create_task(
+            self._spend_remote(f"gateway:limits:{limits.name}:{window}:t", tokens)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _spend_remote(self, key: str, tokens: int) -> None:
+        import redis.exceptions
+
+        try:
+            await self._spend(keys=[key], args=[tokens])
+        except (redis.exceptions.RedisError, OSError):
+            self.failures += 1
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def _decide(
+    limits: KeyLimits, used_requests: int, used_tokens: int, ok: bool, window: int, now: float
+) -> list[tuple[bytes, bytes]]:
+    reset = max(1, int((window + 1) * 60 - now + 0.999))
+    headers: list[tuple[bytes, bytes]] = []
+    if limits.rpm is not None:
+        headers += [
+            (b"x-ratelimit-limit-requests", str(limits.rpm).encode()),
+            (b"x-ratelimit-remaining-requests", str(max(0, limits.rpm - used_requests - 1)).encode()),
+            (b"x-ratelimit-reset-requests", f"{reset}s".encode()),
+        ]
+    if limits.tpm is not None:
+        headers += [
+            (b"x-ratelimit-limit-tokens", str(limits.tpm).encode()),
+            (b"x-ratelimit-remaining-tokens", str(max(0, limits.tpm - used_tokens)).encode()),
+            (b"x-ratelimit-reset-tokens", f"{reset}s".encode()),
+        ]
+    if not ok:
+        what = "requests" if limits.rpm is not None and used_requests >= limits.rpm else "tokens"
+        raise GatewayError(
+            429,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            f"Rate limit of {what} per minute reached for key {limits.name!r}; retry in {reset} s.",
+            headers=[(b"retry-after", str(reset).encode()), *headers],
+        )
+    return headers

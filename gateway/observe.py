@@ -167,6 +167,11 @@ class Metrics:
             ["backend", "model", "type"],
             registry=reg,
         )
+        self.limit_store_errors = Counter(
+            "gateway_limit_store_errors_total",
+            "Requests whose shared (Redis) rate-limit check failed and fell back (or were refused).",
+            registry=reg,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def child(self, family: Any, *labels: str) -> Any:
