@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 import socket
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -295,17 +294,21 @@ def test_keys_come_from_the_secret() -> None:
         assert key not in CONFIG
 
 
-def test_routes_file_is_mounted_but_not_yet_used() -> None:
-    tomllib.loads(CONFIG[ROUTES_KEY])
-    assert 'api_key_env = "VLLM_KEY"' in CONFIG[ROUTES_KEY]
+def test_routes_file_is_valid_and_mounted(tmp_path: Path) -> None:
+    from gateway.routes_file import load_routes
+
+    path = tmp_path / ROUTES_KEY
+    path.write_text(CONFIG[ROUTES_KEY])
+    spec, keys = load_routes(str(path), environ={"BACKEND_API_KEY": "k"})
+    (backend,) = spec.backends
+    assert backend.urls == [CONFIG["BACKEND_BASE_URL"]] and backend.models == [CONFIG["MODEL_NAME"]]
+    assert backend.api_key_env == "BACKEND_API_KEY" and "BACKEND_API_KEY" in ENV  # set from the Secret
     volumes = [v for v in GATEWAY_POD["spec"]["volumes"] if v.get("configMap", {}).get("name") == "gateway-config"]
     assert len(volumes) == 1
     assert volumes[0]["configMap"]["items"] == [{"key": ROUTES_KEY, "path": ROUTES_KEY}]
     (mount,) = [m for m in GATEWAY_CONTAINER["volumeMounts"] if m["name"] == volumes[0]["name"]]
     assert mount["readOnly"] is True
-    # Until multi-backend routing lands the gateway has no GATEWAY_ROUTES setting, and the
-    # Deployment does not set it.
-    assert "GATEWAY_ROUTES" not in ENV
+    assert mount["mountPath"].rstrip("/") == "/etc/gateway"
 
 
 def test_service_links_are_off() -> None:
