@@ -93,14 +93,14 @@ class Limiter:
 
     __slots__ = ("_window", "_requests", "_tokens", "_clock")
 
-    def __init__(self, clock: object = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._window = -1
         self._requests: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
 
     def _roll(self) -> tuple[int, float]:
-        now: float = self._clock()  # type: ignore[operator]
+        now = self._clock()
         window = int(now // 60)
         if window != self._window:
             self._window = window

@@ -37,7 +37,6 @@ LATENCY_BUCKETS = (
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0)
 
-_UPSTREAM_ERROR_CLASS = {"backend_unavailable": "connect", "backend_timeout": "timeout"}
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _json_decoder = json.JSONDecoder()
 

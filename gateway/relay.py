@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpcore
 
-from gateway.errors import GatewayError, error_body, sse_error_event
+from gateway.errors import GatewayError, sse_error_event
 from gateway.netio import Stream as NetStream
 from gateway.types import Send
 
@@ -350,6 +350,3 @@ async def fail(send: Send, ex: Exchange, err: GatewayError) -> None:
         # the connection without the last chunk (or short of the Content-Length): the client sees
         # a failed transfer.
         log.warning("upstream body cut after the response started: %s", err.message)
-
-
-__all__ = ["Exchange", "error_body", "fail", "forward", "response_headers", "send_error"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -50,6 +51,19 @@ def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | N
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def http_request(
+    g: GatewayProc, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on its own connection: status, lower-cased headers, body."""
+    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
 
 
 class GatewayProc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import os
 import socket
 import time
@@ -14,22 +13,11 @@ import pytest
 
 from gateway.observe import find_usage, request_id
 from tests.conftest import GatewayProc, free_port
+from tests.conftest import http_request as req
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
 
 CLIENT_KEY = "client-secret-key-123"
 BACKEND_KEY = "backend-secret-key-456"
-
-
-def req(
-    g: GatewayProc, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def auth() -> dict[str, str]:

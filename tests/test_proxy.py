@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import GatewayProc
+from tests.conftest import GatewayProc, http_request
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
 
 KEY = "client-key-1"
@@ -42,18 +42,6 @@ def _reset_handler(module_backend: FakeBackend) -> Iterator[None]:
     module_backend.handler = default_handler
     yield
     module_backend.handler = default_handler
-
-
-def http_request(
-    gw: GatewayProc, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def auth(extra: dict[str, str] | None = None) -> dict[str, str]:
