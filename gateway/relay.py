@@ -90,7 +90,7 @@ class Exchange:
         self.t_end = 0.0
         self.chunks = 0
         self.nbytes = 0
-        #: The largest gap between two chunks from the backend.
+        #: The largest gap between two pieces of body arriving from the backend.
         self.max_gap = 0.0
         #: Why the response ended: done, client_gone, upstream_error, timeout.
         self.end = "done"
@@ -298,9 +298,9 @@ async def _relay(
             ex.phase = "first_token" if ex.sse else "body"
             first = timeouts.first_token if ex.sse else timeouts.idle
             async for chunk in conn.iter_body(first, timeouts.idle):
-                # Per chunk: a timestamp, one comparison, two counters. Nothing else.
+                # Per piece: a timestamp, one comparison, a byte count. Nothing else.
                 now = perf_counter()
-                if ex.chunks:
+                if ex.t_first:
                     gap = now - ex.t_last
                     if gap > ex.max_gap:
                         ex.max_gap = gap
@@ -308,12 +308,12 @@ async def _relay(
                     ex.t_first = now
                     ex.phase = "body"
                 ex.t_last = now
-                ex.chunks += 1
                 ex.nbytes += len(chunk)
                 ex.prev = ex.last
                 ex.last = chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
+            ex.chunks = conn.body_chunks
             # Closes the connection unless the body was read to the end: this is what makes
             # the backend abort a generation nobody will read.
             await response.aclose()

@@ -1,0 +1,223 @@
+"""The gateway's own de-chunking of response bodies (``Connection._dechunk``), checked against h11.
+
+h11 is the oracle: for every response (valid or broken chunked framing, split into reads at
+arbitrary points), the gateway's path and h11's own (``Connection._h11_body``) must yield the same
+bytes by the same read (nothing held back), fail on the same inputs, and leave the h11 state in
+the same place: the message done, the same bytes left over after it, so the pool reuses exactly
+the connections it would have reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+
+import h11
+import httpcore
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway import upstream
+from gateway.upstream import Connection
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+ORIGIN = httpcore.Origin(b"http", b"127.0.0.1", 8000)
+CHECK = settings(
+    max_examples=600,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=os.environ.get("FUZZ_EXPLORE") != "1",
+)
+
+
+@dataclass
+class Reads(httpcore.AsyncNetworkStream):
+    """A backend connection that hands out ``parts`` one read at a time, then EOF."""
+
+    parts: list[bytes]
+    done: int = 0  # reads answered so far
+    log: list[tuple[int, bytes]] = field(default_factory=list)  # (reads so far, piece yielded)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if self.done >= len(self.parts):
+            return b""
+        part = self.parts[self.done]
+        self.done += 1
+        return part
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass
+class Outcome:
+    pieces: list[tuple[int, bytes]]
+    error: type[BaseException] | None
+    their_state: object
+    trailing: bytes
+    body_chunks: int
+
+
+async def _read(parts: list[bytes], *, fast: bool) -> Outcome:
+    stream = Reads(parts)
+    conn = Connection(origin=ORIGIN, stream=stream, keepalive_expiry=None)
+    state = conn._h11_state
+    state.send(h11.Request(method="POST", target="/v1/chat/completions", headers=[("host", "x")]))
+    state.send(h11.EndOfMessage())
+    pieces: list[tuple[int, bytes]] = []
+    error: type[BaseException] | None = None
+    try:
+        head = await conn._receive_event(None)
+        assert type(head) is h11.Response
+        body = conn.iter_body(None, None) if fast else conn._h11_body(None, None)
+        async for piece in body:
+            assert type(piece) is bytes and piece
+            pieces.append((stream.done, piece))
+    except httpcore.RemoteProtocolError as exc:
+        error = type(exc)
+    return Outcome(pieces, error, state.their_state, state.trailing_data[0], conn.body_chunks)
+
+
+def _by_read(pieces: list[tuple[int, bytes]]) -> dict[int, bytes]:
+    """The bytes yielded before each further read: how pieces were grouped may differ, when they
+    became available may not."""
+    out: dict[int, bytes] = {}
+    for n, piece in pieces:
+        out[n] = out.get(n, b"") + piece
+    return out
+
+
+def _compare(parts: list[bytes]) -> Outcome:
+    ours = asyncio.run(_read(parts, fast=True))
+    h11s = asyncio.run(_read(parts, fast=False))
+    assert ours.error == h11s.error, (ours, h11s)
+    assert _by_read(ours.pieces) == _by_read(h11s.pieces), (ours, h11s)
+    if ours.error is None:
+        assert (ours.their_state, ours.trailing) == (h11s.their_state, h11s.trailing)
+    return ours
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+
+
+HEX = st.sampled_from(["x", "X", "0x", "00x"])
+CHUNK = st.tuples(
+    st.binary(min_size=1, max_size=300),
+    HEX,
+    st.sampled_from([b"", b";name=value", b";a;b=1", b'; q="x y"']),
+    st.sampled_from([b"", b" ", b"\t "]),
+)
+TRAILERS = st.sampled_from([b"", b"x-usage: 12\r\n", b"a: 1\r\nb: 2\r\n"])
+
+
+def _chunked(chunks: list[tuple[bytes, str, bytes, bytes]], last: bytes, trailers: bytes, after: bytes) -> bytes:
+    out = [HEAD]
+    for data, fmt, ext, ows in chunks:
+        size = ("0" if fmt == "00x" else "") + format(len(data), "x" if fmt == "x" else "X")
+        out.append(size.encode() + ext + ows + b"\r\n" + data + b"\r\n")
+    out.append(last + b"\r\n" + trailers + b"\r\n" + after)
+    return b"".join(out)
+
+
+@CHECK
+@given(
+    chunks=st.lists(CHUNK, max_size=8),
+    last=st.sampled_from([b"0", b"000", b"0;end", b"0 "]),
+    trailers=TRAILERS,
+    after=st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n", b"junk"]),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+)
+def test_valid_bodies_match_h11(
+    chunks: list[tuple[bytes, str, bytes, bytes]], last: bytes, trailers: bytes, after: bytes, cuts: list[int]
+) -> None:
+    raw = _chunked(chunks, last, trailers, after)
+    ours = _compare(_split(raw, cuts))
+    assert ours.error is None and ours.their_state is h11.DONE
+    assert b"".join(p for _, p in ours.pieces) == b"".join(c[0] for c in chunks)
+    assert ours.body_chunks == len(chunks)  # the backend's chunks, however reads grouped them
+    assert after.startswith(ours.trailing)  # what came in the same read as the end (the rest is unread)
+
+
+@CHECK
+@given(
+    chunks=st.lists(CHUNK, min_size=1, max_size=6),
+    at=st.integers(0, 10_000),
+    edit=st.one_of(
+        st.tuples(st.just("replace"), st.binary(min_size=1, max_size=3)),
+        st.tuples(st.just("insert"), st.sampled_from([b"\r", b"\n", b"\r\n", b"g", b";", b" ", b"0", b"\x00"])),
+        st.tuples(st.just("delete"), st.integers(1, 4).map(lambda n: b"." * n)),
+        st.tuples(st.just("truncate"), st.just(b"")),
+    ),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+)
+def test_broken_bodies_fail_as_h11_fails(
+    chunks: list[tuple[bytes, str, bytes, bytes]], at: int, edit: tuple[str, bytes], cuts: list[int]
+) -> None:
+    raw = _chunked(chunks, b"0", b"", b"")
+    body_at = len(HEAD) + at % (len(raw) - len(HEAD))
+    kind, what = edit
+    if kind == "replace":
+        raw = raw[:body_at] + what + raw[body_at + len(what) :]
+    elif kind == "insert":
+        raw = raw[:body_at] + what + raw[body_at:]
+    elif kind == "delete":
+        raw = raw[:body_at] + raw[body_at + len(what) :]
+    else:
+        raw = raw[:body_at]
+    _compare(_split(raw, cuts))
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"5\r\nhello\r\n", "ends before the last chunk"),
+        (b"5\r\nhelloXY0\r\n\r\n", "no CRLF after the chunk data"),
+        (b"5\r\nhello\r", "ends inside the CRLF after the chunk data"),
+        (b"g\r\nhello\r\n0\r\n\r\n", "not a hex size"),
+        (b"+5\r\nhello\r\n0\r\n\r\n", "a sign int() would accept"),
+        (b"0x5\r\nhello\r\n0\r\n\r\n", "a prefix int() would accept"),
+        (b"5_0\r\nhello\r\n0\r\n\r\n", "an underscore int() would accept"),
+        (b" 5\r\nhello\r\n0\r\n\r\n", "leading blank"),
+        (b"1" * 21 + b"\r\n", "more than 20 hex digits"),
+        (b"5;a\nb\r\nhello\r\n0\r\n\r\n", "a bare LF inside the size line"),
+        (b"5" * 20_000, "a size line longer than h11's limit"),
+    ],
+)
+def test_malformed_framing_is_a_protocol_error(body: bytes, why: str) -> None:
+    for parts in ([HEAD + body], [HEAD, *(body[i : i + 3] for i in range(0, len(body), 3))]):
+        assert _compare(parts).error is httpcore.RemoteProtocolError, why
+
+
+def test_data_is_yielded_as_it_arrives_and_reads_are_merged() -> None:
+    # Half a chunk is yielded at once; two chunks from one read are one piece.
+    parts = [HEAD + b"a\r\n01234", b"56789\r\n3\r\nabc\r\n3\r\ndef\r\n", b"0\r\n\r\n"]
+    ours = _compare(parts)
+    assert ours.pieces == [(1, b"01234"), (2, b"56789abcdef")]
+    assert ours.body_chunks == 3
+    assert ours.their_state is h11.DONE
+
+
+def test_the_installed_h11_takes_the_fast_path() -> None:
+    # If a new h11 moved the internals _dechunk takes over from, bodies would silently go back
+    # to h11's slower framing: make that a failing test, not a quiet regression.
+    assert upstream.FAST_CHUNKED
+
+    async def kind() -> str:
+        conn = Connection(origin=ORIGIN, stream=Reads([HEAD]), keepalive_expiry=None)
+        conn._h11_state.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        conn._h11_state.send(h11.EndOfMessage())
+        await conn._receive_event(None)
+        body = conn.iter_body(None, None)
+        name = body.__qualname__  # type: ignore[attr-defined]
+        await body.aclose()  # type: ignore[attr-defined]
+        return str(name)
+
+    assert asyncio.run(kind()) == "Connection._dechunk"
