@@ -65,7 +65,6 @@ class Gateway:
             header=settings.gateway_header_timeout or read,
             first_token=settings.gateway_ttft_timeout or read,
             idle=settings.gateway_idle_timeout or read,
-            pool=settings.gateway_pool_timeout,
         )
         self.retries = settings.gateway_retries
         sticky = settings.gateway_sticky

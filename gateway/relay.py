@@ -1,15 +1,16 @@
 """Send one request upstream and relay its response, chunk by chunk, as it arrives.
 
-Nothing here parses, joins or copies the body: each piece httpcore reads is sent on as its own
-``http.response.body`` message. A failure after the response has started ends an event stream
-with a final ``data: {"error":...}`` event, so a cut answer never looks complete.
+Nothing here parses or waits for the body: whatever one read from the backend brings is sent on
+at once as one ``http.response.body`` message (see ``Connection.iter_body``). A failure after the
+response has started ends an event stream with a final ``data: {"error":...}`` event, so a cut
+answer never looks complete.
 """
 
 from __future__ import annotations
 
 import logging
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpcore
 
@@ -132,18 +133,15 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
 class Timeouts:
     """Per-phase limits in seconds: each its own error (see upstream.map_error)."""
 
-    __slots__ = ("connect", "header", "first_token", "idle", "extensions")
+    __slots__ = ("connect", "header", "first_token", "idle")
 
-    def __init__(self, connect: float, header: float, first_token: float, idle: float, pool: float) -> None:
+    def __init__(self, connect: float, header: float, first_token: float, idle: float) -> None:
         self.connect = connect
+        #: Per read and write until the response head is in (Connection.exchange); the body is
+        #: read by Connection.iter_body with first_token / idle.
         self.header = header
         self.first_token = first_token
         self.idle = idle
-        #: httpcore reads "read" while it waits for the response headers; the body is read by
-        #: Connection.iter_body with first_token / idle.
-        self.extensions: dict[str, Any] = {
-            "timeout": {"connect": connect, "read": header, "write": header, "pool": pool}
-        }
 
 
 #: Answers retried on another replica while nothing has gone to the client yet.
@@ -178,17 +176,14 @@ async def forward(
         tried.append(replica)
         may_retry = len(tried) <= retries and len(tried) < len(backend.replicas)
         target = replica.target
-        request = httpcore.Request(
-            method,
-            target.url(target.upstream_target(path, query)),
-            headers=[*target.static_headers, *headers],
-            content=body,
-            extensions=timeouts.extensions,
-        )
+        upstream_target = target.upstream_target(path, query)
+        all_headers = [*target.static_headers, *headers]
         replica.inflight += 1
         try:
             try:
-                conn, response = await _send(replica.pool, request, ex)
+                conn, status, response_headers = await _send(
+                    replica.pool, method, upstream_target, all_headers, body, timeouts.header, ex
+                )
             except (httpcore.ConnectError, httpcore.ConnectTimeout):
                 backend.failed(replica)
                 if may_retry:
@@ -197,11 +192,10 @@ async def forward(
                     await _relay_kept(send, ex, kept)
                     return
                 raise
-            status = response.status
             if status in RETRY_STATUSES and may_retry:
-                kept = (status, response.headers, await _read_kept(replica.pool, conn, response))
+                kept = (status, response_headers, await _read_kept(replica.pool, conn))
                 if status == 429:
-                    backend.cool_off(replica, _retry_after(response.headers))
+                    backend.cool_off(replica, _retry_after(response_headers))
                 else:
                     backend.failed(replica)
                 continue
@@ -209,13 +203,21 @@ async def forward(
                 backend.failed(replica)
             else:
                 backend.succeeded(replica)
-            await _relay(replica.pool, conn, response, timeouts, send, ex)
+            await _relay(replica.pool, conn, status, response_headers, timeouts, send, ex)
             return
         finally:
             replica.inflight -= 1
 
 
-async def _send(pool: Pool, request: httpcore.Request, ex: Exchange) -> tuple[Connection, httpcore.Response]:
+async def _send(
+    pool: Pool,
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    header_timeout: float,
+    ex: Exchange,
+) -> tuple[Connection, int, list[tuple[bytes, bytes]]]:
     """A connection and the response headers; a reused connection the backend had closed while
     idle is replaced (up to twice) before giving up."""
     attempts = 0
@@ -228,13 +230,14 @@ async def _send(pool: Pool, request: httpcore.Request, ex: Exchange) -> tuple[Co
         if isinstance(stream, NetStream):
             stream.written = 0
         try:
-            return conn, await conn.handle_async_request(request)
+            status, response_headers = await conn.exchange(method, target, headers, body, header_timeout)
+            return conn, status, response_headers
         except _STALE:
             pool.release(conn)  # httpcore closed it: discarded
             attempts += 1
             # The backend had closed the idle connection: send again on another one, unless the
             # request may have reached it (some bytes went out) and is not idempotent.
-            if reused and attempts < 3 and (request.method in _IDEMPOTENT or not _written(conn)):
+            if reused and attempts < 3 and (method in _IDEMPOTENT or not _written(conn)):
                 continue
             raise
         except BaseException:
@@ -242,7 +245,7 @@ async def _send(pool: Pool, request: httpcore.Request, ex: Exchange) -> tuple[Co
             raise
 
 
-async def _read_kept(pool: Pool, conn: Connection, response: httpcore.Response) -> bytes:
+async def _read_kept(pool: Pool, conn: Connection) -> bytes:
     """Read a response we may relay later (a retried error answer), bounded."""
     parts, size = [], 0
     try:
@@ -254,7 +257,7 @@ async def _read_kept(pool: Pool, conn: Connection, response: httpcore.Response) 
     except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError):
         pass
     finally:
-        await response.aclose()
+        await conn.close_response()
         pool.release(conn)
     return b"".join(parts)[:_KEEP_LIMIT]
 
@@ -285,15 +288,21 @@ async def _relay_kept(send: Send, ex: Exchange, kept: tuple[int, list[tuple[byte
 
 
 async def _relay(
-    pool: Pool, conn: Connection, response: httpcore.Response, timeouts: Timeouts, send: Send, ex: Exchange
+    pool: Pool,
+    conn: Connection,
+    status: int,
+    raw_headers: list[tuple[bytes, bytes]],
+    timeouts: Timeouts,
+    send: Send,
+    ex: Exchange,
 ) -> None:
     try:
         try:
-            relayed, ex.sse = response_headers(response.headers)
+            relayed, ex.sse = response_headers(raw_headers)
             relayed.append((b"x-request-id", ex.request_id))
             relayed.extend(ex.extra_headers)
-            ex.status = response.status
-            await send({"type": "http.response.start", "status": response.status, "headers": relayed})
+            ex.status = status
+            await send({"type": "http.response.start", "status": status, "headers": relayed})
             ex.started = True
             ex.phase = "first_token" if ex.sse else "body"
             first = timeouts.first_token if ex.sse else timeouts.idle
@@ -316,7 +325,7 @@ async def _relay(
             ex.chunks = conn.body_chunks
             # Closes the connection unless the body was read to the end: this is what makes
             # the backend abort a generation nobody will read.
-            await response.aclose()
+            await conn.close_response()
     finally:
         pool.release(conn)
     ex.active = False

@@ -32,6 +32,11 @@ try:  # h11's own chunked reader: iter_body takes over from it while it is at a 
     from h11._readers import ChunkedReader
 except ImportError:  # pragma: no cover - a later h11 that moved it; then h11 frames bodies itself
     ChunkedReader = None  # type: ignore[assignment,misc]
+try:  # h11's header list: exchange() builds it directly once the headers are known to be valid
+    from h11._headers import Headers as H11Headers
+except ImportError:  # pragma: no cover - a later h11 that moved it; then h11 checks each header
+    H11Headers = None  # type: ignore[assignment,misc]
+from httpcore._async.http11 import HTTPConnectionState
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
@@ -170,6 +175,60 @@ class Connection(AsyncHTTP11Connection):
                 raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
             state.receive_data(data)
 
+    async def exchange(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        timeout: float | None,  # noqa: ASYNC109 - per read and write, as httpcore's are
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Send one request and read its response head: the status and the raw headers. The body
+        follows with ``iter_body``; then ``close_response()``, as with an httpcore response.
+
+        What ``handle_async_request`` does for the gateway's requests (same h11 events, same
+        state, same exceptions), without building an ``httpcore.Request`` and URL, four trace
+        contexts and a regex per header name and value: the head and body go out in one write.
+        A ``WriteError`` is passed over to read the answer, as httpcore does: a server may answer
+        and close before reading the whole request.
+        """
+        state = self._state
+        if state is not HTTPConnectionState.IDLE and state is not HTTPConnectionState.NEW:
+            raise httpcore.ConnectionNotAvailable()
+        self._request_count += 1
+        self._state = HTTPConnectionState.ACTIVE
+        self._expire_at = None
+        try:
+            h11_state = self._h11_state
+            try:
+                fields = request_headers(headers)
+                event = (
+                    h11.Request(method=method, target=target, headers=headers)
+                    if fields is None
+                    else h11.Request(method=method, target=target, headers=fields, _parsed=True)
+                )
+                data = h11_state.send(event) or b""
+                if body:
+                    data += h11_state.send(h11.Data(data=body)) or b""
+                data += h11_state.send(h11.EndOfMessage()) or b""
+            except h11.LocalProtocolError as exc:
+                raise httpcore.LocalProtocolError(exc) from exc
+            try:
+                await self._network_stream.write(data, timeout=timeout)
+            except httpcore.WriteError:
+                pass
+            while True:
+                head = await self._receive_event(timeout)
+                if type(head) is h11.Response or (type(head) is h11.InformationalResponse and head.status_code == 101):
+                    return head.status_code, head.headers.raw_items()
+        except BaseException:
+            await self._response_closed()  # no await inside can be interrupted: see _NoLock, netio
+            raise
+
+    async def close_response(self) -> None:
+        """After a response: back to idle if it was read to the end, else closed."""
+        await self._response_closed()
+
     def iter_body(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
         """The response body, piece by piece as it arrives, waiting at most ``first_timeout`` for
         the first piece and ``idle_timeout`` between pieces. Close the response afterwards as
@@ -266,6 +325,42 @@ class Connection(AsyncHTTP11Connection):
                     "peer closed connection without sending complete message body (incomplete chunked read)"
                 )
             data = data[pos:] + more if pos < size else more
+
+
+_NAMES = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+(?:\n[-!#$%&'*+.^_`|~0-9a-z]+)*")
+_VALUE = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
+_VALUES = re.compile(_VALUE + rb"(?:\n" + _VALUE + rb")*")
+
+
+def request_headers(headers: list[tuple[bytes, bytes]]) -> H11Headers | None:
+    """``headers`` as h11 would accept them, checked in one pass per field.
+
+    h11 matches each name and each value against its grammar, one regex call each. Here all
+    names are matched at once (newline-joined: a newline is in neither grammar, so a count of
+    them shows no value held one), and all values likewise. Lower-case names (all an ASGI server
+    hands over, and the gateway's own) and the gateway's own framing (at most one
+    ``content-length``, all digits, and no ``transfer-encoding``) take this path; anything else
+    gets None: h11 then checks it field by field and refuses it exactly as before.
+    """
+    if H11Headers is None:  # pragma: no cover - see the import
+        return None
+    names = b"\n".join([n for n, _ in headers])
+    values = b"\n".join([v for _, v in headers])
+    newlines = len(headers) - 1
+    if (
+        names.count(b"\n") != newlines
+        or values.count(b"\n") != newlines
+        or b"transfer-encoding" in names
+        or _NAMES.fullmatch(names) is None
+        or _VALUES.fullmatch(values) is None
+    ):
+        return None
+    items = [(n, n, v) for n, v in headers]
+    if b"content-length" in names:
+        lengths = [v for n, v in headers if n == b"content-length"]
+        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 20:
+            return None
+    return H11Headers(items)
 
 
 #: One chunk-size line (RFC 9112 7.1), as h11 accepts it: up to 20 hex digits, extensions

@@ -327,10 +327,13 @@ def test_httpcore_baseline(
         (b"content-length", str(len(body)).encode()),
     ]
 
+    t = app.timeouts
+    extensions = {"timeout": {"connect": t.connect, "read": t.header, "write": t.header, "pool": 30.0}}
+
     async def exchange() -> int:
         conn, _ = await pool.acquire()
         try:
-            request = httpcore.Request(b"POST", url, headers=headers, content=body, extensions=app.timeouts.extensions)
+            request = httpcore.Request(b"POST", url, headers=headers, content=body, extensions=extensions)
             response = await conn.handle_async_request(request)
             size = 0
             try:

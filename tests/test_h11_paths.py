@@ -1,10 +1,16 @@
-"""The gateway's own de-chunking of response bodies (``Connection._dechunk``), checked against h11.
+"""The gateway's shortcuts past h11 on the hot path, each checked against h11 (or httpcore) itself.
 
-h11 is the oracle: for every response (valid or broken chunked framing, split into reads at
-arbitrary points), the gateway's path and h11's own (``Connection._h11_body``) must yield the same
-bytes by the same read (nothing held back), fail on the same inputs, and leave the h11 state in
-the same place: the message done, the same bytes left over after it, so the pool reuses exactly
-the connections it would have reused.
+``Connection._dechunk``: the gateway de-chunks response bodies. h11 is the oracle: for every
+response (valid or broken chunked framing, split into reads at arbitrary points), the gateway's
+path and h11's own (``Connection._h11_body``) must yield the same bytes by the same read (nothing
+held back), fail on the same inputs, and leave the h11 state in the same place: the message done,
+the same bytes left over after it, so the pool reuses exactly the connections it would have reused.
+
+``request_headers``: the request's header fields checked in one pass. Whatever it accepts, h11
+accepts with the same fields; whatever h11 refuses, it leaves to h11.
+
+``Connection.exchange``: writes exactly the bytes httpcore's ``handle_async_request`` writes for
+the same request, in one write, and reads the same response head.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import upstream
-from gateway.upstream import Connection
+from gateway.upstream import Connection, request_headers
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 ORIGIN = httpcore.Origin(b"http", b"127.0.0.1", 8000)
@@ -221,3 +227,120 @@ def test_the_installed_h11_takes_the_fast_path() -> None:
         return str(name)
 
     assert asyncio.run(kind()) == "Connection._dechunk"
+
+
+# -- request_headers -----------------------------------------------------------------------------
+
+NAME = st.one_of(
+    st.sampled_from([b"content-type", b"x-api-key", b"host", b"user-agent", b"content-length", b"accept"]),
+    st.text(alphabet="abcXYZ-_.!~09", min_size=0, max_size=6).map(str.encode),
+    st.binary(max_size=6),
+)
+VALUE = st.one_of(
+    st.sampled_from([b"application/json", b"", b"12", b"0", b"00017", b"1" * 21, b"a b", b" a", b"a ", b"a\tb"]),
+    st.binary(max_size=12),
+    st.text(max_size=8).map(lambda t: t.encode("utf-8")),
+)
+FIELDS = st.lists(st.tuples(NAME, VALUE), max_size=8)
+
+
+@CHECK
+@given(fields=FIELDS)
+def test_request_headers_accept_only_what_h11_accepts(fields: list[tuple[bytes, bytes]]) -> None:
+    from h11._headers import normalize_and_validate
+
+    fast = request_headers(fields)
+    try:
+        h11s = normalize_and_validate(fields)
+    except h11.LocalProtocolError:
+        assert fast is None, fields
+        return
+    if fast is not None:
+        assert fast._full_items == h11s._full_items
+
+
+def test_request_headers_take_the_common_case() -> None:
+    fields = [(b"host", b"backend:8000"), (b"content-type", b"application/json"), (b"content-length", b"42")]
+    fast = request_headers(fields)
+    assert fast is not None and fast.raw_items() == fields
+    # Left to h11: an upper-case name, a second length, a transfer coding, a value with a line break.
+    for odd in (b"Content-Type", b"content-length", b"transfer-encoding"):
+        assert request_headers([*fields, (odd, b"chunked" if odd == b"transfer-encoding" else b"1")]) is None
+    assert request_headers([*fields, (b"x-a", b"1\r\nx-b: 2")]) is None
+
+
+# -- exchange ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recorder(httpcore.AsyncNetworkStream):
+    """Keeps what is written; answers every read with ``answer`` once."""
+
+    answer: bytes
+    writes: list[bytes] = field(default_factory=list)
+    answered: bool = False
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if self.answered:
+            return b""
+        self.answered = True
+        return self.answer
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        self.writes.append(bytes(buffer))
+
+    async def aclose(self) -> None:
+        return None
+
+
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-Thing: a\r\n\r\n{}"
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "fields"),
+    [
+        (b"POST", b'{"model":"m"}', [(b"content-type", b"application/json"), (b"content-length", b"13")]),
+        (b"GET", b"", [(b"accept", b"*/*")]),
+        (b"POST", b"x", [(b"X-Upper", b"v"), (b"content-length", b"1")]),  # h11's own checks
+    ],
+)
+def test_exchange_writes_what_httpcore_writes(method: bytes, body: bytes, fields: list[tuple[bytes, bytes]]) -> None:
+    headers = [(b"host", b"backend:8000"), *fields]
+
+    async def ours() -> tuple[list[bytes], int, list[tuple[bytes, bytes]], object]:
+        stream = Recorder(ANSWER)
+        conn = Connection(origin=ORIGIN, stream=stream, keepalive_expiry=None)
+        status, got = await conn.exchange(method, b"/v1/x?y=1", headers, body, 5.0)
+        assert b"".join([p async for p in conn.iter_body(5.0, 5.0)]) == b"{}"
+        await conn.close_response()
+        return stream.writes, status, got, conn.is_idle()
+
+    async def httpcores() -> tuple[list[bytes], int, list[tuple[bytes, bytes]]]:
+        stream = Recorder(ANSWER)
+        conn = httpcore.AsyncHTTP11Connection(origin=ORIGIN, stream=stream)
+        url = httpcore.URL(scheme=b"http", host=b"127.0.0.1", port=8000, target=b"/v1/x?y=1")
+        response = await conn.handle_async_request(httpcore.Request(method, url, headers=headers, content=body))
+        await response.aread()
+        await response.aclose()
+        return stream.writes, response.status, response.headers
+
+    writes, status, got, idle = asyncio.run(ours())
+    expected_writes, expected_status, expected_headers = asyncio.run(httpcores())
+    assert len(writes) == 1  # head and body in one write
+    assert writes[0] == b"".join(expected_writes)
+    assert (status, got) == (expected_status, expected_headers)
+    assert idle  # read to the end: ready for the next request
+
+
+def test_exchange_refuses_what_h11_refuses_and_closes() -> None:
+    async def run() -> tuple[type[BaseException], bool, list[bytes]]:
+        stream = Recorder(ANSWER)
+        conn = Connection(origin=ORIGIN, stream=stream, keepalive_expiry=None)
+        try:
+            await conn.exchange(b"POST", b"/v1/x", [(b"host", b"h"), (b"x-a", b"1\r\nx-b: 2")], b"", 5.0)
+        except httpcore.LocalProtocolError as exc:
+            return type(exc), conn.is_closed(), stream.writes
+        raise AssertionError("a header with a line break was sent")
+
+    kind, closed, writes = asyncio.run(run())
+    assert kind is httpcore.LocalProtocolError and closed and writes == []
