@@ -172,6 +172,8 @@ class Gateway:
                 self._tasks.append(
                     loop.create_task(backend.probe_forever(self.network, s.gateway_probe_interval, probe_timeout))
                 )
+        if self.metrics is not None:
+            self.metrics.start(loop)
         if self.metrics is not None and not self.routed:
             self._tasks.append(loop.create_task(self._refresh_models()))
 
@@ -239,6 +241,8 @@ class Gateway:
             task.cancel()
         if self._drain is not None:
             await self._drain.stop()
+        if self.metrics is not None:
+            self.metrics.stop()  # writes out what the last interval added up
         if self.metrics is not None and self.metrics.multiprocess:
             from prometheus_client import multiprocess
 

@@ -8,10 +8,17 @@ files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, se
 supervisor), so one scrape of ``/metrics``, whichever worker answers it, shows the sum of all
 workers. Without that variable (Granian run by hand, tests in one process) each app keeps its own
 registry.
+
+A request's figures are first added up in plain Python (``_Count``, ``_Observe``) and written to
+the prometheus-client values by ``Metrics.flush()``: every ``FLUSH_INTERVAL`` seconds, before this
+worker answers a scrape, and at shutdown. In multiprocess mode each value write is a locked mmap
+write, about a dozen per request: ~40 us of the worker's CPU per request, against ~3 us for the
+sums. The price: another worker's last second may be missing from a scrape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -19,6 +26,7 @@ import os
 import re
 import sys
 import time
+from bisect import bisect_left
 from typing import Any
 
 import orjson
@@ -36,6 +44,9 @@ LATENCY_BUCKETS = (
 #: The gateway's own time before a request goes upstream: microseconds to milliseconds.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0)
+
+#: Seconds between writes of the accumulated figures to the prometheus-client values.
+FLUSH_INTERVAL = 1.0
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _json_decoder = json.JSONDecoder()
@@ -172,32 +183,73 @@ class Metrics:
             registry=reg,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._routes: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._flusher: asyncio.TimerHandle | None = None
 
     def child(self, family: Any, *labels: str) -> Any:
+        """The accumulator for one label set of ``family`` (made on first use, then cached)."""
         key = (id(family), *labels)
         c = self._children.get(key)
         if c is None:
-            c = self._children[key] = family.labels(*labels)
+            metric = family.labels(*labels)
+            c = self._children[key] = _Observe(metric) if hasattr(metric, "_upper_bounds") else _Count(metric)
         return c
+
+    def flush(self) -> None:
+        """Write what was added up since the last flush to the prometheus-client values."""
+        for c in self._children.values():
+            c.flush()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush every ``FLUSH_INTERVAL`` seconds on ``loop`` until ``stop()``."""
+
+        def tick() -> None:
+            self.flush()
+            self._flusher = loop.call_later(FLUSH_INTERVAL, tick)
+
+        self._flusher = loop.call_later(FLUSH_INTERVAL, tick)
+
+    def stop(self) -> None:
+        """Stop the periodic flush and write out what is left."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self.flush()
+
+    def _per_route(self, route: str, backend: str) -> tuple[Any, ...]:
+        """The accumulators labelled (route, backend), looked up once per request."""
+        key = (route, backend)
+        found = self._routes.get(key)
+        if found is None:
+            found = self._routes[key] = (
+                self.child(self.overhead, route, backend),
+                self.child(self.ttft, route, backend),
+                self.child(self.duration, route, backend),
+                self.child(self.max_gap, route, backend),
+                self.child(self.disconnects, route, backend),
+                self.child(self.not_supported, route, backend),
+            )
+        return found
 
     def record(self, ex: Exchange, route: str, model: str) -> None:
         b = ex.backend if ex.backend != "-" else self.backend
         status = ex.status
         self.child(self.requests, route, model, b, str(status)).inc()
+        overhead, ttft, duration, max_gap, disconnects, not_supported = self._per_route(route, b)
         if ex.t_upstream:
-            self.child(self.overhead, route, b).observe(ex.t_upstream - ex.t_start)
+            overhead.observe(ex.t_upstream - ex.t_start)
         if ex.t_first:
-            self.child(self.ttft, route, b).observe(ex.t_first - ex.t_start)
-        self.child(self.duration, route, b).observe(ex.t_end - ex.t_start)
+            ttft.observe(ex.t_first - ex.t_start)
+        duration.observe(ex.t_end - ex.t_start)
         if ex.sse and ex.chunks > 1:
-            self.child(self.max_gap, route, b).observe(ex.max_gap)
+            max_gap.observe(ex.max_gap)
         end = ex.end
         if end == "client_gone":
-            self.child(self.disconnects, route, b).inc()
+            disconnects.inc()
         elif end in ("upstream_error", "timeout"):
             self.child(self.upstream_errors, b, ex.error_class or "reset").inc()
         elif status == 501 and not ex.started:
-            self.child(self.not_supported, route, b).inc()
+            not_supported.inc()
         if ex.started and status >= 500:
             self.child(self.upstream_errors, b, "status_5xx").inc()
         if ex.started and 200 <= status < 300 and route in _TOKEN_ROUTES:
@@ -213,6 +265,7 @@ class Metrics:
     def exposition(self) -> tuple[bytes, bytes]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+        self.flush()  # this worker's figures are always current in its own answer
         if self.multiprocess:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -222,6 +275,63 @@ class Metrics:
 
 
 _TOKEN_ROUTES = frozenset({"chat", "completions", "responses", "embeddings"})
+
+
+class _Count:
+    """A counter's or gauge's increments since the last flush."""
+
+    __slots__ = ("metric", "pending")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.pending: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.pending += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.pending -= amount
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0
+            self.metric.inc(amount)  # a gauge's inc takes a negative amount too
+
+
+class _Observe:
+    """A histogram's observations since the last flush: a count per bucket and their sum.
+
+    prometheus-client keeps one value per bucket (the first whose upper bound is >= the
+    observation; cumulated only in the exposition) and one for the sum; a flush adds to each
+    what ``observe()`` would have added one observation at a time.
+    """
+
+    __slots__ = ("metric", "bounds", "counts", "total", "n")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.bounds: list[float] = list(metric._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+        self.n += 1
+
+    def flush(self) -> None:
+        if not self.n:
+            return
+        buckets = self.metric._buckets
+        counts = self.counts
+        for i, count in enumerate(counts):
+            if count:
+                buckets[i].inc(count)
+                counts[i] = 0
+        self.metric._sum.inc(self.total)
+        self.total = 0.0
+        self.n = 0
 
 
 class AccessLog:

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from gateway.observe import find_usage, request_id
+from gateway import observe
+from gateway.observe import LATENCY_BUCKETS, Metrics, find_usage, request_id
 from tests.conftest import GatewayProc, free_port
 from tests.conftest import http_request as req
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
@@ -37,11 +41,17 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def scrape_when(g: GatewayProc, name: str, value: float, **labels: str) -> str:
     """Scrape until one series shows ``value``: a request's metrics are recorded just after its
-    response went out, possibly by another worker than the one answering the scrape."""
+    response went out and written out by its worker within a second (``observe.FLUSH_INTERVAL``),
+    possibly another worker than the one answering the scrape."""
+    return scrape_until(g, [(name, value, labels)])
+
+
+def scrape_until(g: GatewayProc, expected: list[tuple[str, float, dict[str, str]]]) -> str:
+    """Scrape until every (name, value, labels) series holds, or 5 s passed."""
     deadline = time.monotonic() + 5
     while True:
         text = req(g, "GET", "/metrics")[2].decode()
-        if metric(text, name, **labels) == value or time.monotonic() > deadline:
+        if all(metric(text, n, **lb) == v for n, v, lb in expected) or time.monotonic() > deadline:
             return text
         time.sleep(0.05)
 
@@ -65,6 +75,102 @@ def wait_for(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def
             return
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+AMOUNT = st.one_of(
+    st.sampled_from([0.0, *LATENCY_BUCKETS, 1e9]),  # exactly on a bound falls in that bound's bucket
+    st.floats(min_value=-1.0, max_value=1e4, allow_nan=False),
+)
+
+
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("observe"), st.sampled_from(["a", "b"]), AMOUNT),
+            st.tuples(st.just("inc"), st.sampled_from(["a", "b"]), st.integers(0, 5).map(float)),
+            st.tuples(st.just("gauge"), st.sampled_from(["a", "b"]), st.sampled_from([1.0, -1.0])),
+            st.tuples(st.just("flush"), st.just(""), st.just(0.0)),
+        ),
+        max_size=60,
+    )
+)
+def test_added_up_figures_flush_to_what_direct_updates_give(steps: list[tuple[str, str, float]]) -> None:
+    """The accumulators write to prometheus-client exactly what calling it directly writes."""
+
+    def families(registry: CollectorRegistry) -> tuple[Histogram, Counter, Gauge]:
+        return (
+            Histogram("h_seconds", "h", ["l"], buckets=LATENCY_BUCKETS, registry=registry),
+            Counter("c", "c", ["l"], registry=registry),
+            Gauge("g", "g", ["l"], registry=registry),
+        )
+
+    direct_reg, summed_reg = CollectorRegistry(), CollectorRegistry()
+    h, c, g = families(direct_reg)
+    sh, sc, sg = families(summed_reg)
+    acc: dict[tuple[str, str], observe._Count | observe._Observe] = {}
+
+    def child(kind: str, family: Histogram | Counter | Gauge, label: str) -> observe._Count | observe._Observe:
+        key = (kind, label)
+        if key not in acc:
+            metric = family.labels(label)
+            acc[key] = observe._Observe(metric) if kind == "observe" else observe._Count(metric)
+        return acc[key]
+
+    for kind, label, amount in steps:
+        if kind == "observe":
+            h.labels(label).observe(amount)
+            child(kind, sh, label).observe(amount)  # type: ignore[union-attr]
+        elif kind == "inc":
+            c.labels(label).inc(amount)
+            child(kind, sc, label).inc(amount)
+        elif kind == "gauge":
+            g.labels(label).inc(amount)
+            child(kind, sg, label).inc(amount)
+        else:
+            for a in acc.values():
+                a.flush()
+    for a in acc.values():
+        a.flush()
+    got, want = _series(summed_reg), _series(direct_reg)
+    assert [name for name, _ in got] == [name for name, _ in want]
+    for (name, a), (_, b) in zip(got, want, strict=True):
+        # a _sum is added up in another order: equal to within float rounding; all else exactly
+        assert a == b or ("_sum" in name and abs(a - b) <= 1e-9 * max(1.0, abs(b))), (name, a, b)
+
+
+def _series(registry: CollectorRegistry) -> list[tuple[str, float]]:
+    out = []
+    for line in generate_latest(registry).decode().splitlines():
+        if not line.startswith("#") and "_created" not in line:
+            name, value = line.rsplit(" ", 1)
+            out.append((name, float(value)))
+    return out
+
+
+def test_a_scrape_shows_this_workers_requests_at_once_and_the_timer_flushes() -> None:
+    from gateway.relay import Exchange
+
+    async def run() -> tuple[str, str, str]:
+        m = Metrics("vllm")
+        ex = Exchange(1.0)
+        ex.status, ex.started, ex.t_upstream, ex.t_first, ex.t_end = 200, True, 1.001, 1.01, 1.02
+        m.record(ex, "chat", "m")
+        untouched = generate_latest(m.registry).decode()  # nothing written yet: added up only
+        scraped = m.exposition()[0].decode()  # the scrape flushes first
+        m.start(asyncio.get_running_loop())
+        m.record(ex, "chat", "m")
+        await asyncio.sleep(observe.FLUSH_INTERVAL * 1.5)
+        timed = generate_latest(m.registry).decode()
+        m.stop()
+        return untouched, scraped, timed
+
+    untouched, scraped, timed = asyncio.run(run())
+    assert metric(untouched, "gateway_requests_total", route="chat", status="200") == 0
+    assert metric(scraped, "gateway_requests_total", route="chat", status="200") == 1
+    assert metric(scraped, "gateway_request_duration_seconds_bucket", route="chat", le="0.025") == 1
+    assert metric(scraped, "gateway_request_duration_seconds_bucket", route="chat", le="0.01") == 0
+    assert metric(timed, "gateway_requests_total", route="chat", status="200") == 2
 
 
 def test_usage_from_the_tail_only() -> None:
@@ -102,7 +208,18 @@ def test_metrics_sum_across_workers_and_stay_bounded(start_gateway: type[Gateway
     assert req(g, "GET", "/v1/models", headers={"authorization": "Bearer wrong"})[0] == 401
     status, headers, _ = req(g, "GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    text = scrape_when(g, "gateway_requests_total", 1, route="models", status="401")
+    # Both workers' figures: each writes all of its own at once, within a second.
+    text = scrape_until(
+        g,
+        [
+            ("gateway_requests_total", 26, {"route": "chat", "model": "fake", "status": "200"}),
+            ("gateway_requests_total", 40, {"route": "chat", "model": "other", "status": "200"}),
+            ("gateway_requests_total", 3, {"route": "unknown", "status": "404"}),
+            ("gateway_requests_total", 1, {"route": "models", "status": "401"}),
+            ("gateway_tokens_total", 20 * 1 + 6 * 4, {"model": "fake", "type": "output"}),
+            ("gateway_stream_max_chunk_gap_seconds_count", 6, {"route": "chat"}),
+        ],
+    )
     assert metric(text, "gateway_requests_total", route="chat", model="fake", status="200") == 26
     assert metric(text, "gateway_requests_total", route="chat", model="other", status="200") == 40
     assert metric(text, "gateway_requests_total", route="unknown", status="404") == 3
