@@ -243,6 +243,8 @@ class Gateway:
             await self._drain.stop()
         if self.metrics is not None:
             self.metrics.stop()  # writes out what the last interval added up
+        if self.access_log is not None:
+            self.access_log.flush()
         if self.metrics is not None and self.metrics.multiprocess:
             from prometheus_client import multiprocess
 

@@ -334,8 +334,20 @@ class _Observe:
         self.n = 0
 
 
+#: Lines are written in batches of at most this many bytes: writes to a pipe up to PIPE_BUF are
+#: atomic, so several workers' lines never interleave mid-line.
+LOG_BATCH = 4096
+#: Seconds a line may wait for its batch to fill.
+LOG_FLUSH_DELAY = 0.05
+
+
 class AccessLog:
-    """One line per request on stdout: JSON (orjson) or, on a terminal, plain text."""
+    """One line per request on stdout: JSON (orjson) or, on a terminal, plain text.
+
+    Lines are written in whole-line batches of up to ``LOG_BATCH`` bytes, at the latest
+    ``LOG_FLUSH_DELAY`` after the first one of a batch (on an event loop; at once without one), and
+    at shutdown: one write per a dozen requests under load instead of one each.
+    """
 
     def __init__(self, fmt: str) -> None:
         if fmt == "auto":
@@ -343,6 +355,33 @@ class AccessLog:
         self.json = fmt == "json"
         self._second = -1
         self._stamp = ""
+        self._batch: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def flush(self) -> None:
+        """Write the lines waiting, if any."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._batch:
+            data = b"".join(self._batch)
+            self._batch.clear()
+            self._size = 0
+            _write_out(data)
+
+    def _add(self, line: bytes) -> None:
+        if self._size + len(line) > LOG_BATCH:
+            self.flush()
+        self._batch.append(line)
+        self._size += len(line)
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._timer = loop.call_later(LOG_FLUSH_DELAY, self.flush)
 
     def _now(self) -> str:
         """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second."""
@@ -382,10 +421,15 @@ class AccessLog:
                 f"ttft={ttft}ms duration={duration}ms chunks={ex.chunks} bytes={ex.nbytes} end={ex.end} "
                 f"key={ex.key_id} id={ex.request_id.decode('ascii')}\n"
             ).encode()
-        try:
-            os.write(1, line)  # one write per line: whole lines even with several workers on one pipe
-        except OSError:
-            pass
+        self._add(line)
+
+
+def _write_out(data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(1, data) :]
+    except OSError:
+        pass
 
 
 def setup_logging(level: str, fmt: str) -> None:

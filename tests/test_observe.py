@@ -173,6 +173,32 @@ def test_a_scrape_shows_this_workers_requests_at_once_and_the_timer_flushes() ->
     assert metric(timed, "gateway_requests_total", route="chat", status="200") == 2
 
 
+def test_access_log_lines_go_out_in_whole_line_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.observe import LOG_BATCH, LOG_FLUSH_DELAY, AccessLog
+    from gateway.relay import Exchange
+
+    writes: list[bytes] = []
+    monkeypatch.setattr(observe, "_write_out", writes.append)
+    log = AccessLog("json")
+    ex = Exchange(1.0)
+    ex.status, ex.t_end, ex.request_id = 200, 1.01, b"r" * 100
+
+    async def run() -> tuple[int, int]:
+        for _ in range(40):
+            log.write(ex, "POST", "/v1/chat/completions", "chat", "m")
+        full = len(writes)  # the batches that filled up went out at once
+        await asyncio.sleep(LOG_FLUSH_DELAY * 3)
+        return full, len(writes)
+
+    full, after = asyncio.run(run())
+    assert full >= 2 and after == full + 1  # the rest followed within the delay
+    lines = b"".join(writes).splitlines()
+    assert len(lines) == 40 and all(orjson.loads(line)["status"] == 200 for line in lines)
+    assert all(len(w) <= LOG_BATCH and w.endswith(b"\n") for w in writes)
+    log.write(ex, "GET", "/v1/models", "models", "none")  # no event loop: written at once
+    assert len(writes) == after + 1
+
+
 def test_usage_from_the_tail_only() -> None:
     assert find_usage(b'..."usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}') == (7, 3)
     tail = b'data: {"choices":[],"usage": {"prompt_tokens":1,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
