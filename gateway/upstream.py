@@ -28,10 +28,10 @@ from gateway.errors import GatewayError, backend_timeout, backend_unavailable, p
 from gateway.netio import AsyncioBackend
 from gateway.profiles import Profile
 
-try:  # h11's own chunked reader: iter_body takes over from it while it is at a chunk boundary
-    from h11._readers import ChunkedReader
-except ImportError:  # pragma: no cover - a later h11 that moved it; then h11 frames bodies itself
-    ChunkedReader = None  # type: ignore[assignment,misc]
+try:  # h11's body readers: iter_body takes over from them before they have read anything
+    from h11._readers import ChunkedReader, ContentLengthReader
+except ImportError:  # pragma: no cover - a later h11 that moved them; then h11 frames bodies itself
+    ChunkedReader = ContentLengthReader = None  # type: ignore[assignment,misc]
 try:  # h11's header list: exchange() builds it directly once the headers are known to be valid
     from h11._headers import Headers as H11Headers
 except ImportError:  # pragma: no cover - a later h11 that moved it; then h11 checks each header
@@ -217,6 +217,13 @@ class Connection(AsyncHTTP11Connection):
                 await self._network_stream.write(data, timeout=timeout)
             except httpcore.WriteError:
                 pass
+            if not h11_state.trailing_data[0]:
+                # Nothing buffered (the pool reuses no connection with bytes left over): h11's first
+                # answer would be NEED_DATA, so read first.
+                received = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
+                if not received:
+                    raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+                h11_state.receive_data(received)
             while True:
                 head = await self._receive_event(timeout)
                 if type(head) is h11.Response or (type(head) is h11.InformationalResponse and head.status_code == 101):
@@ -237,7 +244,8 @@ class Connection(AsyncHTTP11Connection):
         A chunked body (every SSE stream) is de-chunked here rather than by h11, whose two
         ``next_event()`` calls per chunk were most of the gateway's per-chunk cost; h11 still
         reads the response head, the last chunk and any trailers, so its state (and whether the
-        connection can be reused) stays exactly what it would have been.
+        connection can be reused) stays exactly what it would have been. A ``Content-Length``
+        body is read here too (``_sized``), and h11 ends the message.
         """
         self.body_chunks = 0
         reader = self._h11_state._reader if FAST_CHUNKED else None
@@ -248,6 +256,8 @@ class Connection(AsyncHTTP11Connection):
             and not reader._reading_trailer
         ):
             return self._dechunk(first_timeout, idle_timeout)
+        if type(reader) is ContentLengthReader and reader._remaining == reader._length > 0:
+            return self._sized(first_timeout, idle_timeout)
         return self._h11_body(first_timeout, idle_timeout)
 
     async def _h11_body(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
@@ -261,6 +271,38 @@ class Connection(AsyncHTTP11Connection):
                 yield bytes(event.data)  # h11 hands out a bytearray; ASGI bodies are bytes
             elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
                 return
+
+    async def _sized(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
+        """A ``Content-Length`` body, each read yielded as it arrives; h11 then ends the message
+        (and keeps any bytes past the body, so the pool does not reuse the connection)."""
+        state = self._h11_state
+        reader: ContentLengthReader = state._reader  # type: ignore[assignment]  # checked by iter_body
+        buffered = state._receive_buffer.maybe_extract_at_most(len(state._receive_buffer))
+        data = bytes(buffered) if buffered else b""
+        left = reader._remaining
+        timeout = first_timeout
+        while True:
+            if data:
+                self.body_chunks += 1
+                if len(data) >= left:
+                    extra = data[left:]
+                    yield data[:left] if extra else data
+                    reader._remaining = 0
+                    if extra:
+                        state.receive_data(extra)
+                    while type(await self._receive_event(idle_timeout)) is not h11.EndOfMessage:
+                        pass
+                    return
+                left -= len(data)
+                reader._remaining = left
+                yield data
+                timeout = idle_timeout
+            data = await self._network_stream.read(self.READ_NUM_BYTES, timeout)
+            if not data:
+                raise httpcore.RemoteProtocolError(
+                    "peer closed connection without sending complete message body "
+                    f"(received {reader._length - left} bytes, expected {reader._length})"
+                )
 
     async def _dechunk(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
         """A chunked body's data, as h11 would frame it (same grammar, same limits, same errors),
@@ -375,16 +417,19 @@ def _malformed_footer(got: bytes) -> httpcore.RemoteProtocolError:
 
 
 def _h11_internals_known() -> bool:
-    """Whether this h11 has the receive buffer and chunked reader that ``_dechunk`` takes over
-    from; if a later h11 does not, bodies are framed by h11 itself (slower, equally correct)."""
+    """Whether this h11 has the receive buffer and body readers that ``_dechunk`` and ``_sized``
+    take over from; if a later h11 does not, bodies are framed by h11 itself (slower, equally
+    correct)."""
     if ChunkedReader is None:
         return False
     probe = h11.Connection(h11.CLIENT)
     reader = ChunkedReader()
+    sized = ContentLengthReader(1)
     return (
         hasattr(probe, "_reader")
         and hasattr(getattr(probe, "_receive_buffer", None), "maybe_extract_at_most")
         and all(hasattr(reader, a) for a in ("_bytes_in_chunk", "_bytes_to_discard", "_reading_trailer"))
+        and all(hasattr(sized, a) for a in ("_length", "_remaining"))
     )
 
 

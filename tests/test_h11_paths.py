@@ -229,6 +229,45 @@ def test_the_installed_h11_takes_the_fast_path() -> None:
     assert asyncio.run(kind()) == "Connection._dechunk"
 
 
+SIZED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+
+
+@CHECK
+@given(
+    body=st.binary(min_size=1, max_size=600),
+    after=st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n", b"x"]),
+    cut_short=st.integers(0, 3),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+)
+def test_sized_bodies_match_h11(body: bytes, after: bytes, cut_short: int, cuts: list[int]) -> None:
+    """A Content-Length body: same bytes by the same read, same errors when the backend closes
+    early, same state and leftover bytes (``Connection._sized`` against h11)."""
+    raw = SIZED_HEAD % len(body) + body + after
+    if cut_short:
+        raw = raw[: len(raw) - len(after) - min(cut_short, len(body))]
+    ours = _compare(_split(raw, cuts))
+    if cut_short:
+        assert ours.error is httpcore.RemoteProtocolError
+    else:
+        assert ours.error is None and ours.their_state is h11.DONE
+        assert b"".join(p for _, p in ours.pieces) == body
+        assert after.startswith(ours.trailing)
+
+
+def test_the_installed_h11_reads_sized_bodies_in_the_gateway() -> None:
+    async def kind() -> str:
+        conn = Connection(origin=ORIGIN, stream=Reads([SIZED_HEAD % 2 + b"{}"]), keepalive_expiry=None)
+        conn._h11_state.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        conn._h11_state.send(h11.EndOfMessage())
+        await conn._receive_event(None)
+        body = conn.iter_body(None, None)
+        name = body.__qualname__  # type: ignore[attr-defined]
+        await body.aclose()  # type: ignore[attr-defined]
+        return str(name)
+
+    assert asyncio.run(kind()) == "Connection._sized"
+
+
 # -- request_headers -----------------------------------------------------------------------------
 
 NAME = st.one_of(
@@ -330,6 +369,21 @@ def test_exchange_writes_what_httpcore_writes(method: bytes, body: bytes, fields
     assert writes[0] == b"".join(expected_writes)
     assert (status, got) == (expected_status, expected_headers)
     assert idle  # read to the end: ready for the next request
+
+
+def test_exchange_reports_a_backend_that_closed_without_answering() -> None:
+    # What a keep-alive connection the backend had closed looks like: the relay's resend rule
+    # (relay._STALE) depends on this exception.
+    async def run() -> tuple[str, bool]:
+        conn = Connection(origin=ORIGIN, stream=Recorder(b""), keepalive_expiry=None)
+        try:
+            await conn.exchange(b"GET", b"/v1/models", [(b"host", b"h")], b"", 5.0)
+        except httpcore.RemoteProtocolError as exc:
+            return str(exc), conn.is_closed()
+        raise AssertionError("no error")
+
+    message, closed = asyncio.run(run())
+    assert message == "Server disconnected without sending a response." and closed
 
 
 def test_exchange_refuses_what_h11_refuses_and_closes() -> None:
