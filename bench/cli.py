@@ -24,7 +24,7 @@ import orjson
 
 from bench import report
 from bench.loadgen import install_uvloop
-from bench.procstat import Tree
+from bench.procstat import Tree, rss_bytes
 from bench.runner import Endpoint, Runner, cpu_plan, start_gateway, start_sim
 from bench.scenarios import FULL, smoke
 
@@ -117,6 +117,8 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         gateway_tree = Tree(gw.pid)
         progress(f"gateway on port {gw_port} (pid {gw.pid}, {len(gateway_tree.pids)} processes)")
         idle_rss = gateway_tree.rss()
+        workers = gateway_tree.leaves()
+        worker_rss = rss_bytes(workers) // max(1, len(workers))
         gateway = Endpoint("gateway", "127.0.0.1", gw_port, "/v1", args.client_key)
         runner = Runner(
             direct,
@@ -168,7 +170,12 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         (gw_cpu, other_cpu),
         loop_name,
     )
-    doc = {"environment": env, "gateway_idle_rss_mib": round(idle_rss / 2**20, 1), "scenarios": results}
+    doc = {
+        "environment": env,
+        "gateway_idle_rss_mib": round(idle_rss / 2**20, 1),
+        "gateway_idle_worker_rss_mib": round(worker_rss / 2**20, 1),
+        "scenarios": results,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = args.out / f"bench-{stamp}.json"
@@ -176,6 +183,9 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
     json_path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     report.plot(results, samples, png_path)
     print(report.table(results))
-    print(f"\ngateway idle RSS {doc['gateway_idle_rss_mib']} MiB; results: {json_path} and {png_path}")
+    print(
+        f"\ngateway idle RSS {doc['gateway_idle_rss_mib']} MiB (all its processes; one worker "
+        f"{doc['gateway_idle_worker_rss_mib']} MiB); results: {json_path} and {png_path}"
+    )
     errors = sum(r["direct"]["errors"] + r["gateway"]["errors"] for r in results)
     return 1 if errors else 0

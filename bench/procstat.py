@@ -78,6 +78,15 @@ class Tree:
     def rss(self) -> int:
         return rss_bytes(self.pids)
 
+    def leaves(self) -> list[int]:
+        """The processes with no child of their own: for the gateway, its Granian workers."""
+        parents = set()
+        for pid in self.pids:
+            fields = _stat(pid)
+            if fields is not None:
+                parents.add(int(fields[1]))
+        return [pid for pid in self.pids if pid not in parents]
+
 
 def self_cpu() -> float:
     t = os.times()

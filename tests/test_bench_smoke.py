@@ -29,6 +29,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     env = doc["environment"]
     assert env["python"] and env["cores"] and env["packages"]["granian"] and env["args"]["backend_kind"] == "vllm"
     assert [s["scenario"] for s in doc["scenarios"]] == [s.name for s in FULL]
+    # One worker is part of all the gateway's processes (supervisor, Granian's main, the worker).
+    assert 0 < doc["gateway_idle_worker_rss_mib"] < doc["gateway_idle_rss_mib"]
     for sc in doc["scenarios"]:
         for side in ("direct", "gateway"):
             fig = sc[side]
