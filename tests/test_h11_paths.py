@@ -211,24 +211,6 @@ def test_data_is_yielded_as_it_arrives_and_reads_are_merged() -> None:
     assert ours.their_state is h11.DONE
 
 
-def test_the_installed_h11_takes_the_fast_path() -> None:
-    # If a new h11 moved the internals _dechunk takes over from, bodies would silently go back
-    # to h11's slower framing: make that a failing test, not a quiet regression.
-    assert upstream.FAST_CHUNKED
-
-    async def kind() -> str:
-        conn = Connection(origin=ORIGIN, stream=Reads([HEAD]), keepalive_expiry=None)
-        conn._h11_state.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-        conn._h11_state.send(h11.EndOfMessage())
-        await conn._receive_event(None)
-        body = conn.iter_body(None, None)
-        name = body.__qualname__  # type: ignore[attr-defined]
-        await body.aclose()  # type: ignore[attr-defined]
-        return str(name)
-
-    assert asyncio.run(kind()) == "Connection._dechunk"
-
-
 SIZED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
 
 
@@ -254,9 +236,17 @@ def test_sized_bodies_match_h11(body: bytes, after: bytes, cut_short: int, cuts:
         assert after.startswith(ours.trailing)
 
 
-def test_the_installed_h11_reads_sized_bodies_in_the_gateway() -> None:
+@pytest.mark.parametrize(
+    ("head", "reader"),
+    [(HEAD, "Connection._dechunk"), (SIZED_HEAD % 2 + b"{}", "Connection._sized")],
+)
+def test_the_installed_h11_takes_the_fast_paths(head: bytes, reader: str) -> None:
+    # If a new h11 moved the internals _dechunk and _sized take over from, bodies would silently
+    # go back to h11's slower framing: make that a failing test, not a quiet regression.
+    assert upstream.FAST_CHUNKED
+
     async def kind() -> str:
-        conn = Connection(origin=ORIGIN, stream=Reads([SIZED_HEAD % 2 + b"{}"]), keepalive_expiry=None)
+        conn = Connection(origin=ORIGIN, stream=Reads([head]), keepalive_expiry=None)
         conn._h11_state.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
         conn._h11_state.send(h11.EndOfMessage())
         await conn._receive_event(None)
@@ -265,7 +255,7 @@ def test_the_installed_h11_reads_sized_bodies_in_the_gateway() -> None:
         await body.aclose()  # type: ignore[attr-defined]
         return str(name)
 
-    assert asyncio.run(kind()) == "Connection._sized"
+    assert asyncio.run(kind()) == reader
 
 
 # -- request_headers -----------------------------------------------------------------------------
