@@ -45,6 +45,8 @@ LATENCY_BUCKETS = (
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0)
 
+#: The largest token count taken from a backend's usage (the keys file's tpm bound).
+MAX_USAGE = 1_000_000_000
 #: Seconds between writes of the accumulated figures to the prometheus-client values.
 FLUSH_INTERVAL = 1.0
 
@@ -80,7 +82,11 @@ def find_usage(tail: bytes) -> tuple[int, int] | None:
     if not isinstance(value, dict):
         return None
     prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    # Counts a backend can mean: ints (not bools), never negative (a counter cannot go down),
+    # and not beyond what a float counter holds exactly.
+    if type(prompt) is not int or type(completion) is not int:
+        return None
+    if not (0 <= prompt <= MAX_USAGE and 0 <= completion <= MAX_USAGE):
         return None
     return prompt, completion
 
@@ -196,16 +202,22 @@ class Metrics:
         return c
 
     def flush(self) -> None:
-        """Write what was added up since the last flush to the prometheus-client values."""
+        """Write what was added up since the last flush to the prometheus-client values; one
+        value refused does not hold back the others."""
         for c in self._children.values():
-            c.flush()
+            try:
+                c.flush()
+            except (ValueError, OverflowError) as exc:  # pragma: no cover - find_usage bounds its input
+                log.warning("metric %s not written: %s", c.metric, exc)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Flush every ``FLUSH_INTERVAL`` seconds on ``loop`` until ``stop()``."""
 
         def tick() -> None:
-            self.flush()
-            self._flusher = loop.call_later(FLUSH_INTERVAL, tick)
+            try:
+                self.flush()
+            finally:
+                self._flusher = loop.call_later(FLUSH_INTERVAL, tick)
 
         self._flusher = loop.call_later(FLUSH_INTERVAL, tick)
 
@@ -358,6 +370,7 @@ class AccessLog:
         self._batch: list[bytes] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def flush(self) -> None:
         """Write the lines waiting, if any."""
@@ -375,13 +388,15 @@ class AccessLog:
             self.flush()
         self._batch.append(line)
         self._size += len(line)
-        if self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._timer = loop.call_later(LOG_FLUSH_DELAY, self.flush)
+        if self._timer is not None and self._timer_loop is not None and not self._timer_loop.is_closed():
+            return  # the batch's timer will write it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._timer = loop.call_later(LOG_FLUSH_DELAY, self.flush)
+        self._timer_loop = loop
 
     def _now(self) -> str:
         """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second."""

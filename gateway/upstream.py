@@ -313,11 +313,12 @@ class Connection(AsyncHTTP11Connection):
         data = bytes(buffered) if buffered else b""
         read = self._network_stream.read
         match = _CHUNK_LINE.match
+        limit = state._max_incomplete_event_size  # this connection's h11 bound on an unfinished line
         timeout = first_timeout
         left = 0  # bytes of the current chunk's data still to come
         crlf = False  # a chunk's data is complete; its CRLF comes next
         while True:
-            pos, size, pieces, error = 0, len(data), [], None
+            pos, size, pieces, error, partial_line = 0, len(data), [], None, False
             while True:
                 if left:
                     end = pos + left
@@ -343,8 +344,9 @@ class Connection(AsyncHTTP11Connection):
                 if line is None:
                     if data.find(b"\r\n", pos) >= 0:
                         error = httpcore.RemoteProtocolError(f"illegal chunk header: {data[pos : pos + 40]!r}")
-                    elif size - pos > MAX_CHUNK_LINE:
-                        error = httpcore.RemoteProtocolError("chunk header too long")
+                    elif size - pos > limit:
+                        error = _line_too_long()
+                    partial_line = True
                     break
                 left = int(line[1], 16)
                 if not left:  # the last chunk: h11 reads it and the trailers, and ends the message
@@ -361,12 +363,24 @@ class Connection(AsyncHTTP11Connection):
                 timeout = idle_timeout
             if error is not None:
                 raise error
+            rest = data[pos:] if pos < size else b""
             more = await read(self.READ_NUM_BYTES, timeout)
+            if partial_line and b"\n" not in more:
+                # A size line cannot end before a LF arrives: gather reads without searching the
+                # line again each time (linear however finely the backend splits it).
+                parts, total = [rest, more], len(rest) + len(more)
+                while more and b"\n" not in more:
+                    if total > limit:
+                        raise _line_too_long()
+                    more = await read(self.READ_NUM_BYTES, timeout)
+                    parts.append(more)
+                    total += len(more)
+                rest, more = b"".join(parts[:-1]), parts[-1]
             if not more:
                 raise httpcore.RemoteProtocolError(
                     "peer closed connection without sending complete message body (incomplete chunked read)"
                 )
-            data = data[pos:] + more if pos < size else more
+            data = rest + more if rest else more
 
 
 _NAMES = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+(?:\n[-!#$%&'*+.^_`|~0-9a-z]+)*")
@@ -408,8 +422,10 @@ def request_headers(headers: list[tuple[bytes, bytes]]) -> H11Headers | None:
 #: One chunk-size line (RFC 9112 7.1), as h11 accepts it: up to 20 hex digits, extensions
 #: skipped, trailing blanks tolerated.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*\r\n")
-#: h11's bound on a line it is still waiting for the end of.
-MAX_CHUNK_LINE = h11.Connection(h11.CLIENT)._max_incomplete_event_size
+
+
+def _line_too_long() -> httpcore.RemoteProtocolError:
+    return httpcore.RemoteProtocolError("chunk header too long")
 
 
 def _malformed_footer(got: bytes) -> httpcore.RemoteProtocolError:
@@ -430,6 +446,7 @@ def _h11_internals_known() -> bool:
         and hasattr(getattr(probe, "_receive_buffer", None), "maybe_extract_at_most")
         and all(hasattr(reader, a) for a in ("_bytes_in_chunk", "_bytes_to_discard", "_reading_trailer"))
         and all(hasattr(sized, a) for a in ("_length", "_remaining"))
+        and hasattr(probe, "_max_incomplete_event_size")
     )
 
 

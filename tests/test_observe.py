@@ -198,6 +198,13 @@ def test_access_log_lines_go_out_in_whole_line_batches(monkeypatch: pytest.Monke
     log.write(ex, "GET", "/v1/models", "models", "none")  # no event loop: written at once
     assert len(writes) == after + 1
 
+    async def leave_a_line() -> None:
+        log.write(ex, "GET", "/v1/models", "models", "none")  # its timer dies with this loop
+
+    asyncio.run(leave_a_line())
+    log.write(ex, "GET", "/v1/models", "models", "none")  # no loop now: out at once, with it
+    assert len(writes) == after + 2 and writes[-1].count(b"\n") == 2
+
 
 def test_usage_from_the_tail_only() -> None:
     assert find_usage(b'..."usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}') == (7, 3)
@@ -206,6 +213,28 @@ def test_usage_from_the_tail_only() -> None:
     assert find_usage(b'"usage":null}') is None
     assert find_usage(b"data: [DONE]\n\n") is None
     assert find_usage(b'"usage":{"prompt_tokens":1,"completion') is None  # cut: no guess
+    # Not counts: negative, beyond any real request, booleans, floats.
+    for prompt, completion in ((b"-5", b"1"), (b"1", b"1" + b"0" * 30), (b"true", b"1"), (b"1.5", b"2")):
+        assert find_usage(b'"usage":{"prompt_tokens":%s,"completion_tokens":%s}' % (prompt, completion)) is None
+
+
+def test_a_value_prometheus_refuses_does_not_stop_the_flushes() -> None:
+    from gateway.relay import Exchange
+
+    async def run() -> str:
+        m = Metrics("vllm")
+        m.start(asyncio.get_running_loop())
+        m.child(m.tokens, "vllm", "m", "input").inc(-1)  # a counter refuses to go down
+        ex = Exchange(1.0)
+        ex.status, ex.started, ex.t_end = 200, True, 1.01
+        m.record(ex, "chat", "m")
+        await asyncio.sleep(observe.FLUSH_INTERVAL * 2.5)  # two ticks: the timer kept going
+        text = generate_latest(m.registry).decode()
+        m.stop()
+        return text
+
+    text = asyncio.run(run())
+    assert metric(text, "gateway_requests_total", route="chat", status="200") == 1
 
 
 def test_request_id_rules() -> None:
