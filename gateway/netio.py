@@ -2,9 +2,10 @@
 
 httpcore's default asyncio backend goes through anyio, which opens a cancel scope for every read
 and write (``fail_after``). Here a read is a buffer pop when data is already there, or one future
-and one timer handle when it must wait; whether an idle keep-alive connection was closed by the
-backend is known from the protocol's callbacks, without a syscall. Reading pauses when more than
-``HIGH_WATER`` bytes are buffered, so a slow client's backpressure reaches the backend.
+and a deadline when it must wait (one timer per stream checks the deadlines); whether an idle
+keep-alive connection was closed by the backend is known from the protocol's callbacks, without
+a syscall. Reading pauses when more than ``HIGH_WATER`` bytes are buffered, so a slow client's
+backpressure reaches the backend.
 """
 
 from __future__ import annotations
@@ -110,15 +111,35 @@ def _on_timeout(fut: asyncio.Future[None]) -> None:
 
 
 class Stream(AsyncNetworkStream):
-    """One TCP (or TLS) connection as httpcore sees it."""
+    """One TCP (or TLS) connection as httpcore sees it.
 
-    __slots__ = ("_proto", "_loop", "written")
+    A read that has to wait does not arm a timer of its own: it sets the stream's read deadline,
+    and one timer per stream, armed only when none is due by then, checks the deadline when it
+    fires (and re-arms for a later one). A stream of paced tokens waits once per token; this
+    keeps that wait to a future and a clock read.
+    """
+
+    __slots__ = ("_proto", "_loop", "written", "_deadline", "_timer")
 
     def __init__(self, proto: _Protocol, loop: asyncio.AbstractEventLoop) -> None:
         self._proto = proto
         self._loop = loop
         #: Bytes of the current request handed to the transport (reset when a request starts).
         self.written = 0
+        #: When the read now waiting times out (loop time); None: it may wait for ever.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._proto._waiter
+        deadline = self._deadline
+        if waiter is None or waiter.done() or deadline is None:
+            return  # no read waiting: the next one arms the timer again
+        if self._loop.time() >= deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - httpcore's API
         proto = self._proto
@@ -128,17 +149,24 @@ class Stream(AsyncNetworkStream):
             if proto._exc is not None:
                 raise httpcore.ReadError(str(proto._exc) or type(proto._exc).__name__)
             return b""
-        fut: asyncio.Future[None] = self._loop.create_future()
+        loop = self._loop
+        fut: asyncio.Future[None] = loop.create_future()
         proto._waiter = fut
-        timer = self._loop.call_later(timeout, _on_timeout, fut) if timeout is not None else None
+        if timeout is None:
+            self._deadline = None
+        else:
+            self._deadline = deadline = loop.time() + timeout
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._check_deadline)
         try:
             await fut
         except TimeoutError:
             raise httpcore.ReadTimeout(f"no data within {timeout:g} s") from None
         finally:
             proto._waiter = None
-            if timer is not None:
-                timer.cancel()
         if proto._chunks:
             return proto.take(max_bytes)
         if proto._exc is not None:
@@ -169,6 +197,9 @@ class Stream(AsyncNetworkStream):
                 timer.cancel()
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         transport = self._proto.transport
         if transport is not None and not transport.is_closing():
             transport.close()
