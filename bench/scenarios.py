@@ -73,6 +73,16 @@ FULL: tuple[Scenario, ...] = (
         burst=True,
     ),
     Scenario(
+        "stream-paced-long-c64",
+        "64 clients, 200-token streams paced at 5 ms a token: CPU per token when each arrives on its own",
+        stream=True,
+        concurrency=64,
+        requests=256,
+        tokens=200,
+        ttft_ms=5.0,
+        itl_ms=5.0,
+    ),
+    Scenario(
         "disconnect",
         "32 paced streams whose clients leave after 4 events: share of generations the backend aborted within 1 s",
         stream=True,
