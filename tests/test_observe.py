@@ -160,8 +160,7 @@ def test_a_scrape_shows_this_workers_requests_at_once_and_the_timer_flushes() ->
         scraped = m.exposition()[0].decode()  # the scrape flushes first
         m.start(asyncio.get_running_loop())
         m.record(ex, "chat", "m")
-        await asyncio.sleep(observe.FLUSH_INTERVAL * 1.5)
-        timed = generate_latest(m.registry).decode()
+        timed = await _registry_when(m, 2)  # the timer's flush (no scrape in between)
         m.stop()
         return untouched, scraped, timed
 
@@ -228,13 +227,27 @@ def test_a_value_prometheus_refuses_does_not_stop_the_flushes() -> None:
         ex = Exchange(1.0)
         ex.status, ex.started, ex.t_end = 200, True, 1.01
         m.record(ex, "chat", "m")
-        await asyncio.sleep(observe.FLUSH_INTERVAL * 2.5)  # two ticks: the timer kept going
-        text = generate_latest(m.registry).decode()
+        await _registry_when(m, 1)  # the first tick wrote the request despite the refused value
+        m.record(ex, "chat", "m")
+        text = await _registry_when(m, 2)  # and a later tick came: the timer kept going
         m.stop()
         return text
 
     text = asyncio.run(run())
-    assert metric(text, "gateway_requests_total", route="chat", status="200") == 1
+    assert metric(text, "gateway_requests_total", route="chat", status="200") == 2
+
+
+async def _registry_when(m: Metrics, requests: int) -> str:
+    """The registry's text once it counts ``requests`` chat requests (the timer flushed), or
+    after a few flush intervals."""
+    deadline = asyncio.get_running_loop().time() + observe.FLUSH_INTERVAL * 5
+    while True:
+        text = generate_latest(m.registry).decode()
+        if metric(text, "gateway_requests_total", route="chat", status="200") == requests:
+            return text
+        if asyncio.get_running_loop().time() > deadline:
+            return text
+        await asyncio.sleep(0.05)
 
 
 def test_request_id_rules() -> None:
