@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.config import ENV_NAMES, ConfigError, Settings, accepted, load_settings, settings_from_strings
+from gateway.config import ENV_NAMES, ConfigError, Settings, accepted, load_settings
 
 
 def flag_for(env_name: str) -> str:
@@ -34,14 +34,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    base = load_settings()
-    overrides = {k: v for k, v in vars(args).items() if k in ENV_NAMES and v is not None}
-    if not overrides:
-        return base
-    from gateway.server import settings_env
-
-    merged = {**settings_env(base), **overrides}
-    return settings_from_strings(merged)
+    """``.env``, then the environment, then the flags: a flag also replaces a bad or missing
+    environment value, since the merged strings are checked once."""
+    return load_settings(overrides={k: v for k, v in vars(args).items() if k in ENV_NAMES and v is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -201,8 +201,10 @@ def read_dotenv(path: Path) -> dict[str, str]:
 def load_settings(
     environ: Mapping[str, str] | None = None,
     dotenv: Path | None = Path(".env"),
+    overrides: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Build Settings from ``.env`` (if present) overlaid by the real environment.
+    """Build Settings from ``.env`` (if present), overlaid by the real environment, overlaid by
+    ``overrides`` (the command line's flags, by environment name); checked once, merged.
 
     Keys that are not ours (compose and backend knobs such as ``VLLM_DTYPE``) are ignored.
     """
@@ -211,6 +213,7 @@ def load_settings(
     if dotenv is not None:
         merged.update({k: v for k, v in read_dotenv(dotenv).items() if k in ENV_NAMES})
     merged.update({k: v for k, v in env.items() if k in ENV_NAMES})
+    merged.update(overrides or {})
     return settings_from_strings(merged)
 
 

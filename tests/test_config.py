@@ -150,3 +150,17 @@ def test_cli_reads_dotenv_in_working_directory(tmp_path: Path) -> None:
         timeout=30,
     )
     assert proc.returncode == 2 and "bad-from-dotenv" in proc.stderr
+
+
+def test_a_flag_replaces_a_bad_or_missing_environment_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import build_parser, settings_from_args
+
+    monkeypatch.chdir(tmp_path)  # no developer .env
+    monkeypatch.setenv("GATEWAY_PORT", "abc")
+    monkeypatch.setenv("BACKEND_KIND", "openai")  # has no default URL: the flag supplies it
+    monkeypatch.delenv("BACKEND_BASE_URL", raising=False)
+    args = build_parser().parse_args(["serve", "--port", "5000", "--backend-base-url", "http://h:1/v1"])
+    s = settings_from_args(args)
+    assert s.gateway_port == 5000 and s.base_url == "http://h:1/v1" and s.backend_kind == "openai"
+    with pytest.raises(ConfigError, match="GATEWAY_PORT"):
+        settings_from_args(build_parser().parse_args(["serve"]))  # without the flag the bad value stands
