@@ -66,9 +66,6 @@ class Tree:
         self.pids = descendants(self.root)
         self._mark = 0.0
 
-    def refresh(self) -> None:
-        self.pids = descendants(self.root)
-
     def mark(self) -> None:
         self._mark = cpu_seconds(self.pids)
 

@@ -113,22 +113,18 @@ def environment(args: dict[str, Any], pinned: tuple[int | None, int | None], loo
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", *argv],  # noqa: S607
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=5,
+        ).stdout.strip()
+
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent.parent,
-            timeout=5,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],  # noqa: S607
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent.parent,
-            timeout=5,
-        ).stdout.strip()
-        if rev and dirty:
+        rev = git("rev-parse", "--short", "HEAD")
+        if rev and git("status", "--porcelain", "--untracked-files=no"):
             rev += "+dirty"
     except (OSError, subprocess.SubprocessError):
         rev = ""

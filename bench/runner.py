@@ -26,6 +26,7 @@ from pathlib import Path
 from bench.loadgen import Connection, Sample, build_request
 from bench.procstat import Tree, self_cpu
 from bench.scenarios import Scenario
+from tests.tools.llama_server import free_port, pin_to
 
 Progress = Callable[[str], None]
 
@@ -53,24 +54,6 @@ class Side:
     gateway_rss: int = 0
     aborted_seen: int | None = None
     aborted_sent: int = 0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pin(cpu: int | None) -> Callable[[], None] | None:
-    if cpu is None:
-        return None
-
-    def pin() -> None:
-        os.sched_setaffinity(0, {cpu})
-
-    return pin
 
 
 def cpu_plan() -> tuple[int | None, int | None]:
@@ -133,7 +116,7 @@ def start_sim(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[byt
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_pin(cpu),  # noqa: PLW1509 - affinity must be set before exec
+            preexec_fn=pin_to(cpu),  # noqa: PLW1509 - affinity must be set before exec
         )
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc)
@@ -169,7 +152,7 @@ def start_gateway(
             cwd=workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_pin(cpu),  # noqa: PLW1509
+            preexec_fn=pin_to(cpu),  # noqa: PLW1509
         )
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc)

@@ -38,7 +38,6 @@ from gateway.upstream import DROP_REQUEST_HEADERS, Pool, Target, error_class, ma
 log = logging.getLogger("gateway")
 
 _HEALTH_BODY = b'{"status":"ok"}'
-_JSON = [(b"content-type", b"application/json")]
 
 
 class _ClientGone(Exception):
@@ -61,7 +60,6 @@ class Gateway:
         self.total_timeout = settings.gateway_total_timeout or None
         read = settings.gateway_read_timeout
         self.timeouts = Timeouts(
-            connect=settings.gateway_connect_timeout,
             header=settings.gateway_header_timeout or read,
             first_token=settings.gateway_ttft_timeout or read,
             idle=settings.gateway_idle_timeout or read,
@@ -299,7 +297,7 @@ class Gateway:
                 self.access_log.write(ex, method, path, name, model)
 
     async def _local(self, route: routes.Route, method: str, scope: Scope, send: Send, ex: Exchange) -> None:
-        headers = _JSON
+        headers = errors.JSON_HEADERS
         if route is routes.HEALTH:
             status, body = 200, _HEALTH_BODY
         elif route is routes.METRICS:

@@ -158,10 +158,6 @@ class Backend:
 
     # -- health ---------------------------------------------------------------------------------
 
-    def usable_count(self) -> int:
-        now = time.monotonic()
-        return sum(1 for r in self.replicas if r.usable(now))
-
     def report(self) -> dict[str, Any]:
         now = time.monotonic()
         usable = sum(1 for r in self.replicas if r.usable(now))

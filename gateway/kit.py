@@ -35,8 +35,6 @@ EXTERNAL = "external"
 GATEWAY_ONLY = "none"
 #: How the gateway container reaches the Docker host (its ``extra_hosts``).
 HOST_ALIAS = "host.docker.internal"
-#: How to start a kind that runs on the Docker host; ``{port}`` is the port of its template's URL.
-HOST_START: Mapping[str, str] = {"lmstudio": "lms server start --port {port}"}
 
 _SUPPORT_LABELS = {Support.DEPENDS: "depends", Support.UNSUPPORTED: "no (501)"}
 
@@ -175,7 +173,7 @@ def launch_steps(kit: Kit) -> list[str]:
             lines.append(f"- {profile.display_name}: `{env} && just up {compose_profile}`")
         elif template.kind == kind:
             port = urlsplit(template.url).port
-            start = HOST_START.get(kind, "its server on port {port}").format(port=port)
+            start = (profile.host_start or "its server on port {port}").format(port=port)
             lines.append(f"- {profile.display_name}: on the host, `{start}`; then `{env} && just up {GATEWAY_ONLY}`")
         else:
             lines.append(
@@ -220,7 +218,8 @@ def render(kit: Kit) -> str:
         "### Adding a new backend",
         "",
         "1. One `Profile` entry in `PROFILES` in `gateway/profiles.py`: display name, default URL, health "
-        "path, whether it takes a key, capabilities, what it is best suited for.",
+        "path, whether it takes a key, capabilities, what it is best suited for (and, for a kind that "
+        "runs on the host rather than in compose, the command that starts it).",
         "2. One service in `docker-compose.yml`, named after the kind and under its own profile: the "
         "official image listening on a port inside the compose network, `env_file: .env`, the backend's "
         "key from `BACKEND_API_KEY`, a healthcheck that works inside that image, a named volume for its "

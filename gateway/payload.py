@@ -16,8 +16,9 @@ class Peek(msgspec.Struct):
 
     @property
     def wants_tools(self) -> bool:
-        raw = bytes(self.tools)
-        return raw not in (b"", b"null", b"[]")
+        raw = self.tools
+        # Longer than "null": tools listed (no copy of a long array just to compare it).
+        return len(raw) > 4 or bytes(raw) not in (b"", b"null", b"[]")
 
 
 _peek_decoder = msgspec.json.Decoder(Peek)

@@ -47,6 +47,9 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     best_for: str
     #: Multiplies the active probe interval (SGLang's /health runs a one-token generation).
     probe_factor: float = 1.0
+    #: For a kind run on the Docker host rather than in compose: the command that starts it
+    #: (README's launch steps; ``{port}`` is the port of its env template's URL).
+    host_start: str | None = None
 
     def support(self, capability: str) -> Support:
         return self.capabilities.get(capability, Support.SUPPORTED)
@@ -126,6 +129,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 takes_key=True,
                 capabilities=_caps(tools=D),
                 best_for="desktop use; runs on the host, not in compose",
+                host_start="lms server start --port {port}",
             ),
             Profile(
                 kind="openai",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import httpcore
 
-from gateway.errors import GatewayError, sse_error_event
+from gateway.errors import JSON_HEADERS, GatewayError, sse_error_event
 from gateway.netio import Stream as NetStream
 from gateway.types import Send
 
@@ -26,7 +26,8 @@ from gateway.upstream import DROP_RESPONSE_HEADERS, Connection, Pool
 log = logging.getLogger("gateway")
 
 SSE_EXTRA_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-_SSE_REPLACED = frozenset({b"cache-control", b"x-accel-buffering", b"content-length"})
+#: Dropped from an event stream's headers: ours replace the first two; a stream has no length.
+_DROP_SSE = DROP_RESPONSE_HEADERS | {b"cache-control", b"x-accel-buffering", b"content-length"}
 
 #: Errors that mean a reused keep-alive connection had been closed by the backend before our
 #: request reached it: safe to try once more on another connection.
@@ -70,7 +71,7 @@ class Exchange:
         "extra_headers",
     )
 
-    def __init__(self, t_start: float = 0.0, request_id: bytes = b"") -> None:
+    def __init__(self, t_start: float = 0.0) -> None:
         #: True until the response is finished; the watcher cancels only an active exchange.
         self.active = True
         #: "disconnect" or "timeout" when the gateway cancelled the request itself.
@@ -97,7 +98,7 @@ class Exchange:
         self.end = "done"
         #: For upstream errors: connect, timeout or reset.
         self.error_class: str | None = None
-        self.request_id = request_id
+        self.request_id = b""
         self.key_id = "-"
         #: The backend's name (metrics and logs); "-" when the request never got to one.
         self.backend = "-"
@@ -121,7 +122,7 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
             sse = value[:17].lower() == b"text/event-stream"
         elif lower == b"connection":  # the fields it names are for that hop only (RFC 9110 7.6.1)
             listed = (listed or set()) | {t.strip().lower() for t in value.split(b",")}
-    drop = DROP_RESPONSE_HEADERS | _SSE_REPLACED if sse else DROP_RESPONSE_HEADERS
+    drop = _DROP_SSE if sse else DROP_RESPONSE_HEADERS
     if listed:
         drop = drop | listed
     out = [(name, value) for name, value in raw if name.lower() not in drop]
@@ -133,10 +134,9 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
 class Timeouts:
     """Per-phase limits in seconds: each its own error (see upstream.map_error)."""
 
-    __slots__ = ("connect", "header", "first_token", "idle")
+    __slots__ = ("header", "first_token", "idle")
 
-    def __init__(self, connect: float, header: float, first_token: float, idle: float) -> None:
-        self.connect = connect
+    def __init__(self, header: float, first_token: float, idle: float) -> None:
         #: Per read and write until the response head is in (Connection.exchange); the body is
         #: read by Connection.iter_body with first_token / idle.
         self.header = header
@@ -334,7 +334,7 @@ async def _relay(
 
 async def send_error(send: Send, err: GatewayError, ex: Exchange) -> None:
     ex.status = err.status
-    headers = [(b"content-type", b"application/json"), (b"x-request-id", ex.request_id)]
+    headers = [*JSON_HEADERS, (b"x-request-id", ex.request_id)]
     if err.headers:
         headers.extend(err.headers)
     await send({"type": "http.response.start", "status": err.status, "headers": headers})

@@ -20,13 +20,11 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     json_body: bool = False
     #: Whether the route is forwarded to the backend (else the gateway answers itself).
     upstream: bool = True
-    #: Whether a client key is needed when client auth is on.
-    needs_key: bool = True
 
 
-HEALTH = Route(name="health", methods=("GET", "HEAD"), upstream=False, needs_key=False)
-READY = Route(name="ready", methods=("GET", "HEAD"), upstream=False, needs_key=False)
-METRICS = Route(name="metrics", methods=("GET",), upstream=False, needs_key=False)
+HEALTH = Route(name="health", methods=("GET", "HEAD"), upstream=False)
+READY = Route(name="ready", methods=("GET", "HEAD"), upstream=False)
+METRICS = Route(name="metrics", methods=("GET",), upstream=False)
 CHAT = Route(name="chat", methods=("POST",), capability="chat", json_body=True)
 COMPLETIONS = Route(name="completions", methods=("POST",), capability="completions", json_body=True)
 EMBEDDINGS = Route(name="embeddings", methods=("POST",), capability="embeddings", json_body=True)

@@ -17,16 +17,20 @@ def port_closed(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_demo_once(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.run(
+def demo_once(port: int, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "gateway", "demo", "--once", "--port", str(port)],
         capture_output=True,
         text=True,
         env=clean_env(),
-        cwd=tmp_path,
-        timeout=90,
+        cwd=cwd,
+        timeout=timeout,
     )
+
+
+def test_demo_once(tmp_path: Path) -> None:
+    port = free_port()
+    proc = demo_once(port, tmp_path, 90)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"http://127.0.0.1:{port}/v1" in out
@@ -73,12 +77,5 @@ def test_demo_refuses_a_busy_port(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "gateway", "demo", "--once", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            env=clean_env(),
-            cwd=tmp_path,
-            timeout=60,
-        )
+        proc = demo_once(port, tmp_path, 60)
     assert proc.returncode == 2 and "in use" in proc.stderr

@@ -328,7 +328,8 @@ def test_httpcore_baseline(
     ]
 
     t = app.timeouts
-    extensions = {"timeout": {"connect": t.connect, "read": t.header, "write": t.header, "pool": 30.0}}
+    connect = app.settings.gateway_connect_timeout
+    extensions = {"timeout": {"connect": connect, "read": t.header, "write": t.header, "pool": 30.0}}
 
     async def exchange() -> int:
         conn, _ = await pool.acquire()
