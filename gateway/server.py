@@ -111,6 +111,14 @@ class Supervisor:
                 if workers_idle(self.control_dir):
                     break
                 time.sleep(0.05)
+            else:
+                if self.child.poll() is None:  # say so: requests still in flight are about to be cut
+                    print(
+                        f"gateway: GATEWAY_DRAIN_SECONDS ({self.settings.gateway_drain_seconds:g} s) passed with "
+                        "requests still in flight; stopping the workers",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             self._terminate()
         self._cleanup()
         return 0

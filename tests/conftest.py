@@ -105,7 +105,10 @@ class GatewayProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise
+            # Say why: the drain's view of the workers is in the gateway's own log.
+            raise AssertionError(
+                f"the gateway did not stop within {timeout:g} s of signal {sig}; its log ends:\n{self.output()[-4000:]}"
+            ) from None
 
 
 @pytest.fixture

@@ -308,6 +308,7 @@ def test_drain_grace_period_caps_shutdown(start_gateway: type[GatewayProc], back
     finally:
         s.close()
     assert backend.wait_disconnects(1, timeout=1.0)
+    assert "GATEWAY_DRAIN_SECONDS (0.5 s) passed with requests still in flight" in g.output()
 
 
 def test_idle_gateway_stops_at_once_on_sigint(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
