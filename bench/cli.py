@@ -25,7 +25,7 @@ import orjson
 from bench import report
 from bench.loadgen import install_uvloop
 from bench.procstat import Tree, rss_bytes
-from bench.runner import Endpoint, Runner, cpu_plan, start_gateway, start_sim
+from bench.runner import Endpoint, Runner, cpu_plan, start_floor, start_gateway, start_sim
 from bench.scenarios import FULL, smoke
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gateway-env", action="append", default=[], metavar="KEY=VALUE", help="extra gateway setting (repeatable)"
     )
     p.add_argument("--client-key", help="the client key to send to the gateway (with API_KEYS or a keys file)")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="then run each scenario against Granian alone (bench.floor: a trivial app with the gateway's Granian "
+        "settings, on the gateway's CPU) to show what the gateway costs above its server (simulator only)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -59,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.backend_kind is None) != (args.backend_url is None):
         print("bench: --backend-kind and --backend-url go together", file=sys.stderr)
+        return 2
+    if args.floor and (args.backend_kind or args.backend != "sim"):
+        print("bench: --floor answers like the simulator, so it runs with the simulator only", file=sys.stderr)
         return 2
     scenarios = smoke() if args.smoke else FULL
     if args.scenarios:
@@ -112,7 +121,8 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
             progress(f"simulator on port {sim_port}")
         parts = urlsplit(url)
         direct = Endpoint("direct", parts.hostname or "127.0.0.1", parts.port or 80, parts.path.rstrip("/"), key)
-        gw, gw_port = stack.enter_context(start_gateway(gw_cpu, logs / "gateway.log", kind, url, key, extra_env))
+        gw_stack = stack.enter_context(contextlib.ExitStack())
+        gw, gw_port = gw_stack.enter_context(start_gateway(gw_cpu, logs / "gateway.log", kind, url, key, extra_env))
         time.sleep(0.3)  # let Granian's worker come up fully before the tree is read
         gateway_tree = Tree(gw.pid)
         progress(f"gateway on port {gw_port} (pid {gw.pid}, {len(gateway_tree.pids)} processes)")
@@ -157,6 +167,9 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
                 }
             )
             samples[sc.name] = (d_side.samples, g_side.samples)
+        if args.floor:
+            gw_stack.close()  # the floor gets the gateway's CPU to itself
+            await _floor_pass(args, scenarios, results, direct, gw_cpu, logs, progress)
     env = report.environment(
         {
             "backend": "external" if args.backend_kind else args.backend,
@@ -187,5 +200,35 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         f"\ngateway idle RSS {doc['gateway_idle_rss_mib']} MiB (all its processes; one worker "
         f"{doc['gateway_idle_worker_rss_mib']} MiB); results: {json_path} and {png_path}"
     )
-    errors = sum(r["direct"]["errors"] + r["gateway"]["errors"] for r in results)
+    errors = sum(r["direct"]["errors"] + r["gateway"]["errors"] + r.get("floor", {}).get("errors", 0) for r in results)
     return 1 if errors else 0
+
+
+async def _floor_pass(
+    args: argparse.Namespace,
+    scenarios: Sequence[Any],
+    results: list[dict[str, Any]],
+    direct: Endpoint,
+    cpu: int | None,
+    logs: Path,
+    progress: Any,
+) -> None:
+    """Each scenario again, against Granian alone in the gateway's place; the disconnect scenario
+    is left out (it measures the backend's aborts, and the floor has no backend)."""
+    with start_floor(cpu, logs / "floor.log") as (floor, port):
+        time.sleep(0.3)
+        tree = Tree(floor.pid)
+        progress(f"floor (Granian alone) on port {port}")
+        ep = Endpoint("floor", "127.0.0.1", port, "/v1", None)
+        runner = Runner(
+            direct, ep, model=args.model, gateway_tree=tree, backend_tree=None, progress=progress, rounds=args.rounds
+        )
+        for sc, result in zip(scenarios, results, strict=True):
+            if sc.abort_after is not None:
+                continue
+            side = await runner.run_alone(sc)
+            figures = report.side_figures(side, sc)
+            result["floor"] = figures
+            result["floor_added"] = report.added(result["direct"], figures)
+            result["floor_cost"] = report.gateway_cost(side, figures, sc)
+            result["above_floor"] = report.above(result["gateway_cost"], result["floor_cost"])

@@ -94,6 +94,19 @@ def gateway_cost(side: Side, figures: dict[str, Any], sc: Scenario) -> dict[str,
     }
 
 
+def above(gateway: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's CPU above the floor's (Granian alone) for the same load."""
+    chunk = (
+        None
+        if gateway["cpu_per_chunk_us"] is None or floor["cpu_per_chunk_us"] is None
+        else round(gateway["cpu_per_chunk_us"] - floor["cpu_per_chunk_us"], 3)
+    )
+    return {
+        "cpu_per_request_us": round(gateway["cpu_per_request_us"] - floor["cpu_per_request_us"], 2),
+        "cpu_per_chunk_us": chunk,
+    }
+
+
 def limits(direct: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
     """Which process was saturated in which phase (>= 90% of a CPU)."""
     out = []
@@ -156,7 +169,8 @@ def table(results: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in results:
-        for label in ("direct", "gateway", "added"):
+        labels = ("direct", "gateway", "added", "floor") if "floor" in r else ("direct", "gateway", "added")
+        for label in labels:
             f = r[label]
             if label == "added":
                 n = err = ""
@@ -164,7 +178,7 @@ def table(results: list[dict[str, Any]]) -> str:
             else:
                 n, err, rps = str(f["requests"]), str(f["errors"]), fmt(f["throughput_rps"], 1)
             t, g, lat = f["ttft_ms"], f["gap_ms"], f["latency_ms"]
-            cost = r["gateway_cost"] if label == "gateway" else None
+            cost = r["gateway_cost"] if label == "gateway" else r["floor_cost"] if label == "floor" else None
             lines.append(
                 f"{r['scenario'] if label == 'direct' else '':<17} {label:<8} {n:>5} {err:>4} "
                 f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>24} "
@@ -176,6 +190,13 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"{'':<17} aborts seen by the backend within 1 s: direct {fmt(r['direct']['abort_share'], 3)}, "
                 f"gateway {fmt(r['gateway']['abort_share'], 3)}"
+            )
+        if "above_floor" in r:
+            a = r["above_floor"]
+            lines.append(
+                f"{'':<17} gateway above the floor: {fmt(a['cpu_per_request_us'], 1)} us/req"
+                + (f", {fmt(a['cpu_per_chunk_us'], 2)} us/chunk" if a["cpu_per_chunk_us"] is not None else "")
+                + f"; floor's added ttft p50 {fmt(r['floor_added']['ttft_ms']['p50'])} ms"
             )
         for note in r["limits"]:
             lines.append(f"{'':<17} note: {note}")

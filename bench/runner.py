@@ -163,6 +163,25 @@ def start_gateway(
             os.rmdir(workdir)
 
 
+@contextlib.contextmanager
+def start_floor(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Granian alone (``bench.floor``), with the gateway's Granian settings, pinned like it."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "bench.floor", "--port", str(port)],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pin_to(cpu),  # noqa: PLW1509 - affinity must be set before exec
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        yield proc, port
+    finally:
+        stop(proc)
+
+
 def sim_counter(host: str, port: int, name: str, api_key: str | None) -> float | None:
     """A counter from the backend's /metrics, or None when it has no such series."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -258,6 +277,18 @@ class Runner:
                 self._conns.pop(eps[name].name, None)
         sides["gateway"].gateway_rss = self.gateway_tree.rss()
         return sides["direct"], sides["gateway"]
+
+    async def run_alone(self, sc: Scenario) -> Side:
+        """The same protocol against the ``gateway`` endpoint alone (the floor's pass)."""
+        side = Side()
+        await self._round(self.gateway, sc, max(2, min(sc.concurrency, 8)))
+        await self._round(self.gateway, sc, max(sc.concurrency, sc.requests // (self.rounds * 4)))
+        per_round = max(1, sc.requests // self.rounds)
+        for r in range(self.rounds):
+            self.progress(f"{sc.name}: round {r + 1}/{self.rounds} {self.gateway.name}")
+            await self._measure(side, self.gateway, sc, per_round)
+        side.gateway_rss = self.gateway_tree.rss()
+        return side
 
     async def _settle(self) -> float | None:
         """The backend's aborted counter once it stopped moving (aborts of earlier rounds land late)."""

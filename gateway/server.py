@@ -28,16 +28,20 @@ from gateway.observe import MULTIPROC_ENV
 STOP_TIMEOUT = 3.0
 
 
-def run_granian(settings: Settings) -> None:
-    """Serve the app with Granian in this process (blocking). ASGI, uvloop, HTTP/1.1."""
+def run_granian(settings: Settings, target: str = "gateway.app:create_app", *, factory: bool = True) -> None:
+    """Serve the app with Granian in this process (blocking). ASGI, uvloop, HTTP/1.1.
+
+    ``target`` is the gateway unless the benchmark's floor (``bench.floor``) serves its own
+    trivial app with exactly these settings.
+    """
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops, TaskImpl
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
     Granian(
-        "gateway.app:create_app",
-        factory=True,
+        target,
+        factory=factory,
         address=settings.gateway_host,
         port=settings.gateway_port,
         interface=Interfaces.ASGI,

@@ -14,7 +14,7 @@ from tests.conftest import ROOT, clean_env
 
 def test_bench_smoke(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--quiet", "--rounds", "2", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--smoke", "--quiet", "--rounds", "2", "--floor", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -42,8 +42,32 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert set(sc["added"]) >= {"ttft_ms", "gap_ms", "latency_ms", "throughput_rps"}
         cost = sc["gateway_cost"]
         assert cost["cpu_per_request_us"] >= 0 and cost["rss_mib"] > 0
-        if sc["params"]["abort_after"] is not None:
+        if sc["params"]["abort_after"] is None:
+            # --floor: Granian alone answered the same load, and the gateway's cost above it is reported.
+            floor = sc["floor"]
+            assert floor["errors"] == 0 and floor["requests"] >= sc["params"]["concurrency"]
+            assert floor["ttft_ms"]["p50"] is not None and floor["ttft_ms"]["p50"] > 0
+            if sc["params"]["stream"]:
+                assert floor["events"] >= floor["requests"]
+            assert sc["floor_cost"]["cpu_per_request_us"] >= 0
+            assert sc["above_floor"]["cpu_per_request_us"] == round(
+                cost["cpu_per_request_us"] - sc["floor_cost"]["cpu_per_request_us"], 2
+            )
+        else:
+            assert "floor" not in sc
             # Every client that left was seen by the backend as an aborted generation within 1 s.
             assert sc["gateway"]["abort_share"] == 1.0
             assert sc["direct"]["abort_share"] == 1.0
-    assert "c1-stream" in proc.stdout and "gateway" in proc.stdout
+    assert "c1-stream" in proc.stdout and "gateway" in proc.stdout and "gateway above the floor" in proc.stdout
+
+
+def test_floor_needs_the_simulator() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--floor", "--backend", "llamacpp"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "simulator only" in proc.stderr

@@ -1,0 +1,123 @@
+"""Granian alone: the floor under the gateway's cost (``just bench --floor``).
+
+A trivial ASGI app, served by Granian exactly as ``gateway serve`` serves the gateway (the same
+``run_granian`` settings, one worker, pinned to the gateway's CPU), answers each benchmark
+request itself, with no upstream at all: the simulator's answer (the same bytes, built by
+``gateway.sim.responses``), one ``http.response.body`` per SSE event, paced by the same
+``x-sim-*`` headers. Its CPU per request and per event is what Granian and the ASGI calls cost;
+what the gateway costs above it is the gateway's own work: its Python, the upstream connection
+(socket reads and writes, wake-ups) and h11.
+
+    python -m bench.floor --port 8123    # serve it by hand (pinning is up to you)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Sequence
+
+import orjson
+
+from gateway.sim.responses import Answers, Elapsed
+from gateway.types import Receive, Scope, Send
+
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
+_ANSWERS = Answers()
+_NO_TIME = Elapsed(0.0, 0.0)
+
+
+def _header(scope: Scope, name: bytes, default: float) -> float:
+    for key, value in scope["headers"]:
+        if key == name:
+            try:
+                return float(value) / 1000
+            except ValueError:
+                return default
+    return default
+
+
+async def _body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b""
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers like the simulator's vLLM kind with ``--fast``, paced per request by its headers."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    if scope["method"] == "GET":
+        await send({"type": "http.response.start", "status": 200, "headers": _JSON})
+        await send({"type": "http.response.body", "body": b'{"status":"ok"}', "more_body": False})
+        return
+    request = orjson.loads(await _body(receive) or b"{}")
+    model = str(request.get("model", "floor"))
+    tokens = int(request.get("max_tokens") or 16)
+    if not request.get("stream"):
+        body = _ANSWERS.chat_completion(model, tokens, "length", 1, 1, _NO_TIME)
+        headers = [*_JSON, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
+    ttft = _header(scope, b"x-sim-ttft-ms", 0.0)
+    itl = _header(scope, b"x-sim-itl-ms", 0.0)
+    frames = _ANSWERS.frames(sse_data=b"data: ", chat=True, model=model, n=1)
+    usage = bool((request.get("stream_options") or {}).get("include_usage"))
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    if ttft:
+        await asyncio.sleep(ttft)
+    role = frames.role(0)
+    if role is not None:
+        await send({"type": "http.response.body", "body": role, "more_body": True})
+    for i in range(tokens):
+        if i and itl:
+            await asyncio.sleep(itl)
+        await send({"type": "http.response.body", "body": frames.token(i, 0), "more_body": True})
+    for event in frames.ends(0, "length", 1, tokens, usage, _NO_TIME):
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    trailer = frames.trailer(1, tokens, usage)
+    if trailer is not None:
+        await send({"type": "http.response.body", "body": trailer, "more_body": True})
+    await send({"type": "http.response.body", "body": frames.done, "more_body": False})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from gateway.config import settings_from_strings
+    from gateway.server import run_granian
+
+    p = argparse.ArgumentParser(prog="bench.floor", description=__doc__)
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args(argv)
+    # The gateway's own Granian settings (defaults, one worker); the backend is never used.
+    settings = settings_from_strings(
+        {
+            "BACKEND_KIND": "vllm",
+            "BACKEND_BASE_URL": "http://127.0.0.1:9/v1",
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(args.port),
+            "GATEWAY_WORKERS": "1",
+            "GATEWAY_LOG_LEVEL": os.environ.get("GATEWAY_LOG_LEVEL", "warning"),
+        }
+    )
+    run_granian(settings, target="bench.floor:app", factory=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
