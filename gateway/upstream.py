@@ -7,6 +7,14 @@ cancelled while it waits for one (httpcore issue 1093), and it scans every conne
 request. Here acquire and release are O(1), a connection whose response was not read to the end
 is closed (which is what makes the backend abort the generation), and a fully read one goes back
 on the idle stack.
+
+Each connection is httpcore's HTTP/1.1 connection, whose protocol engine is h11. For the
+exchanges that need nothing of h11's state machine (almost all of them: a plain request, and an
+answer framed by one Content-Length or by chunked coding) ``Connection.exchange`` writes the
+request and reads the answer's head itself, and the body readers frame the body; h11's events
+and state transitions were over half of the gateway's CPU per non-streamed request. Anything
+else is handed to h11, with the request replayed into its state, and read exactly as before.
+``tests/test_direct_path.py`` holds both paths to the same bytes, errors and reuse.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import collections
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -149,7 +158,7 @@ class Connection(AsyncHTTP11Connection):
     httpcore enters a ``contextlib`` context manager (``map_exceptions``) around every h11
     ``next_event()`` call, i.e. once or twice per streamed chunk. This override does the same work
     (same events, same reads, same exception mapping) with a plain ``try``. Bodies are read with
-    ``iter_body``.
+    ``iter_body``; ``exchange`` takes a direct path past h11 where h11 has nothing to decide.
     """
 
     def __init__(self, origin: httpcore.Origin, stream: httpcore.AsyncNetworkStream, keepalive_expiry: float | None):
@@ -160,6 +169,17 @@ class Connection(AsyncHTTP11Connection):
         #: Body chunks of the current response so far, as the backend framed them (HTTP chunks
         #: of a chunked body, usually one SSE event each): ``iter_body`` may yield several at once.
         self.body_chunks = 0
+        #: The current exchange took the direct path (see ``exchange``): h11 has not seen it.
+        self._direct = False
+        #: Direct path: the request as sent (for a hand-over to h11), the response head's bytes,
+        #: its framing (a Content-Length, or -1 for chunked), the bytes read past the head, whether
+        #: the message has ended, and whatever came after its end (then the connection is not reused).
+        self._sent: tuple[bytes, bytes, H11Headers, bytes] | None = None
+        self._head = b""
+        self._length = 0
+        self._rest = b""
+        self._ended = False
+        self._extra = b""
 
     async def _receive_event(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:  # noqa: ASYNC109
         state = self._h11_state
@@ -186,11 +206,12 @@ class Connection(AsyncHTTP11Connection):
         """Send one request and read its response head: the status and the raw headers. The body
         follows with ``iter_body``; then ``close_response()``, as with an httpcore response.
 
-        What ``handle_async_request`` does for the gateway's requests (same h11 events, same
-        state, same exceptions), without building an ``httpcore.Request`` and URL, four trace
-        contexts and a regex per header name and value: the head and body go out in one write.
-        A ``WriteError`` is passed over to read the answer, as httpcore does: a server may answer
-        and close before reading the whole request.
+        What ``handle_async_request`` does for the gateway's requests (same bytes, same state,
+        same exceptions), without building an ``httpcore.Request`` and URL, four trace contexts
+        and a regex per header name and value: the head and body go out in one write. A request
+        h11 would send as plain bytes takes ``_direct_exchange``; any other goes through h11's
+        events. A ``WriteError`` is passed over to read the answer, as httpcore does: a server
+        may answer and close before reading the whole request.
         """
         state = self._state
         if state is not HTTPConnectionState.IDLE and state is not HTTPConnectionState.NEW:
@@ -198,10 +219,21 @@ class Connection(AsyncHTTP11Connection):
         self._request_count += 1
         self._state = HTTPConnectionState.ACTIVE
         self._expire_at = None
+        fields = request_headers(headers)
+        if (
+            fields is not None
+            and DIRECT
+            and _direct_request(method, target, headers, body)
+            and not self._h11_state.trailing_data[0]  # bytes already here are h11's to read (never via the pool)
+        ):
+            try:
+                return await self._direct_exchange(method, target, headers, fields, body, timeout)
+            except BaseException:
+                await self.close_response()  # not read to the end: closed
+                raise
         try:
             h11_state = self._h11_state
             try:
-                fields = request_headers(headers)
                 event = (
                     h11.Request(method=method, target=target, headers=headers)
                     if fields is None
@@ -232,8 +264,79 @@ class Connection(AsyncHTTP11Connection):
             await self._response_closed()  # no await inside can be interrupted: see _NoLock, netio
             raise
 
+    async def _direct_exchange(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        fields: H11Headers,
+        body: bytes,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """``exchange`` without h11's state machine, for the requests and responses that need none
+        of it: the bytes h11 would write (the Host field first), and a response head that h11 would
+        read to the same status and fields (``_direct_head``: HTTP/1.1, framed by one
+        Content-Length or by chunked coding, no ``Connection: close``, no 1xx, 204 or 304, the
+        head whole in the first read). Anything else read back is handed to h11 with the request
+        replayed into its state, so it is read, framed and refused exactly as on h11's own path.
+        The body's end is read here too; trailers, if any, are h11's again.
+        """
+        self._direct = True
+        self._sent = (method, target, fields, body)
+        self._ended = False
+        host = [b"%s: %s\r\n" % (n, v) for n, v in headers if n == b"host"]
+        lines = [b"%s: %s\r\n" % (n, v) for n, v in headers if n != b"host"]
+        try:
+            await self._network_stream.write(
+                b"".join([method, b" ", target, b" HTTP/1.1\r\n", *host, *lines, b"\r\n", body]), timeout=timeout
+            )
+        except httpcore.WriteError:
+            pass  # read the answer anyway, as httpcore does
+        received = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
+        if not received:
+            raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+        end = received.find(b"\r\n\r\n")
+        head = _direct_head(received, end, method) if end >= 0 else None
+        if head is None:  # h11 reads this one: a head in several reads, or one that needs h11
+            self._to_h11(received)
+            while True:
+                event = await self._receive_event(timeout)
+                if type(event) is h11.Response or (
+                    type(event) is h11.InformationalResponse and event.status_code == 101
+                ):
+                    return event.status_code, event.headers.raw_items()
+        status, raw, self._length = head
+        self._head = received[: end + 4]
+        self._rest = received[end + 4 :]
+        return status, raw
+
+    def _to_h11(self, received: bytes) -> None:
+        """Hand the exchange over to h11: the request sent replayed into its state, then the
+        bytes received so far; from here on h11 reads the response, as on its own path."""
+        assert self._sent is not None
+        method, target, fields, body = self._sent
+        state = self._h11_state
+        state.send(h11.Request(method=method, target=target, headers=fields, _parsed=True))
+        if body:
+            state.send(h11.Data(data=body))
+        state.send(h11.EndOfMessage())
+        state.receive_data(received)
+        self._direct = False
+
     async def close_response(self) -> None:
         """After a response: back to idle if it was read to the end, else closed."""
+        self._sent = None
+        if self._direct:
+            self._direct = False
+            self._head = self._rest = b""
+            if self._ended and not self._extra:
+                self._state = HTTPConnectionState.IDLE
+                if self._keepalive_expiry is not None:
+                    self._expire_at = time.monotonic() + self._keepalive_expiry
+            else:
+                self._extra = b""
+                await self.aclose()
+            return
         await self._response_closed()
 
     def iter_body(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
@@ -248,6 +351,10 @@ class Connection(AsyncHTTP11Connection):
         body is read here too (``_sized``), and h11 ends the message.
         """
         self.body_chunks = 0
+        if self._direct:
+            if self._length < 0:
+                return self._dechunk(first_timeout, idle_timeout)
+            return self._sized(first_timeout, idle_timeout)
         reader = self._h11_state._reader if FAST_CHUNKED else None
         if (
             type(reader) is ChunkedReader
@@ -276,10 +383,19 @@ class Connection(AsyncHTTP11Connection):
         """A ``Content-Length`` body, each read yielded as it arrives; h11 then ends the message
         (and keeps any bytes past the body, so the pool does not reuse the connection)."""
         state = self._h11_state
-        reader: ContentLengthReader = state._reader  # type: ignore[assignment]  # checked by iter_body
-        buffered = state._receive_buffer.maybe_extract_at_most(len(state._receive_buffer))
-        data = bytes(buffered) if buffered else b""
-        left = reader._remaining
+        direct = self._direct
+        if direct:
+            length = left = self._length
+            data, self._rest = self._rest, b""
+            if not left:  # an empty body: the message ended with its head
+                self._ended, self._extra = True, data
+                return
+        else:
+            reader: ContentLengthReader = state._reader  # type: ignore[assignment]  # checked by iter_body
+            buffered = state._receive_buffer.maybe_extract_at_most(len(state._receive_buffer))
+            data = bytes(buffered) if buffered else b""
+            length = reader._length
+            left = reader._remaining
         timeout = first_timeout
         while True:
             if data:
@@ -287,6 +403,9 @@ class Connection(AsyncHTTP11Connection):
                 if len(data) >= left:
                     extra = data[left:]
                     yield data[:left] if extra else data
+                    if direct:
+                        self._ended, self._extra = True, extra
+                        return
                     reader._remaining = 0
                     if extra:
                         state.receive_data(extra)
@@ -294,14 +413,15 @@ class Connection(AsyncHTTP11Connection):
                         pass
                     return
                 left -= len(data)
-                reader._remaining = left
+                if not direct:
+                    reader._remaining = left
                 yield data
                 timeout = idle_timeout
             data = await self._network_stream.read(self.READ_NUM_BYTES, timeout)
             if not data:
                 raise httpcore.RemoteProtocolError(
                     "peer closed connection without sending complete message body "
-                    f"(received {reader._length - left} bytes, expected {reader._length})"
+                    f"(received {length - left} bytes, expected {length})"
                 )
 
     async def _dechunk(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
@@ -309,8 +429,12 @@ class Connection(AsyncHTTP11Connection):
         with everything that arrived in one read yielded as one piece. Chunk data is yielded as
         soon as any of it is here, never held back for the rest of its chunk."""
         state = self._h11_state
-        buffered = state._receive_buffer.maybe_extract_at_most(len(state._receive_buffer))
-        data = bytes(buffered) if buffered else b""
+        direct = self._direct
+        if direct:
+            data, self._rest = self._rest, b""
+        else:
+            buffered = state._receive_buffer.maybe_extract_at_most(len(state._receive_buffer))
+            data = bytes(buffered) if buffered else b""
         read = self._network_stream.read
         match = _CHUNK_LINE.match
         limit = state._max_incomplete_event_size  # this connection's h11 bound on an unfinished line
@@ -352,6 +476,16 @@ class Connection(AsyncHTTP11Connection):
                 if not left:  # the last chunk: h11 reads it and the trailers, and ends the message
                     if pieces:
                         yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    if direct:
+                        after = line.end()
+                        if data[after : after + 2] == b"\r\n":  # no trailers: the message ends here
+                            self._ended, self._extra = True, data[after + 2 :]
+                            return
+                        # Trailers, or their end still to come: h11 reads them from the last chunk on.
+                        self._to_h11(self._head + data[pos:])
+                        while type(await self._receive_event(idle_timeout)) is not h11.EndOfMessage:
+                            pass
+                        return
                     state.receive_data(data[pos:])
                     while type(await self._receive_event(idle_timeout)) is not h11.EndOfMessage:
                         pass
@@ -419,6 +553,71 @@ def request_headers(headers: list[tuple[bytes, bytes]]) -> H11Headers | None:
     return H11Headers(items)
 
 
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+#: Request fields that change how h11 runs the exchange (its keep-alive, 100-continue and
+#: upgrade handling): requests with them take h11's path.
+_STATEFUL = frozenset({b"connection", b"expect", b"upgrade"})
+#: A status line as h11 reads it, of HTTP/1.1 only (the reason phrase is optional there too).
+_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([0-9]{3})(?: [^\x00\n\r\x0b\x0c]*)?\r\n")
+_FIELD = rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*\r\n"
+_FIELDS = re.compile(rb"(?:" + _FIELD + rb")*")
+_FIELD_RE = re.compile(_FIELD)
+
+
+def _direct_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+    """Whether h11 would send this request (fields already checked by ``request_headers``) as
+    the plain bytes the direct path writes: a token method, a visible-ASCII target, one Host,
+    a body exactly as long as its Content-Length, and nothing that changes h11's handling."""
+    if _TOKEN.fullmatch(method) is None or _TARGET.fullmatch(target) is None or method in (b"HEAD", b"CONNECT"):
+        return False
+    hosts = 0
+    length: bytes | None = None
+    for name, value in headers:
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            length = value
+        elif name in _STATEFUL:
+            return False
+    if hosts != 1:
+        return False
+    return len(body) == int(length) if length is not None else not body
+
+
+def _direct_head(data: bytes, end: int, method: bytes) -> tuple[int, list[tuple[bytes, bytes]], int] | None:
+    """The status, fields and framing (a Content-Length, or -1: chunked) of the response head
+    ``data[:end]`` (``end`` is where its blank line starts), as h11 would read them, if it is one
+    the direct path reads: HTTP/1.1, a final status with a body (not 204 or 304), fields on one
+    line each, exactly one of one Content-Length (digits) or ``Transfer-Encoding: chunked``, and no
+    ``Connection: close`` (h11 then ends the connection). None: h11 reads it."""
+    line = _STATUS_LINE.match(data)
+    if line is None:
+        return None
+    status = int(line[1])
+    start = line.end()
+    if status < 200 or status in (204, 304) or _FIELDS.fullmatch(data, start, end + 2) is None:
+        return None
+    fields: list[tuple[bytes, bytes]] = _FIELD_RE.findall(data, start, end + 2)
+    length = -2
+    for i, (name, value) in enumerate(fields):
+        lower = name.lower()
+        if lower == b"content-length":
+            if length != -2 or not value.isdigit() or len(value) > 20:
+                return None
+            length = int(value)
+        elif lower == b"transfer-encoding":
+            if length != -2 or value.lower() != b"chunked":
+                return None
+            length = -1
+            fields[i] = (name, b"chunked")  # h11 hands out the coding lower-cased
+        elif lower == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
+            return None
+    if length == -2:
+        return None
+    return status, fields, length
+
+
 #: One chunk-size line (RFC 9112 7.1), as h11 accepts it: up to 20 hex digits, extensions
 #: skipped, trailing blanks tolerated.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*\r\n")
@@ -451,6 +650,9 @@ def _h11_internals_known() -> bool:
 
 
 FAST_CHUNKED = _h11_internals_known()
+#: ``exchange`` goes past h11's state machine for the requests and responses that need none of it
+#: (its body readers are the same ones that take over from h11's, hence the same condition).
+DIRECT = FAST_CHUNKED and H11Headers is not None
 
 
 async def open_connection(
