@@ -182,3 +182,48 @@ def test_pool_reuses_and_counts() -> None:
 
         run(go())
         assert fb.connections <= 2 + len(fb.internal)  # the model listing has its own connection
+
+
+def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
+    """``_read_body``'s own timer: its expiry is a 408 ``request_timeout``; a cancellation from
+    elsewhere (a server shutting down) while the body is awaited stays a cancellation."""
+    from gateway.errors import GatewayError
+
+    app = make_gateway(GATEWAY_CLIENT_BODY_TIMEOUT="0.05")
+
+    async def never() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def timed_out() -> tuple[int, str, int]:
+        try:
+            await app._read_body(never, None)  # type: ignore[arg-type]
+        except GatewayError as err:
+            task = asyncio.current_task()
+            assert task is not None
+            return err.status, err.code, task.cancelling()
+        raise AssertionError("no timeout")
+
+    assert run(timed_out()) == (408, "request_timeout", 0)
+
+    async def cancelled_from_outside() -> str:
+        reader = asyncio.ensure_future(app._read_body(never, None))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        reader.cancel()
+        try:
+            await reader
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "no cancellation"
+
+    assert run(cancelled_from_outside()) == "cancelled"
+
+    async def prompt_body() -> bytes:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        body = await app._read_body(receive, b"2")  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)  # past the timeout: its timer was cancelled with the read
+        return body
+
+    assert run(prompt_body()) == b"{}"
