@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.loadgen import Connection, Sample, build_request
 from bench.procstat import Tree, self_cpu
@@ -93,36 +94,34 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def start_sim(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """The built-in simulator with no delays of its own; scenarios pace it per request."""
-    port = free_port()
+def _running(
+    argv: list[str], port: int, cpu: int | None, log: Path, **popen: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Run one of the benchmark's servers (output to ``log``, pinned to ``cpu``) until its
+    ``/health`` answers; stopped on the way out."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [
-                sys.executable,
-                "-m",
-                "gateway.sim",
-                "--kind",
-                "vllm",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--fast",
-                "--batch-slowdown",
-                "0",
-                "--max-running",
-                "100000",
-            ],
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+            argv,
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=pin_to(cpu),  # noqa: PLW1509 - affinity must be set before exec
+            **popen,
         )
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc)
         yield proc, port
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def start_sim(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The built-in simulator with no delays of its own; scenarios pace it per request."""
+    port = free_port()
+    argv = [sys.executable, "-m", "gateway.sim", "--kind", "vllm", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--fast", "--batch-slowdown", "0", "--max-running", "100000"]
+    with _running(argv, port, cpu, log) as running:
+        yield running
 
 
 @contextlib.contextmanager
@@ -145,20 +144,10 @@ def start_gateway(
         }
     )
     workdir = tempfile.mkdtemp(prefix="bench-gw-")  # never a developer's .env
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "gateway", "serve"],
-            env=env,
-            cwd=workdir,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=pin_to(cpu),  # noqa: PLW1509
-        )
     try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc)
-        yield proc, port
+        with _running([sys.executable, "-m", "gateway", "serve"], port, cpu, log, env=env, cwd=workdir) as running:
+            yield running
     finally:
-        stop(proc)
         with contextlib.suppress(OSError):
             os.rmdir(workdir)
 
@@ -167,19 +156,9 @@ def start_gateway(
 def start_floor(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Granian alone (``bench.floor``), with the gateway's Granian settings, pinned like it."""
     port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "bench.floor", "--port", str(port)],
-            cwd=Path(__file__).resolve().parent.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=pin_to(cpu),  # noqa: PLW1509 - affinity must be set before exec
-        )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc)
-        yield proc, port
-    finally:
-        stop(proc)
+    argv = [sys.executable, "-m", "bench.floor", "--port", str(port)]
+    with _running(argv, port, cpu, log, cwd=Path(__file__).resolve().parent.parent) as running:
+        yield running
 
 
 def sim_counter(host: str, port: int, name: str, api_key: str | None) -> float | None:
