@@ -51,7 +51,7 @@ from gateway.errors import error_body, sse_error_event
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
 from gateway.relay import Exchange, response_headers
-from gateway.upstream import DROP_REQUEST_HEADERS
+from gateway.upstream import DROP_REQUEST_HEADERS, _direct_head, _direct_request
 
 #: Events in the streamed benchmarks' response (a 1000-token answer, one event per token).
 STREAM_EVENTS = 1000
@@ -175,6 +175,7 @@ def test_request_headers_loop(benchmark: BenchmarkFixture) -> None:
     pure loop cannot be called by itself): the cost without the coroutine machinery above."""
     headers = client_headers(len(SMALL_BODY))
     static = [(b"host", b"backend.bench:8000")]
+    noted = DROP_REQUEST_HEADERS  # no sticky header configured
 
     def build() -> tuple[bytes | None, int, bytes | None, list[tuple[bytes, bytes]]]:
         authorization: bytes | None = None
@@ -182,6 +183,9 @@ def test_request_headers_loop(benchmark: BenchmarkFixture) -> None:
         content_length: bytes | None = None
         forwarded = list(static)
         for name, value in headers:
+            if name not in noted:
+                forwarded.append((name, value))
+                continue
             if name == b"authorization":
                 authorization = value
                 auth_count += 1
@@ -220,6 +224,29 @@ UPSTREAM_HEADERS = {
         (b"content-type", b"application/json"),
     ],
 }
+
+
+#: Response heads as vLLM (uvicorn) sends them, whole in one read, as the direct path reads them.
+UPSTREAM_HEADS = {
+    kind: b"HTTP/1.1 200 OK\r\n" + b"".join(b"%s: %s\r\n" % field for field in fields) + b"\r\n"
+    for kind, fields in UPSTREAM_HEADERS.items()
+}
+
+
+@pytest.mark.parametrize("kind", list(UPSTREAM_HEADS))
+def test_direct_head(benchmark: BenchmarkFixture, kind: str) -> None:
+    """The response head read without h11 (``upstream._direct_head``): status, fields, framing."""
+    head = UPSTREAM_HEADS[kind]
+    status, fields, length = benchmark(_direct_head, head, len(head) - 4, b"POST")
+    assert status == 200 and fields == UPSTREAM_HEADERS[kind]
+    assert length == (-1 if kind == "sse" else 1234)
+
+
+def test_direct_request(benchmark: BenchmarkFixture) -> None:
+    """Whether a request goes out without h11 (``upstream._direct_request``), per request."""
+    headers = [(b"host", b"backend.bench:8000"), *client_headers(len(SMALL_BODY))[1:]]
+    headers = [(n, v) for n, v in headers if n not in DROP_REQUEST_HEADERS or n in (b"host", b"content-length")]
+    assert benchmark(_direct_request, b"POST", b"/v1/chat/completions", headers, SMALL_BODY)
 
 
 @pytest.mark.parametrize("kind", list(UPSTREAM_HEADERS))
