@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ import orjson
 from bench import report
 from bench.loadgen import install_uvloop
 from bench.procstat import Tree, rss_bytes
-from bench.runner import Endpoint, Runner, cpu_plan, start_floor, start_gateway, start_sim
+from bench.runner import Endpoint, Runner, cpu_plan, start_floor, start_gateway, start_nginx, start_sim
 from bench.scenarios import FULL, smoke
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--client-key", help="the client key to send to the gateway (with API_KEYS or a keys file)")
     p.add_argument(
+        "--nginx",
+        action="store_true",
+        help="then run each scenario through nginx (from PATH) in the gateway's place, one worker on the gateway's "
+        "CPU, proxying to the same backend without buffering: the reference proxy's cost for the same load",
+    )
+    p.add_argument(
         "--floor",
         action="store_true",
         help="then run each scenario against Granian alone (bench.floor: a trivial app with the gateway's Granian "
@@ -69,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.floor and (args.backend_kind or args.backend != "sim"):
         print("bench: --floor answers like the simulator, so it runs with the simulator only", file=sys.stderr)
         return 2
+    nginx = shutil.which("nginx")
+    if args.nginx and not nginx:
+        print("bench: --nginx needs nginx on PATH (e.g. apt-get install nginx-light)", file=sys.stderr)
+        return 2
+    args.nginx_path = nginx
     scenarios = smoke() if args.smoke else FULL
     if args.scenarios:
         wanted = set(args.scenarios.split(","))
@@ -167,9 +179,13 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
                 }
             )
             samples[sc.name] = (d_side.samples, g_side.samples)
+        gw_stack.close()  # what follows gets the gateway's CPU to itself
         if args.floor:
-            gw_stack.close()  # the floor gets the gateway's CPU to itself
-            await _floor_pass(args, scenarios, results, direct, gw_cpu, logs, progress)
+            floor = start_floor(gw_cpu, logs / "floor.log")
+            await _alone_pass("floor", floor, args, scenarios, results, direct, progress)
+        if args.nginx:
+            proxy = start_nginx(gw_cpu, logs / "nginx.log", args.nginx_path, f"{direct.host}:{direct.port}")
+            await _alone_pass("nginx", proxy, args, scenarios, results, direct, progress)
     env = report.environment(
         {
             "backend": "external" if args.backend_kind else args.backend,
@@ -200,26 +216,29 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         f"\ngateway idle RSS {doc['gateway_idle_rss_mib']} MiB (all its processes; one worker "
         f"{doc['gateway_idle_worker_rss_mib']} MiB); results: {json_path} and {png_path}"
     )
-    errors = sum(r["direct"]["errors"] + r["gateway"]["errors"] + r.get("floor", {}).get("errors", 0) for r in results)
+    errors = sum(
+        r["direct"]["errors"] + r["gateway"]["errors"] + sum(r.get(k, {}).get("errors", 0) for k in ("floor", "nginx"))
+        for r in results
+    )
     return 1 if errors else 0
 
 
-async def _floor_pass(
+async def _alone_pass(
+    name: str,
+    server: Any,
     args: argparse.Namespace,
     scenarios: Sequence[Any],
     results: list[dict[str, Any]],
     direct: Endpoint,
-    cpu: int | None,
-    logs: Path,
     progress: Any,
 ) -> None:
-    """Each scenario again, against Granian alone in the gateway's place; the disconnect scenario
-    is left out (it measures the backend's aborts, and the floor has no backend)."""
-    with start_floor(cpu, logs / "floor.log") as (floor, port):
+    """Each scenario again, with ``server`` (the floor, or nginx) in the gateway's place, its CPU
+    metered the same way; the disconnect scenario is left out (it measures the backend's aborts)."""
+    with server as (proc, port):
         time.sleep(0.3)
-        tree = Tree(floor.pid)
-        progress(f"floor (Granian alone) on port {port}")
-        ep = Endpoint("floor", "127.0.0.1", port, "/v1", None)
+        tree = Tree(proc.pid)
+        progress(f"{name} on port {port}")
+        ep = Endpoint(name, "127.0.0.1", port, direct.base_path if name == "nginx" else "/v1", direct.api_key)
         runner = Runner(
             direct, ep, model=args.model, gateway_tree=tree, backend_tree=None, progress=progress, rounds=args.rounds
         )
@@ -228,7 +247,10 @@ async def _floor_pass(
                 continue
             side = await runner.run_alone(sc)
             figures = report.side_figures(side, sc)
-            result["floor"] = figures
-            result["floor_added"] = report.added(result["direct"], figures)
-            result["floor_cost"] = report.gateway_cost(side, figures, sc)
-            result["above_floor"] = report.above(result["gateway_cost"], result["floor_cost"])
+            result[name] = figures
+            result[f"{name}_added"] = report.added(result["direct"], figures)
+            result[f"{name}_cost"] = report.gateway_cost(side, figures, sc)
+            if name == "floor":
+                result["above_floor"] = report.above(result["gateway_cost"], result["floor_cost"])
+            else:
+                result["times_nginx"] = report.times(result["gateway_cost"], result["nginx_cost"])

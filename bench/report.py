@@ -107,6 +107,16 @@ def above(gateway: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def times(gateway: dict[str, Any], nginx: dict[str, Any]) -> dict[str, float | None]:
+    """The gateway's CPU as a multiple of nginx's for the same load."""
+
+    def ratio(key: str) -> float | None:
+        g, n = gateway[key], nginx[key]
+        return None if g is None or not n else round(g / n, 2)
+
+    return {"cpu_per_request": ratio("cpu_per_request_us"), "cpu_per_chunk": ratio("cpu_per_chunk_us")}
+
+
 def limits(direct: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
     """Which process was saturated in which phase (>= 90% of a CPU)."""
     out = []
@@ -169,7 +179,7 @@ def table(results: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in results:
-        labels = ("direct", "gateway", "added", "floor") if "floor" in r else ("direct", "gateway", "added")
+        labels = ("direct", "gateway", "added", *(k for k in ("floor", "nginx") if k in r))
         for label in labels:
             f = r[label]
             if label == "added":
@@ -178,7 +188,7 @@ def table(results: list[dict[str, Any]]) -> str:
             else:
                 n, err, rps = str(f["requests"]), str(f["errors"]), fmt(f["throughput_rps"], 1)
             t, g, lat = f["ttft_ms"], f["gap_ms"], f["latency_ms"]
-            cost = r["gateway_cost"] if label == "gateway" else r["floor_cost"] if label == "floor" else None
+            cost = r["gateway_cost"] if label == "gateway" else r.get(f"{label}_cost")
             lines.append(
                 f"{r['scenario'] if label == 'direct' else '':<17} {label:<8} {n:>5} {err:>4} "
                 f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>24} "
@@ -197,6 +207,13 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{'':<17} gateway above the floor: {fmt(a['cpu_per_request_us'], 1)} us/req"
                 + (f", {fmt(a['cpu_per_chunk_us'], 2)} us/chunk" if a["cpu_per_chunk_us"] is not None else "")
                 + f"; floor's added ttft p50 {fmt(r['floor_added']['ttft_ms']['p50'])} ms"
+            )
+        if "times_nginx" in r:
+            x = r["times_nginx"]
+            lines.append(
+                f"{'':<17} gateway CPU / nginx CPU: {fmt(x['cpu_per_request'])}x per request"
+                + (f", {fmt(x['cpu_per_chunk'])}x per chunk" if x["cpu_per_chunk"] is not None else "")
+                + f"; nginx's added ttft p50 {fmt(r['nginx_added']['ttft_ms']['p50'])} ms"
             )
         for note in r["limits"]:
             lines.append(f"{'':<17} note: {note}")

@@ -161,6 +161,53 @@ def start_floor(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[b
         yield running
 
 
+#: nginx as the reference proxy (``just bench --nginx``): one worker, keep-alive connections to the
+#: backend, nothing buffered either way (as the gateway streams), no access log.
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    tcp_nodelay on;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream backend {{ server {backend}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def start_nginx(cpu: int | None, log: Path, nginx: str, backend: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """nginx proxying to ``backend`` (host:port), pinned like the gateway, in a scratch directory."""
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, backend=backend, port=port))
+    try:
+        with _running([nginx, "-c", str(conf), "-p", str(workdir)], port, cpu, log) as running:
+            yield running
+    finally:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def sim_counter(host: str, port: int, name: str, api_key: str | None) -> float | None:
     """A counter from the backend's /metrics, or None when it has no such series."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,16 @@ import orjson
 from bench.scenarios import FULL
 from tests.conftest import ROOT, clean_env
 
+#: The nginx pass needs nginx (tests/run.sh installs it where it can); without it, it is left out.
+NGINX = shutil.which("nginx") is not None
+
 
 def test_bench_smoke(tmp_path: Path) -> None:
+    if not NGINX:
+        print("nginx is not installed: the smoke run leaves out the --nginx pass")
+    argv = [sys.executable, "-m", "bench", "--smoke", "--quiet", "--rounds", "2", "--floor", "--out", str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--quiet", "--rounds", "2", "--floor", "--out", str(tmp_path)],
+        argv + (["--nginx"] if NGINX else []),
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -53,12 +60,30 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert sc["above_floor"]["cpu_per_request_us"] == round(
                 cost["cpu_per_request_us"] - sc["floor_cost"]["cpu_per_request_us"], 2
             )
+            if NGINX:
+                nginx = sc["nginx"]
+                assert nginx["errors"] == 0 and nginx["requests"] >= sc["params"]["concurrency"]
+                assert nginx["ttft_ms"]["p50"] is not None and nginx["ttft_ms"]["p50"] > 0
+                assert set(sc["times_nginx"]) == {"cpu_per_request", "cpu_per_chunk"}
         else:
-            assert "floor" not in sc
+            assert "floor" not in sc and "nginx" not in sc
             # Every client that left was seen by the backend as an aborted generation within 1 s.
             assert sc["gateway"]["abort_share"] == 1.0
             assert sc["direct"]["abort_share"] == 1.0
     assert "c1-stream" in proc.stdout and "gateway" in proc.stdout and "gateway above the floor" in proc.stdout
+    assert ("gateway CPU / nginx CPU" in proc.stdout) is NGINX
+
+
+def test_nginx_pass_needs_nginx() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--nginx"],
+        capture_output=True,
+        text=True,
+        env={**clean_env(), "PATH": "/nonexistent"},
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--nginx needs nginx on PATH" in proc.stderr
 
 
 def test_floor_needs_the_simulator() -> None:
