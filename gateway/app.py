@@ -482,11 +482,12 @@ class Gateway:
             return await self._receive_body(receive, limit)
         # asyncio.timeout()'s semantics with one timer and no context object (~4 us a request):
         # the timer cancels the task; that cancellation, and only that one, becomes the 408.
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         cancelling = task.cancelling()
         expired: list[bool] = []
-        timer = asyncio.get_running_loop().call_later(self.body_timeout, _body_expired, task, expired)
+        timer = loop.call_later(self.body_timeout, _body_expired, task, expired)
         try:
             return await self._receive_body(receive, limit)
         except asyncio.CancelledError:
@@ -533,9 +534,9 @@ class Gateway:
         sticky: bytes | None = None,
     ) -> None:
         """Forward with cancellation on client disconnect (and on the total timeout, if set)."""
-        task = asyncio.current_task()
-        assert task is not None
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
         watcher = _watch_disconnect(receive, ex, task, loop)
         timer = loop.call_later(self.total_timeout, _expire, ex, task) if self.total_timeout else None
         try:

@@ -284,11 +284,12 @@ class Connection(AsyncHTTP11Connection):
         self._direct = True
         self._sent = (method, target, fields, body)
         self._ended = False
-        host = [b"%s: %s\r\n" % (n, v) for n, v in headers if n == b"host"]
-        lines = [b"%s: %s\r\n" % (n, v) for n, v in headers if n != b"host"]
+        if headers[0][0] != b"host":  # h11 writes Host first (the gateway's own lists start with it)
+            headers = sorted(headers, key=lambda field: field[0] != b"host")  # stable: the rest keep their order
+        fields_block = b"\r\n".join([b": ".join(field) for field in headers])
         try:
             await self._network_stream.write(
-                b"".join([method, b" ", target, b" HTTP/1.1\r\n", *host, *lines, b"\r\n", body]), timeout=timeout
+                b"".join([method, b" ", target, b" HTTP/1.1\r\n", fields_block, b"\r\n\r\n", body]), timeout=timeout
             )
         except httpcore.WriteError:
             pass  # read the answer anyway, as httpcore does
