@@ -11,9 +11,10 @@ on the idle stack.
 Each connection is httpcore's HTTP/1.1 connection, whose protocol engine is h11. For the
 exchanges that need nothing of h11's state machine (almost all of them: a plain request, and an
 answer framed by one Content-Length or by chunked coding) ``Connection.exchange`` writes the
-request and reads the answer's head itself, and the body readers frame the body; h11's events
-and state transitions were over half of the gateway's CPU per non-streamed request. Anything
-else is handed to h11, with the request replayed into its state, and read exactly as before.
+request and reads the answer's head itself, and the body readers frame the body: h11's events
+and state transitions were over half of the app's own time per non-streamed request (a third of
+the worker's CPU per request). Anything else is handed to h11, with the request replayed into its
+state, and read exactly as before.
 ``tests/test_direct_path.py`` holds both paths to the same bytes, errors and reuse.
 """
 
