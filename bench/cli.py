@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nginx and not nginx:
         print("bench: --nginx needs nginx on PATH (e.g. apt-get install nginx-light)", file=sys.stderr)
         return 2
+    if args.nginx and (args.backend_url or "").startswith("https:"):
+        print("bench: --nginx proxies to a plain-HTTP backend only", file=sys.stderr)
+        return 2
     args.nginx_path = nginx
     scenarios = smoke() if args.smoke else FULL
     if args.scenarios:

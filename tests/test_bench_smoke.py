@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from bench.scenarios import FULL
 from tests.conftest import ROOT, clean_env
@@ -84,6 +85,19 @@ def test_nginx_pass_needs_nginx() -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "--nginx needs nginx on PATH" in proc.stderr
+
+
+@pytest.mark.skipif(not NGINX, reason="nginx is not installed")
+def test_nginx_pass_refuses_an_https_backend() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--nginx", "--backend-kind", "vllm", "--backend-url", "https://gpu:8000/v1"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "plain-HTTP backend only" in proc.stderr
 
 
 def test_floor_needs_the_simulator() -> None:
