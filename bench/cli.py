@@ -76,12 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.floor and (args.backend_kind or args.backend != "sim"):
         print("bench: --floor answers like the simulator, so it runs with the simulator only", file=sys.stderr)
         return 2
+    if args.nginx and (args.backend_url or "").lower().startswith("https:"):
+        print("bench: --nginx proxies to a plain-HTTP backend only", file=sys.stderr)
+        return 2
     nginx = shutil.which("nginx")
     if args.nginx and not nginx:
-        print("bench: --nginx needs nginx on PATH (e.g. apt-get install nginx-light)", file=sys.stderr)
-        return 2
-    if args.nginx and (args.backend_url or "").startswith("https:"):
-        print("bench: --nginx proxies to a plain-HTTP backend only", file=sys.stderr)
+        print("bench: --nginx needs nginx on PATH (e.g. apt-get install nginx)", file=sys.stderr)
         return 2
     args.nginx_path = nginx
     scenarios = smoke() if args.smoke else FULL
@@ -184,11 +184,11 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
             samples[sc.name] = (d_side.samples, g_side.samples)
         gw_stack.close()  # what follows gets the gateway's CPU to itself
         if args.floor:
-            floor = start_floor(gw_cpu, logs / "floor.log")
-            await _alone_pass("floor", floor, args, scenarios, results, direct, progress)
+            floor = start_floor(gw_cpu, logs / "floor.log", extra_env)
+            await _alone_pass("floor", floor, "/v1", args, scenarios, results, direct, progress, logs)
         if args.nginx:
-            proxy = start_nginx(gw_cpu, logs / "nginx.log", args.nginx_path, f"{direct.host}:{direct.port}")
-            await _alone_pass("nginx", proxy, args, scenarios, results, direct, progress)
+            proxy = start_nginx(gw_cpu, logs / "nginx.log", args.nginx_path, direct.host, direct.port)
+            await _alone_pass("nginx", proxy, direct.base_path, args, scenarios, results, direct, progress, logs)
     env = report.environment(
         {
             "backend": "external" if args.backend_kind else args.backend,
@@ -223,37 +223,52 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         r["direct"]["errors"] + r["gateway"]["errors"] + sum(r.get(k, {}).get("errors", 0) for k in ("floor", "nginx"))
         for r in results
     )
-    return 1 if errors else 0
+    failed = [k for k in ("floor_error", "nginx_error") if results and k in results[0]]
+    return 1 if errors or failed else 0
 
 
 async def _alone_pass(
     name: str,
     server: Any,
+    base_path: str,
     args: argparse.Namespace,
     scenarios: Sequence[Any],
     results: list[dict[str, Any]],
     direct: Endpoint,
     progress: Any,
+    logs: Path,
 ) -> None:
-    """Each scenario again, with ``server`` (the floor, or nginx) in the gateway's place, its CPU
-    metered the same way; the disconnect scenario is left out (it measures the backend's aborts)."""
-    with server as (proc, port):
-        time.sleep(0.3)
-        tree = Tree(proc.pid)
-        progress(f"{name} on port {port}")
-        ep = Endpoint(name, "127.0.0.1", port, direct.base_path if name == "nginx" else "/v1", direct.api_key)
-        runner = Runner(
-            direct, ep, model=args.model, gateway_tree=tree, backend_tree=None, progress=progress, rounds=args.rounds
-        )
-        for sc, result in zip(scenarios, results, strict=True):
-            if sc.abort_after is not None:
-                continue
-            side = await runner.run_alone(sc)
-            figures = report.side_figures(side, sc)
-            result[name] = figures
-            result[f"{name}_added"] = report.added(result["direct"], figures)
-            result[f"{name}_cost"] = report.gateway_cost(side, figures, sc)
-            if name == "floor":
-                result["above_floor"] = report.above(result["gateway_cost"], result["floor_cost"])
-            else:
-                result["times_nginx"] = report.times(result["gateway_cost"], result["nginx_cost"])
+    """Each scenario again, with ``server`` (the floor, or nginx) in the gateway's place and its
+    CPU metered the same way; the disconnect scenario is left out (it measures the backend's
+    aborts). A pass that fails says so in the results rather than losing the run's figures."""
+    try:
+        with server as (proc, port):
+            time.sleep(0.3)
+            tree = Tree(proc.pid)
+            progress(f"{name} on port {port}")
+            ep = Endpoint(name, "127.0.0.1", port, base_path, direct.api_key)
+            runner = Runner(
+                direct,
+                ep,
+                model=args.model,
+                gateway_tree=tree,
+                backend_tree=None,
+                progress=progress,
+                rounds=args.rounds,
+            )
+            for sc, result in zip(scenarios, results, strict=True):
+                if sc.abort_after is not None:
+                    continue
+                side = await runner.run_alone(sc)
+                figures = report.side_figures(side, sc)
+                result[name] = figures
+                result[f"{name}_cost"] = report.gateway_cost(side, figures, sc)
+                if name == "floor":  # it stands in for the backend: no added time to speak of
+                    result["above_floor"] = report.above(result["gateway_cost"], result["floor_cost"])
+                else:  # a proxy in front of the same backend, like the gateway
+                    result["nginx_added"] = report.added(result["direct"], figures)
+                    result["times_nginx"] = report.times(result["gateway_cost"], result["nginx_cost"])
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"bench: the {name} pass failed ({exc}); its log: {logs / (name + '.log')}", file=sys.stderr)
+        for result in results:
+            result.setdefault(f"{name}_error", str(exc))

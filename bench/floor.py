@@ -1,12 +1,14 @@
 """Granian alone: the floor under the gateway's cost (``just bench --floor``).
 
-A trivial ASGI app, served by Granian exactly as ``gateway serve`` serves the gateway (the same
-``run_granian`` settings, one worker, pinned to the gateway's CPU), answers each benchmark
-request itself, with no upstream at all: the simulator's answer (the same bytes, built by
-``gateway.sim.responses``), one ``http.response.body`` per SSE event, paced by the same
-``x-sim-*`` headers. Its CPU per request and per event is what Granian and the ASGI calls cost;
-what the gateway costs above it is the gateway's own work: its Python, the upstream connection
-(socket reads and writes, wake-ups) and h11.
+A trivial ASGI app, served by ``gateway.server.run_granian`` with the gateway's own settings (the
+bench's ``--gateway-env`` too), one worker pinned to the gateway's CPU, answers each benchmark
+request itself, with no upstream at all. Its answers have the simulator's shape (built by
+``gateway.sim.responses``: a chat completion, or one SSE event per token, one
+``http.response.body`` each) and streams are paced by the same ``x-sim-*`` headers on the same
+kind of schedule (``gateway.sim.engine.Ticker``). Its CPU per request and per event is what
+Granian and the ASGI calls cost; what the gateway costs above it is its own work: its Python and
+the upstream connection (socket reads and writes, wake-ups, and h11 for unusual answers). Unlike
+``gateway serve`` there is no supervisor process (it idles, polling every 0.1 s).
 
     python -m bench.floor --port 8123    # serve it by hand (pinning is up to you)
 """
@@ -14,12 +16,12 @@ what the gateway costs above it is the gateway's own work: its Python, the upstr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from collections.abc import Sequence
 
 import orjson
 
+from gateway.sim.engine import Ticker
 from gateway.sim.responses import Answers, Elapsed
 from gateway.types import Receive, Scope, Send
 
@@ -80,14 +82,14 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     frames = _ANSWERS.frames(sse_data=b"data: ", chat=True, model=model, n=1)
     usage = bool((request.get("stream_options") or {}).get("include_usage"))
     await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-    if ttft:
-        await asyncio.sleep(ttft)
+    ticker = Ticker()
+    await ticker.wait(ttft)
     role = frames.role(0)
     if role is not None:
         await send({"type": "http.response.body", "body": role, "more_body": True})
     for i in range(tokens):
-        if i and itl:
-            await asyncio.sleep(itl)
+        if i:
+            await ticker.wait(itl)
         await send({"type": "http.response.body", "body": frames.token(i, 0), "more_body": True})
     for event in frames.ends(0, "length", 1, tokens, usage, _NO_TIME):
         await send({"type": "http.response.body", "body": event, "more_body": True})
@@ -98,21 +100,24 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gateway.config import settings_from_strings
+    from gateway.config import ENV_NAMES, settings_from_strings
     from gateway.server import run_granian
 
     p = argparse.ArgumentParser(prog="bench.floor", description=__doc__)
     p.add_argument("--port", type=int, required=True)
     args = p.parse_args(argv)
-    # The gateway's own Granian settings (defaults, one worker); the backend is never used.
+    # The gateway's own Granian settings, from the same environment the bench gives the gateway
+    # (one worker unless it says otherwise); the backend is never used.
+    given = {name: value for name, value in os.environ.items() if name in ENV_NAMES}
     settings = settings_from_strings(
         {
+            "GATEWAY_WORKERS": "1",
+            "GATEWAY_LOG_LEVEL": "warning",
+            **given,
             "BACKEND_KIND": "vllm",
             "BACKEND_BASE_URL": "http://127.0.0.1:9/v1",
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": str(args.port),
-            "GATEWAY_WORKERS": "1",
-            "GATEWAY_LOG_LEVEL": os.environ.get("GATEWAY_LOG_LEVEL", "warning"),
         }
     )
     run_granian(settings, target="bench.floor:app", factory=False)

@@ -206,7 +206,6 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"{'':<17} gateway above the floor: {fmt(a['cpu_per_request_us'], 1)} us/req"
                 + (f", {fmt(a['cpu_per_chunk_us'], 2)} us/chunk" if a["cpu_per_chunk_us"] is not None else "")
-                + f"; floor's added ttft p50 {fmt(r['floor_added']['ttft_ms']['p50'])} ms"
             )
         if "times_nginx" in r:
             x = r["times_nginx"]

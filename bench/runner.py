@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,10 +96,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def _running(
-    argv: list[str], port: int, cpu: int | None, log: Path, **popen: Any
+    argv: list[str], port: int, cpu: int | None, log: Path, ready: str = "/health", **popen: Any
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """Run one of the benchmark's servers (output to ``log``, pinned to ``cpu``) until its
-    ``/health`` answers; stopped on the way out."""
+    """Run one of the benchmark's servers (output to ``log``, pinned to ``cpu``) until ``ready``
+    answers 200; stopped on the way out."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and modules
             argv,
@@ -108,7 +109,7 @@ def _running(
             **popen,
         )
     try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        wait_ready(f"http://127.0.0.1:{port}{ready}", proc)
         yield proc, port
     finally:
         stop(proc)
@@ -153,37 +154,46 @@ def start_gateway(
 
 
 @contextlib.contextmanager
-def start_floor(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """Granian alone (``bench.floor``), with the gateway's Granian settings, pinned like it."""
+def start_floor(cpu: int | None, log: Path, extra_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Granian alone (``bench.floor``), with the gateway's Granian settings (``extra_env`` too:
+    the same backlog, backpressure and workers), pinned like it."""
+    from gateway.config import ENV_NAMES
+
     port = free_port()
     argv = [sys.executable, "-m", "bench.floor", "--port", str(port)]
-    with _running(argv, port, cpu, log, cwd=Path(__file__).resolve().parent.parent) as running:
+    env = {**{k: v for k, v in os.environ.items() if k not in ENV_NAMES}, **extra_env}  # as the gateway's
+    with _running(argv, port, cpu, log, env=env, cwd=Path(__file__).resolve().parent.parent) as running:
         yield running
 
 
 #: nginx as the reference proxy (``just bench --nginx``): one worker, keep-alive connections to the
-#: backend, nothing buffered either way (as the gateway streams), no access log.
+#: backend that are never recycled (nor the clients'), nothing buffered either way (as the gateway
+#: streams), the backend's own Host, no access log, errors to the pass's log, and a ready answer
+#: of its own (the backend may have no /health at its root).
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
-error_log {dir}/error.log warn;
+error_log stderr warn;
 pid {dir}/nginx.pid;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
     tcp_nodelay on;
+    keepalive_requests 1000000000;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    upstream backend {{ server {backend}; keepalive 256; }}
+    upstream backend {{ server {backend}; keepalive 256; keepalive_requests 1000000000; }}
     server {{
         listen 127.0.0.1:{port};
+        location = /__ready {{ return 200; }}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header Host {backend};
             proxy_buffering off;
             proxy_request_buffering off;
         }}
@@ -193,18 +203,20 @@ http {{
 
 
 @contextlib.contextmanager
-def start_nginx(cpu: int | None, log: Path, nginx: str, backend: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """nginx proxying to ``backend`` (host:port), pinned like the gateway, in a scratch directory."""
-    port = free_port()
+def start_nginx(
+    cpu: int | None, log: Path, nginx: str, host: str, port: int
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """nginx proxying to the backend at ``host``:``port``, pinned like the gateway, in a scratch
+    directory."""
+    backend = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    listen = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
     conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=workdir, backend=backend, port=port))
+    conf.write_text(NGINX_CONF.format(dir=workdir, backend=backend, port=listen))
     try:
-        with _running([nginx, "-c", str(conf), "-p", str(workdir)], port, cpu, log) as running:
+        with _running([nginx, "-c", str(conf), "-p", str(workdir)], listen, cpu, log, ready="/__ready") as running:
             yield running
     finally:
-        import shutil
-
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -286,35 +298,33 @@ class Runner:
         return samples
 
     async def run(self, sc: Scenario) -> tuple[Side, Side]:
-        sides = {"direct": Side(), "gateway": Side()}
-        eps = {"direct": self.direct, "gateway": self.gateway}
-        # Primer and warm-up, not measured.
-        for ep in eps.values():
+        """Direct and through the gateway, in interleaved rounds."""
+        direct, gateway = await self._rounds(sc, [self.direct, self.gateway])
+        return direct, gateway
+
+    async def run_alone(self, sc: Scenario) -> Side:
+        """The same protocol against the ``gateway`` endpoint alone (the floor's and nginx's passes)."""
+        (side,) = await self._rounds(sc, [self.gateway])
+        return side
+
+    async def _rounds(self, sc: Scenario, eps: list[Endpoint]) -> list[Side]:
+        """A primer and a warm-up round per endpoint (not measured), then measured rounds, the
+        endpoints' order flipped every round; the last endpoint's CPU is the gateway tree's."""
+        sides = [Side() for _ in eps]
+        for ep in eps:
             await self._round(ep, sc, max(2, min(sc.concurrency, 8)))
             await self._round(ep, sc, max(sc.concurrency, sc.requests // (self.rounds * 4)))
         per_round = max(1, sc.requests // self.rounds)
         for r in range(self.rounds):
-            order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
-            for name in order:
-                self.progress(f"{sc.name}: round {r + 1}/{self.rounds} {name}")
-                await self._measure(sides[name], eps[name], sc, per_round)
+            order = list(zip(eps, sides, strict=True))
+            for ep, side in order if r % 2 == 0 else reversed(order):
+                self.progress(f"{sc.name}: round {r + 1}/{self.rounds} {ep.name}")
+                await self._measure(side, ep, sc, per_round)
         if sc.abort_after is not None:
-            for name in ("direct", "gateway"):
-                self._conns.pop(eps[name].name, None)
-        sides["gateway"].gateway_rss = self.gateway_tree.rss()
-        return sides["direct"], sides["gateway"]
-
-    async def run_alone(self, sc: Scenario) -> Side:
-        """The same protocol against the ``gateway`` endpoint alone (the floor's pass)."""
-        side = Side()
-        await self._round(self.gateway, sc, max(2, min(sc.concurrency, 8)))
-        await self._round(self.gateway, sc, max(sc.concurrency, sc.requests // (self.rounds * 4)))
-        per_round = max(1, sc.requests // self.rounds)
-        for r in range(self.rounds):
-            self.progress(f"{sc.name}: round {r + 1}/{self.rounds} {self.gateway.name}")
-            await self._measure(side, self.gateway, sc, per_round)
-        side.gateway_rss = self.gateway_tree.rss()
-        return side
+            for ep in eps:
+                self._conns.pop(ep.name, None)
+        sides[-1].gateway_rss = self.gateway_tree.rss()
+        return sides
 
     async def _settle(self) -> float | None:
         """The backend's aborted counter once it stopped moving (aborts of earlier rounds land late)."""

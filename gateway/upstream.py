@@ -298,7 +298,7 @@ class Connection(AsyncHTTP11Connection):
         if not received:
             raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
         end = received.find(b"\r\n\r\n")
-        head = _direct_head(received, end, method) if end >= 0 else None
+        head = _direct_head(received, end) if end >= 0 else None
         if head is None:  # h11 reads this one: a head in several reads, or one that needs h11
             self._to_h11(received)
             while True:
@@ -587,7 +587,7 @@ def _direct_request(method: bytes, target: bytes, headers: list[tuple[bytes, byt
     return len(body) == int(length) if length is not None else not body
 
 
-def _direct_head(data: bytes, end: int, method: bytes) -> tuple[int, list[tuple[bytes, bytes]], int] | None:
+def _direct_head(data: bytes, end: int) -> tuple[int, list[tuple[bytes, bytes]], int] | None:
     """The status, fields and framing (a Content-Length, or -1: chunked) of the response head
     ``data[:end]`` (``end`` is where its blank line starts), as h11 would read them, if it is one
     the direct path reads: HTTP/1.1, a final status with a body (not 204 or 304), fields on one

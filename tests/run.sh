@@ -14,15 +14,16 @@ fi
 .venv/bin/python tests/tools/build_llama_server.py
 # A real Redis for tests/test_limits_redis.py, and nginx for the benchmark's reference pass
 # (tests/test_bench_smoke.py runs `bench --nginx`): installed from Debian's packages where we are
-# root (as CI is); elsewhere those tests skip or leave that pass out, and say why.
-missing=""
-command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
-command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
-if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing$missing (apt-get) for the shared rate-limit tests and the benchmark's nginx pass"
-  # shellcheck disable=SC2086 # one word per package
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null 2>&1 \
-    || echo "could not install$missing: the tests that need them will skip or say so"
+# root (as CI is), each on its own; elsewhere those tests skip and say why.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  updated=""
+  for want in redis-server:redis-server nginx:nginx; do
+    command -v "${want%%:*}" >/dev/null 2>&1 && continue
+    echo "installing ${want#*:} (apt-get) for the tests that use it"
+    [ -n "$updated" ] || { apt-get update -qq >/dev/null 2>&1; updated=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${want#*:}" >/dev/null 2>&1 \
+      || echo "could not install ${want#*:}: the tests that need it will skip"
+  done
 fi
 # pytest exits 5 when it collected no test: that is a failure here too (non-zero).
 exec .venv/bin/python -m pytest "$@"

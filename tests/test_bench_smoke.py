@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -13,16 +14,14 @@ import pytest
 from bench.scenarios import FULL
 from tests.conftest import ROOT, clean_env
 
-#: The nginx pass needs nginx (tests/run.sh installs it where it can); without it, it is left out.
+#: The nginx pass needs nginx (tests/run.sh installs it where it can); without it, its test skips.
 NGINX = shutil.which("nginx") is not None
 
 
-def test_bench_smoke(tmp_path: Path) -> None:
-    if not NGINX:
-        print("nginx is not installed: the smoke run leaves out the --nginx pass")
-    argv = [sys.executable, "-m", "bench", "--smoke", "--quiet", "--rounds", "2", "--floor", "--out", str(tmp_path)]
+def _smoke(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``bench --smoke`` with ``args``: it must succeed; its output and JSON document."""
     proc = subprocess.run(
-        argv + (["--nginx"] if NGINX else []),
+        [sys.executable, "-m", "bench", "--smoke", "--quiet", "--rounds", "2", "--out", str(out), *args],
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -30,10 +29,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (json_file,) = tmp_path.glob("bench-*.json")
-    (png_file,) = tmp_path.glob("bench-*.png")
+    (json_file,) = out.glob("bench-*.json")
+    (png_file,) = out.glob("bench-*.png")
     assert png_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    doc = orjson.loads(json_file.read_bytes())
+    return proc, orjson.loads(json_file.read_bytes())
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    proc, doc = _smoke(tmp_path, "--floor")
     env = doc["environment"]
     assert env["python"] and env["cores"] and env["packages"]["granian"] and env["args"]["backend_kind"] == "vllm"
     assert [s["scenario"] for s in doc["scenarios"]] == [s.name for s in FULL]
@@ -61,18 +64,37 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert sc["above_floor"]["cpu_per_request_us"] == round(
                 cost["cpu_per_request_us"] - sc["floor_cost"]["cpu_per_request_us"], 2
             )
-            if NGINX:
-                nginx = sc["nginx"]
-                assert nginx["errors"] == 0 and nginx["requests"] >= sc["params"]["concurrency"]
-                assert nginx["ttft_ms"]["p50"] is not None and nginx["ttft_ms"]["p50"] > 0
-                assert set(sc["times_nginx"]) == {"cpu_per_request", "cpu_per_chunk"}
+            assert "floor_added" not in sc  # the floor stands in for the backend: nothing is added
         else:
-            assert "floor" not in sc and "nginx" not in sc
+            assert "floor" not in sc
             # Every client that left was seen by the backend as an aborted generation within 1 s.
             assert sc["gateway"]["abort_share"] == 1.0
             assert sc["direct"]["abort_share"] == 1.0
     assert "c1-stream" in proc.stdout and "gateway" in proc.stdout and "gateway above the floor" in proc.stdout
-    assert ("gateway CPU / nginx CPU" in proc.stdout) is NGINX
+    assert "nginx" not in proc.stdout and "floor_error" not in doc["scenarios"][0]
+
+
+@pytest.mark.skipif(not NGINX, reason="nginx is not installed (tests/run.sh installs it where it is root)")
+def test_bench_nginx_pass(tmp_path: Path) -> None:
+    """``--nginx``: the same load through nginx, and the gateway's CPU as a multiple of its."""
+    scenarios = "c1-stream,nonstream-c16,stream-fast-c16,disconnect"
+    proc, doc = _smoke(tmp_path, "--nginx", "--scenarios", scenarios)
+    assert [s["scenario"] for s in doc["scenarios"]] == scenarios.split(",")
+    for sc in doc["scenarios"]:
+        if sc["params"]["abort_after"] is not None:
+            assert "nginx" not in sc
+            continue
+        nginx = sc["nginx"]
+        assert nginx["errors"] == 0 and nginx["requests"] >= sc["params"]["concurrency"]
+        assert nginx["ttft_ms"]["p50"] is not None and nginx["ttft_ms"]["p50"] > 0
+        if sc["params"]["stream"]:
+            assert nginx["events"] >= nginx["requests"]  # streams went through nginx whole
+        assert set(sc["nginx_added"]) >= {"ttft_ms", "latency_ms"}
+        ratios = sc["times_nginx"]
+        assert set(ratios) == {"cpu_per_request", "cpu_per_chunk"}
+        assert all(v is None or v > 0 for v in ratios.values())
+        assert (ratios["cpu_per_chunk"] is None) or sc["params"]["stream"]
+    assert "gateway CPU / nginx CPU" in proc.stdout
 
 
 def test_nginx_pass_needs_nginx() -> None:
@@ -87,7 +109,6 @@ def test_nginx_pass_needs_nginx() -> None:
     assert proc.returncode == 2 and "--nginx needs nginx on PATH" in proc.stderr
 
 
-@pytest.mark.skipif(not NGINX, reason="nginx is not installed")
 def test_nginx_pass_refuses_an_https_backend() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--nginx", "--backend-kind", "vllm", "--backend-url", "https://gpu:8000/v1"],

@@ -237,7 +237,7 @@ UPSTREAM_HEADS = {
 def test_direct_head(benchmark: BenchmarkFixture, kind: str) -> None:
     """The response head read without h11 (``upstream._direct_head``): status, fields, framing."""
     head = UPSTREAM_HEADS[kind]
-    status, fields, length = benchmark(_direct_head, head, len(head) - 4, b"POST")
+    status, fields, length = benchmark(_direct_head, head, len(head) - 4)
     assert status == 200 and fields == UPSTREAM_HEADERS[kind]
     assert length == (-1 if kind == "sse" else 1234)
 
