@@ -380,10 +380,10 @@ class Gateway:
                 given_id = value
             elif name == sticky_header:
                 sticky = value
+                if name not in DROP_REQUEST_HEADERS:  # the only noted name that is forwarded
+                    forwarded.append((name, value))
             elif name == b"connection":
                 connection.append(value)
-            if name not in DROP_REQUEST_HEADERS:
-                forwarded.append((name, value))
         if connection:
             # Fields the client's Connection header names are hop-by-hop too (RFC 9110 7.6.1).
             listed = {t.strip().lower() for t in b",".join(connection).split(b",")} - {b"keep-alive", b"close", b""}

@@ -175,7 +175,7 @@ class Connection(AsyncHTTP11Connection):
         #: Direct path: the request as sent (for a hand-over to h11), the response head's bytes,
         #: its framing (a Content-Length, or -1 for chunked), the bytes read past the head, whether
         #: the message has ended, and whatever came after its end (then the connection is not reused).
-        self._sent: tuple[bytes, bytes, H11Headers, bytes] | None = None
+        self._sent: tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes] | None = None
         self._head = b""
         self._length = 0
         self._rest = b""
@@ -220,18 +220,18 @@ class Connection(AsyncHTTP11Connection):
         self._request_count += 1
         self._state = HTTPConnectionState.ACTIVE
         self._expire_at = None
-        fields = request_headers(headers)
         if (
-            fields is not None
-            and DIRECT
+            DIRECT
+            and fields_valid(headers)
             and _direct_request(method, target, headers, body)
-            and not self._h11_state.trailing_data[0]  # bytes already here are h11's to read (never via the pool)
+            and not self._h11_state._receive_buffer  # bytes already here are h11's to read (never via the pool)
         ):
             try:
-                return await self._direct_exchange(method, target, headers, fields, body, timeout)
+                return await self._direct_exchange(method, target, headers, body, timeout)
             except BaseException:
                 await self.close_response()  # not read to the end: closed
                 raise
+        fields = request_headers(headers)
         try:
             h11_state = self._h11_state
             try:
@@ -257,20 +257,23 @@ class Connection(AsyncHTTP11Connection):
                 if not received:
                     raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
                 h11_state.receive_data(received)
-            while True:
-                head = await self._receive_event(timeout)
-                if type(head) is h11.Response or (type(head) is h11.InformationalResponse and head.status_code == 101):
-                    return head.status_code, head.headers.raw_items()
+            return await self._h11_head(timeout)
         except BaseException:
             await self._response_closed()  # no await inside can be interrupted: see _NoLock, netio
             raise
+
+    async def _h11_head(self, timeout: float | None) -> tuple[int, list[tuple[bytes, bytes]]]:  # noqa: ASYNC109
+        """h11's response head, past any 1xx (a 101 is the answer itself)."""
+        while True:
+            head = await self._receive_event(timeout)
+            if type(head) is h11.Response or (type(head) is h11.InformationalResponse and head.status_code == 101):
+                return head.status_code, head.headers.raw_items()
 
     async def _direct_exchange(
         self,
         method: bytes,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
-        fields: H11Headers,
         body: bytes,
         timeout: float | None,  # noqa: ASYNC109
     ) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -283,7 +286,7 @@ class Connection(AsyncHTTP11Connection):
         The body's end is read here too; trailers, if any, are h11's again.
         """
         self._direct = True
-        self._sent = (method, target, fields, body)
+        self._sent = (method, target, headers, body)
         self._ended = False
         if headers[0][0] != b"host":  # h11 writes Host first (the gateway's own lists start with it)
             headers = sorted(headers, key=lambda field: field[0] != b"host")  # stable: the rest keep their order
@@ -301,12 +304,7 @@ class Connection(AsyncHTTP11Connection):
         head = _direct_head(received, end) if end >= 0 else None
         if head is None:  # h11 reads this one: a head in several reads, or one that needs h11
             self._to_h11(received)
-            while True:
-                event = await self._receive_event(timeout)
-                if type(event) is h11.Response or (
-                    type(event) is h11.InformationalResponse and event.status_code == 101
-                ):
-                    return event.status_code, event.headers.raw_items()
+            return await self._h11_head(timeout)
         status, raw, self._length = head
         self._head = received[: end + 4]
         self._rest = received[end + 4 :]
@@ -316,8 +314,9 @@ class Connection(AsyncHTTP11Connection):
         """Hand the exchange over to h11: the request sent replayed into its state, then the
         bytes received so far; from here on h11 reads the response, as on its own path."""
         assert self._sent is not None
-        method, target, fields, body = self._sent
+        method, target, headers, body = self._sent
         state = self._h11_state
+        fields = H11Headers([(n, n, v) for n, v in headers])  # checked by fields_valid already
         state.send(h11.Request(method=method, target=target, headers=fields, _parsed=True))
         if body:
             state.send(h11.Data(data=body))
@@ -478,17 +477,13 @@ class Connection(AsyncHTTP11Connection):
                 if not left:  # the last chunk: h11 reads it and the trailers, and ends the message
                     if pieces:
                         yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                    if direct:
-                        after = line.end()
-                        if data[after : after + 2] == b"\r\n":  # no trailers: the message ends here
-                            self._ended, self._extra = True, data[after + 2 :]
-                            return
-                        # Trailers, or their end still to come: h11 reads them from the last chunk on.
-                        self._to_h11(self._head + data[pos:])
-                        while type(await self._receive_event(idle_timeout)) is not h11.EndOfMessage:
-                            pass
+                    if not direct:
+                        state.receive_data(data[pos:])
+                    elif data[line.end() : line.end() + 2] == b"\r\n":  # no trailers: the message ends here
+                        self._ended, self._extra = True, data[line.end() + 2 :]
                         return
-                    state.receive_data(data[pos:])
+                    else:  # trailers, or their end still to come: h11 reads them from the last chunk on
+                        self._to_h11(self._head + data[pos:])
                     while type(await self._receive_event(idle_timeout)) is not h11.EndOfMessage:
                         pass
                     return
@@ -525,17 +520,23 @@ _VALUES = re.compile(_VALUE + rb"(?:\n" + _VALUE + rb")*")
 
 
 def request_headers(headers: list[tuple[bytes, bytes]]) -> H11Headers | None:
-    """``headers`` as h11 would accept them, checked in one pass per field.
+    """``headers`` as h11's header list when ``fields_valid`` passes them, else None (h11 then
+    checks them field by field and refuses them exactly as before)."""
+    if H11Headers is None or not fields_valid(headers):  # H11Headers is None: see the import
+        return None
+    return H11Headers([(n, n, v) for n, v in headers])
+
+
+def fields_valid(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether h11 would accept ``headers`` as they are, checked in one pass per field.
 
     h11 matches each name and each value against its grammar, one regex call each. Here all
     names are matched at once (newline-joined: a newline is in neither grammar, so a count of
     them shows no value held one), and all values likewise. Lower-case names (all an ASGI server
     hands over, and the gateway's own) and the gateway's own framing (at most one
-    ``content-length``, all digits, and no ``transfer-encoding``) take this path; anything else
-    gets None: h11 then checks it field by field and refuses it exactly as before.
+    ``content-length``, all digits, and no ``transfer-encoding``) pass; anything else
+    is refused here: h11 then checks it field by field.
     """
-    if H11Headers is None:  # pragma: no cover - see the import
-        return None
     names = b"\n".join([n for n, _ in headers])
     values = b"\n".join([v for _, v in headers])
     newlines = len(headers) - 1
@@ -546,13 +547,12 @@ def request_headers(headers: list[tuple[bytes, bytes]]) -> H11Headers | None:
         or _NAMES.fullmatch(names) is None
         or _VALUES.fullmatch(values) is None
     ):
-        return None
-    items = [(n, n, v) for n, v in headers]
+        return False
     if b"content-length" in names:
         lengths = [v for n, v in headers if n == b"content-length"]
         if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 20:
-            return None
-    return H11Headers(items)
+            return False
+    return True
 
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
