@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -79,11 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nginx and (args.backend_url or "").lower().startswith("https:"):
         print("bench: --nginx proxies to a plain-HTTP backend only", file=sys.stderr)
         return 2
-    nginx = shutil.which("nginx")
-    if args.nginx and not nginx:
+    if args.nginx and not shutil.which("nginx"):
         print("bench: --nginx needs nginx on PATH (e.g. apt-get install nginx)", file=sys.stderr)
         return 2
-    args.nginx_path = nginx
     scenarios = smoke() if args.smoke else FULL
     if args.scenarios:
         wanted = set(args.scenarios.split(","))
@@ -183,12 +181,18 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
             )
             samples[sc.name] = (d_side.samples, g_side.samples)
         gw_stack.close()  # what follows gets the gateway's CPU to itself
+        passes: list[tuple[str, Any, str, Compare]] = []
         if args.floor:
             floor = start_floor(gw_cpu, logs / "floor.log", extra_env)
-            await _alone_pass("floor", floor, "/v1", args, scenarios, results, direct, progress, logs)
+            passes.append(("floor", floor, "/v1", report.against_floor))
         if args.nginx:
-            proxy = start_nginx(gw_cpu, logs / "nginx.log", args.nginx_path, direct.host, direct.port)
-            await _alone_pass("nginx", proxy, direct.base_path, args, scenarios, results, direct, progress, logs)
+            nginx = start_nginx(gw_cpu, logs / "nginx.log", shutil.which("nginx") or "nginx", direct.host, direct.port)
+            passes.append(("nginx", nginx, direct.base_path, report.against_nginx))
+        failed = [
+            name
+            for name, server, base_path, compare in passes
+            if not await _alone_pass(name, server, base_path, compare, args, scenarios, results, direct, progress, logs)
+        ]
     env = report.environment(
         {
             "backend": "external" if args.backend_kind else args.backend,
@@ -223,24 +227,29 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         r["direct"]["errors"] + r["gateway"]["errors"] + sum(r.get(k, {}).get("errors", 0) for k in ("floor", "nginx"))
         for r in results
     )
-    failed = [k for k in ("floor_error", "nginx_error") if results and k in results[0]]
     return 1 if errors or failed else 0
+
+
+#: What a pass adds to a scenario's results from its figures (and the gateway's).
+Compare = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 async def _alone_pass(
     name: str,
     server: Any,
     base_path: str,
+    compare: Compare,
     args: argparse.Namespace,
     scenarios: Sequence[Any],
     results: list[dict[str, Any]],
     direct: Endpoint,
     progress: Any,
     logs: Path,
-) -> None:
+) -> bool:
     """Each scenario again, with ``server`` (the floor, or nginx) in the gateway's place and its
     CPU metered the same way; the disconnect scenario is left out (it measures the backend's
-    aborts). A pass that fails says so in the results rather than losing the run's figures."""
+    aborts). A pass that fails says so in the results rather than losing the run's figures;
+    returns whether it ran."""
     try:
         with server as (proc, port):
             time.sleep(0.3)
@@ -263,12 +272,10 @@ async def _alone_pass(
                 figures = report.side_figures(side, sc)
                 result[name] = figures
                 result[f"{name}_cost"] = report.gateway_cost(side, figures, sc)
-                if name == "floor":  # it stands in for the backend: no added time to speak of
-                    result["above_floor"] = report.above(result["gateway_cost"], result["floor_cost"])
-                else:  # a proxy in front of the same backend, like the gateway
-                    result["nginx_added"] = report.added(result["direct"], figures)
-                    result["times_nginx"] = report.times(result["gateway_cost"], result["nginx_cost"])
+                result.update(compare(result))
     except (OSError, RuntimeError, TimeoutError) as exc:
         print(f"bench: the {name} pass failed ({exc}); its log: {logs / (name + '.log')}", file=sys.stderr)
         for result in results:
             result.setdefault(f"{name}_error", str(exc))
+        return False
+    return True

@@ -117,6 +117,20 @@ def times(gateway: dict[str, Any], nginx: dict[str, Any]) -> dict[str, float | N
     return {"cpu_per_request": ratio("cpu_per_request_us"), "cpu_per_chunk": ratio("cpu_per_chunk_us")}
 
 
+def against_floor(result: dict[str, Any]) -> dict[str, Any]:
+    """The floor stands in for the backend, so nothing is added to compare: the CPU above it."""
+    return {"above_floor": above(result["gateway_cost"], result["floor_cost"])}
+
+
+def against_nginx(result: dict[str, Any]) -> dict[str, Any]:
+    """nginx stands where the gateway does, in front of the same backend: what it adds, and the
+    gateway's CPU as a multiple of its."""
+    return {
+        "nginx_added": added(result["direct"], result["nginx"]),
+        "times_nginx": times(result["gateway_cost"], result["nginx_cost"]),
+    }
+
+
 def limits(direct: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
     """Which process was saturated in which phase (>= 90% of a CPU)."""
     out = []

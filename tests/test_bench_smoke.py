@@ -97,37 +97,29 @@ def test_bench_nginx_pass(tmp_path: Path) -> None:
     assert "gateway CPU / nginx CPU" in proc.stdout
 
 
-def test_nginx_pass_needs_nginx() -> None:
+def _refused(*args: str, **env: str) -> tuple[int, str]:
+    """``bench`` with ``args`` (and ``env`` over the clean environment): its exit code and stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--nginx"],
+        [sys.executable, "-m", "bench", *args],
         capture_output=True,
         text=True,
-        env={**clean_env(), "PATH": "/nonexistent"},
+        env={**clean_env(), **env},
         cwd=ROOT,
         timeout=60,
     )
-    assert proc.returncode == 2 and "--nginx needs nginx on PATH" in proc.stderr
+    return proc.returncode, proc.stderr
+
+
+def test_nginx_pass_needs_nginx() -> None:
+    code, stderr = _refused("--nginx", PATH="/nonexistent")
+    assert code == 2 and "--nginx needs nginx on PATH" in stderr
 
 
 def test_nginx_pass_refuses_an_https_backend() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--nginx", "--backend-kind", "vllm", "--backend-url", "https://gpu:8000/v1"],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "plain-HTTP backend only" in proc.stderr
+    code, stderr = _refused("--nginx", "--backend-kind", "vllm", "--backend-url", "https://gpu:8000/v1")
+    assert code == 2 and "plain-HTTP backend only" in stderr
 
 
 def test_floor_needs_the_simulator() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--floor", "--backend", "llamacpp"],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "simulator only" in proc.stderr
+    code, stderr = _refused("--floor", "--backend", "llamacpp")
+    assert code == 2 and "simulator only" in stderr
