@@ -10,9 +10,10 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _stat(pid: int) -> list[str] | None:
+def _stat(pid: int, tid: int | None = None) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (of thread ``tid`` when given)."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat").read_text()
     except OSError:
         return None
     # The command name may hold spaces: split after its closing parenthesis.
@@ -47,6 +48,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
+def main_thread_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes' main threads (the thread whose id is the
+    process id). In a Granian worker that thread runs the Python event loop, and with it the app;
+    the worker's other threads are Granian's own (its Rust runtime)."""
+    total = 0
+    for pid in pids:
+        fields = _stat(pid, pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
 def rss_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -58,19 +71,25 @@ def rss_bytes(pids: list[int]) -> int:
 
 @dataclass
 class Tree:
-    """A process tree whose CPU we meter between ``mark()`` and ``since()``."""
+    """A process tree whose CPU we meter between ``mark()`` and ``since()`` (all threads) or
+    ``since_main()`` (the processes' main threads only)."""
 
     root: int
 
     def __post_init__(self) -> None:
         self.pids = descendants(self.root)
         self._mark = 0.0
+        self._mark_main = 0.0
 
     def mark(self) -> None:
         self._mark = cpu_seconds(self.pids)
+        self._mark_main = main_thread_cpu_seconds(self.pids)
 
     def since(self) -> float:
         return cpu_seconds(self.pids) - self._mark
+
+    def since_main(self) -> float:
+        return main_thread_cpu_seconds(self.pids) - self._mark_main
 
     def rss(self) -> int:
         return rss_bytes(self.pids)

@@ -53,6 +53,8 @@ class Side:
     loadgen_cpu: float = 0.0
     backend_cpu: float = 0.0
     gateway_cpu: float = 0.0
+    #: The part of ``gateway_cpu`` in the processes' main threads (a Granian worker's event loop).
+    gateway_main_cpu: float = 0.0
     gateway_rss: int = 0
     aborted_seen: int | None = None
     aborted_sent: int = 0
@@ -348,6 +350,7 @@ class Runner:
         side.wall += time.perf_counter() - t0
         side.loadgen_cpu += self_cpu() - cpu0
         side.gateway_cpu += self.gateway_tree.since()
+        side.gateway_main_cpu += self.gateway_tree.since_main()
         if self.backend_tree is not None:
             side.backend_cpu += self.backend_tree.since()
         side.samples.extend(samples)

@@ -53,6 +53,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert set(sc["added"]) >= {"ttft_ms", "gap_ms", "latency_ms", "throughput_rps"}
         cost = sc["gateway_cost"]
         assert cost["cpu_per_request_us"] >= 0 and cost["rss_mib"] > 0
+        # The event loop's thread did part of it, never more than all threads together.
+        assert 0 <= cost["main_thread_cpu_per_request_us"] <= cost["cpu_per_request_us"]
         if sc["params"]["abort_after"] is None:
             # --floor: Granian alone answered the same load, and the gateway's cost above it is reported.
             floor = sc["floor"]
@@ -65,12 +67,23 @@ def test_bench_smoke(tmp_path: Path) -> None:
                 cost["cpu_per_request_us"] - sc["floor_cost"]["cpu_per_request_us"], 2
             )
             assert "floor_added" not in sc  # the floor stands in for the backend: nothing is added
+            above = sc["above_floor"]
+            assert above["main_thread_cpu_per_request_us"] == round(
+                cost["main_thread_cpu_per_request_us"] - sc["floor_cost"]["main_thread_cpu_per_request_us"], 2
+            )
+            assert above["other_threads_cpu_per_request_us"] == round(
+                above["cpu_per_request_us"] - above["main_thread_cpu_per_request_us"], 2
+            )
+            assert (above["main_thread_cpu_per_chunk_us"] is None) is (not sc["params"]["stream"])
         else:
             assert "floor" not in sc
             # Every client that left was seen by the backend as an aborted generation within 1 s.
             assert sc["gateway"]["abort_share"] == 1.0
             assert sc["direct"]["abort_share"] == 1.0
     assert "c1-stream" in proc.stdout and "gateway" in proc.stdout and "gateway above the floor" in proc.stdout
+    # CPU comes in 10 ms ticks: a smoke round may see none, but the run as a whole does.
+    assert sum(sc["gateway_cost"]["main_thread_cpu_per_request_us"] for sc in doc["scenarios"]) > 0
+    assert "in the event loop's thread" in proc.stdout and "in Granian's other threads" in proc.stdout
     assert "nginx" not in proc.stdout and "floor_error" not in doc["scenarios"][0]
 
 
@@ -123,3 +136,43 @@ def test_nginx_pass_refuses_an_https_backend() -> None:
 def test_floor_needs_the_simulator() -> None:
     code, stderr = _refused("--floor", "--backend", "llamacpp")
     assert code == 2 and "simulator only" in stderr
+
+
+_BURN = """
+import sys, threading, time
+def burn():
+    end = time.process_time() + 0.4
+    while time.process_time() < end:
+        pass
+if sys.argv[1] == "thread":
+    t = threading.Thread(target=burn)
+    t.start()
+    t.join()
+else:
+    burn()
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_cpu_of_the_main_thread_is_told_apart(where: str) -> None:
+    """``Tree.since_main()`` counts the main thread's CPU only (a Granian worker's event loop),
+    ``since()`` every thread's."""
+    from bench.procstat import Tree
+
+    with subprocess.Popen(
+        [sys.executable, "-c", _BURN, where], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            tree = Tree(proc.pid)
+            tree.mark()
+            assert proc.stdout is not None and proc.stdout.readline() == "done\n"
+            total, main = tree.since(), tree.since_main()
+        finally:
+            proc.kill()
+    assert total >= 0.3
+    if where == "main":
+        assert main >= 0.3
+    else:
+        assert main <= 0.1
