@@ -68,8 +68,20 @@ def find_usage(tail: bytes) -> tuple[int, int] | None:
     where OpenAI-compatible servers put ``usage``. Nothing else of the body is parsed.
     """
     at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
+    return None if at < 0 else _usage_at(tail, at)
+
+
+def exchange_usage(ex: Exchange) -> tuple[int, int] | None:
+    """``find_usage`` over the last two pieces relayed, without joining them when the last one
+    holds ``"usage"`` (the last occurrence in both is then the last one in it)."""
+    last = ex.last
+    at = last.rfind(b'"usage"')
+    if at >= 0:
+        return _usage_at(last, at)
+    return find_usage(ex.prev + last) if ex.prev else None
+
+
+def _usage_at(tail: bytes, at: int) -> tuple[int, int] | None:
     try:
         text = tail[at + 7 :].decode("utf-8", "replace")
         colon = text.index(":")
@@ -95,7 +107,7 @@ def tokens_used(ex: Exchange) -> int:
     """Tokens a finished request used: its usage, else (streams) the estimate from its chunks."""
     if not ex.started or not 200 <= ex.status < 300:
         return 0
-    usage = find_usage(ex.prev + ex.last)
+    usage = exchange_usage(ex)
     if usage is not None:
         return usage[0] + usage[1]
     return max(ex.chunks - (3 if ex.end == "done" else 1), 0) if ex.sse else 0
@@ -265,7 +277,7 @@ class Metrics:
         if ex.started and status >= 500:
             self.child(self.upstream_errors, b, "status_5xx").inc()
         if ex.started and 200 <= status < 300 and route in _TOKEN_ROUTES:
-            usage = find_usage(ex.prev + ex.last)
+            usage = exchange_usage(ex)
             if usage is not None:
                 self.child(self.tokens, b, model, "input").inc(usage[0])
                 self.child(self.tokens, b, model, "output").inc(usage[1])

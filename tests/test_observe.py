@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway import observe
-from gateway.observe import LATENCY_BUCKETS, Metrics, find_usage, request_id
+from gateway.observe import LATENCY_BUCKETS, Metrics, exchange_usage, find_usage, request_id
 from tests.conftest import GatewayProc, free_port
 from tests.conftest import http_request as req
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
@@ -218,6 +218,28 @@ def test_usage_from_the_tail_only() -> None:
     # Not counts: negative, beyond any real request, booleans, floats.
     for prompt, completion in ((b"-5", b"1"), (b"1", b"1" + b"0" * 30), (b"true", b"1"), (b"1.5", b"2")):
         assert find_usage(b'"usage":{"prompt_tokens":%s,"completion_tokens":%s}' % (prompt, completion)) is None
+
+
+def test_usage_of_the_last_two_pieces_is_that_of_both_joined() -> None:
+    """``exchange_usage`` reads the last piece alone when it holds ``"usage"``: at every split of
+    these tails (usage whole in the last piece, cut across both, cut twice, absent) it finds what
+    ``find_usage`` finds in the two pieces joined."""
+    from gateway.relay import Exchange
+
+    tails = [
+        b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\ndata: [DONE]\n\n',
+        b'{"usage":{"prompt_tokens":9,"completion_tokens":9}},"usage": {"prompt_tokens":3,"completion_tokens":4}}',
+        b'"usage":{"prompt_tokens":5,"completion_tokens":6}} "usage":null',
+        b"data: [DONE]\n\n",
+    ]
+    found = 0
+    for tail in tails:
+        for cut in range(len(tail) + 1):
+            ex = Exchange()
+            ex.prev, ex.last = tail[:cut], tail[cut:]
+            assert exchange_usage(ex) == find_usage(tail), (tail, cut)
+            found += exchange_usage(ex) is not None
+    assert found > 0
 
 
 def test_a_value_prometheus_refuses_does_not_stop_the_flushes() -> None:
