@@ -91,6 +91,9 @@ class Gateway:
         self.inflight = 0
         self.draining = False
         self._drain: WorkerDrain | None = None
+        #: The loop lifespan startup ran on, which serves the requests: asyncio.get_running_loop()
+        #: costs a getpid() system call per call on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def pool(self) -> Pool | None:
@@ -165,7 +168,7 @@ class Gateway:
         if control:
             self._drain = WorkerDrain(Path(control), lambda: self.inflight, self._begin_drain)
             self._drain.start()
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         if self.routed or len(self.default.replicas) > 1:
             probe_timeout = min(s.gateway_connect_timeout, 5.0)
             for backend in self.backends:
@@ -469,6 +472,10 @@ class Gateway:
                 gauge.dec()
         return model
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        return loop if loop is not None and loop.is_running() else asyncio.get_running_loop()
+
     async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
         limit = self.max_body
         if content_length is not None:
@@ -482,7 +489,7 @@ class Gateway:
             return await self._receive_body(receive, limit)
         # asyncio.timeout()'s semantics with one timer and no context object (~4 us a request):
         # the timer cancels the task; that cancellation, and only that one, becomes the 408.
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         task = asyncio.current_task(loop)
         assert task is not None
         cancelling = task.cancelling()
@@ -534,7 +541,7 @@ class Gateway:
         sticky: bytes | None = None,
     ) -> None:
         """Forward with cancellation on client disconnect (and on the total timeout, if set)."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         task = asyncio.current_task(loop)
         assert task is not None
         watcher = _watch_disconnect(receive, ex, task, loop)

@@ -202,6 +202,8 @@ class Metrics:
         )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._routes: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._ends: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        self._models: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._flusher: asyncio.TimerHandle | None = None
 
     def child(self, family: Any, *labels: str) -> Any:
@@ -255,11 +257,33 @@ class Metrics:
             )
         return found
 
+    def _per_end(self, route: str, model: str, backend: str, status: int) -> tuple[Any, ...]:
+        """The request counter and the per-route accumulators of one label set, looked up once
+        per request (tokens: ``_per_model``, made on first use, like the error counters)."""
+        key = (route, model, backend, status)
+        found = self._ends.get(key)
+        if found is None:
+            found = self._ends[key] = (
+                self.child(self.requests, route, model, backend, str(status)),
+                *self._per_route(route, backend),
+            )
+        return found
+
+    def _per_model(self, backend: str, model: str) -> tuple[Any, Any]:
+        key = (backend, model)
+        found = self._models.get(key)
+        if found is None:
+            found = self._models[key] = (
+                self.child(self.tokens, backend, model, "input"),
+                self.child(self.tokens, backend, model, "output"),
+            )
+        return found
+
     def record(self, ex: Exchange, route: str, model: str) -> None:
         b = ex.backend if ex.backend != "-" else self.backend
         status = ex.status
-        self.child(self.requests, route, model, b, str(status)).inc()
-        overhead, ttft, duration, max_gap, disconnects, not_supported = self._per_route(route, b)
+        requests, overhead, ttft, duration, max_gap, disconnects, not_supported = self._per_end(route, model, b, status)
+        requests.inc()
         if ex.t_upstream:
             overhead.observe(ex.t_upstream - ex.t_start)
         if ex.t_first:
@@ -279,8 +303,9 @@ class Metrics:
         if ex.started and 200 <= status < 300 and route in _TOKEN_ROUTES:
             usage = exchange_usage(ex)
             if usage is not None:
-                self.child(self.tokens, b, model, "input").inc(usage[0])
-                self.child(self.tokens, b, model, "output").inc(usage[1])
+                tokens_in, tokens_out = self._per_model(b, model)
+                tokens_in.inc(usage[0])
+                tokens_out.inc(usage[1])
             elif ex.sse:
                 # Role chunk, finish chunk and [DONE] carry no content; a cut stream lacks the last two.
                 framing = 3 if end == "done" else 1
@@ -379,6 +404,8 @@ class AccessLog:
         self.json = fmt == "json"
         self._second = -1
         self._stamp = ""
+        self._milli = -1
+        self._time = ""
         self._batch: list[bytes] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -411,13 +438,18 @@ class AccessLog:
         self._timer_loop = loop
 
     def _now(self) -> str:
-        """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second."""
-        now = time.time()
-        second = int(now)
+        """ISO 8601 UTC with milliseconds; formatted once per millisecond, the seconds part once
+        per second."""
+        milli = int(time.time() * 1000)
+        if milli == self._milli:
+            return self._time
+        second, rest = divmod(milli, 1000)
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+        self._milli = milli
+        self._time = f"{self._stamp}.{rest:03d}Z"
+        return self._time
 
     def write(self, ex: Exchange, method: str, path: str, route: str, model: str) -> None:
         ttft = None if not ex.t_first else round((ex.t_first - ex.t_start) * 1000, 3)

@@ -227,3 +227,32 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
         return body
 
     assert run(prompt_body()) == b"{}"
+
+
+def test_the_timers_go_on_the_loop_that_serves_the_request() -> None:
+    """The app remembers the loop its startup ran on (asking asyncio costs a system call); a
+    request served on another loop, that one closed, still gets its body timeout there."""
+    app = make_gateway(GATEWAY_CLIENT_BODY_TIMEOUT="0.05")
+
+    async def start() -> None:
+        await app.startup()
+        for task in app._tasks:
+            task.cancel()
+
+    run(start())
+    assert app._loop is not None and app._loop.is_closed()
+
+    async def never() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def timed_out() -> int:
+        from gateway.errors import GatewayError
+
+        try:
+            await app._read_body(never, None)  # type: ignore[arg-type]
+        except GatewayError as err:
+            return err.status
+        raise AssertionError("no timeout")
+
+    assert run(timed_out()) == 408

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway import observe
-from gateway.observe import LATENCY_BUCKETS, Metrics, exchange_usage, find_usage, request_id
+from gateway.observe import LATENCY_BUCKETS, AccessLog, Metrics, exchange_usage, find_usage, request_id
 from tests.conftest import GatewayProc, free_port
 from tests.conftest import http_request as req
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
@@ -206,6 +206,26 @@ def test_access_log_lines_go_out_in_whole_line_batches(monkeypatch: pytest.Monke
     asyncio.run(leave_a_line())
     log.write(ex, "GET", "/v1/models", "models", "none")  # no loop now: out at once, with it
     assert len(writes) == after + 2 and writes[-1].count(b"\n") == 2
+
+
+def test_access_log_time_is_that_of_each_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timestamp is formatted once per millisecond and its seconds once per second: each line
+    still carries its own millisecond."""
+    log = AccessLog("json")
+    clock = [1733370000.1234]
+    monkeypatch.setattr("gateway.observe.time.time", lambda: clock[0])
+    stamps = []
+    for t in (1733370000.1234, 1733370000.1236, 1733370000.1249, 1733370000.9991, 1733370001.0004, 1733370061.5):
+        clock[0] = t
+        stamps.append(log._now())
+    assert stamps == [
+        "2024-12-05T03:40:00.123Z",
+        "2024-12-05T03:40:00.123Z",
+        "2024-12-05T03:40:00.124Z",
+        "2024-12-05T03:40:00.999Z",
+        "2024-12-05T03:40:01.000Z",
+        "2024-12-05T03:41:01.500Z",
+    ]
 
 
 def test_usage_from_the_tail_only() -> None:
