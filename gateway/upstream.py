@@ -562,9 +562,9 @@ _TARGET = re.compile(rb"[\x21-\x7e]+")
 _STATEFUL = frozenset({b"connection", b"expect", b"upgrade"})
 #: A status line as h11 reads it, of HTTP/1.1 only (the reason phrase is optional there too).
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([0-9]{3})(?: [^\x00\n\r\x0b\x0c]*)?\r\n")
-_FIELD = rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*\r\n"
-_FIELDS = re.compile(rb"(?:" + _FIELD + rb")*")
-_FIELD_RE = re.compile(_FIELD)
+#: One field line as h11 reads it: a token name, a colon, and a value of visible characters,
+#: obs-text, spaces and tabs (stripped of the spaces and tabs around it: h11's OWS).
+_FIELD_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):([^\x00\n\r\x0b\x0c]*)\r\n")
 
 
 def _direct_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
@@ -598,11 +598,17 @@ def _direct_head(data: bytes, end: int) -> tuple[int, list[tuple[bytes, bytes]],
         return None
     status = int(line[1])
     start = line.end()
-    if status < 200 or status in (204, 304) or _FIELDS.fullmatch(data, start, end + 2) is None:
+    if status < 200 or status in (204, 304):
         return None
-    fields: list[tuple[bytes, bytes]] = _FIELD_RE.findall(data, start, end + 2)
+    stop = end + 2
+    fields: list[tuple[bytes, bytes]] = _FIELD_LINE.findall(data, start, stop)
+    covered = start  # the lines found must tile the head: findall skips what does not match
     length = -2
-    for i, (name, value) in enumerate(fields):
+    for i, (name, raw) in enumerate(fields):
+        covered += len(name) + len(raw) + 3
+        value = raw.strip(b" \t")
+        if value is not raw:
+            fields[i] = (name, value)
         lower = name.lower()
         if lower == b"content-length":
             if length != -2 or not value.isdigit() or len(value) > 20:
@@ -615,7 +621,7 @@ def _direct_head(data: bytes, end: int) -> tuple[int, list[tuple[bytes, bytes]],
             fields[i] = (name, b"chunked")  # h11 hands out the coding lower-cased
         elif lower == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
             return None
-    if length == -2:
+    if length == -2 or covered != stop:
         return None
     return status, fields, length
 

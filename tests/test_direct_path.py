@@ -173,6 +173,10 @@ ODD_LINES = st.sampled_from(
         b"x-nul: a\x00b",
         b"x-bare-cr: a\rb",
         b"x-high: \xff\xfe",
+        b"x-vt: a\x0bb",
+        b"x-ff:\x0c",
+        b"x-ctl\x01: v",
+        b"x-tabs: \t a \t\t b \t",
         b":empty-name",
     ]
 )
