@@ -388,14 +388,18 @@ class _Observe:
 LOG_BATCH = 4096
 #: Seconds a line may wait for its batch to fill.
 LOG_FLUSH_DELAY = 0.05
+#: Lines waiting (as their fields, not yet formatted) that make a batch go out at once.
+LOG_PENDING = 32
 
 
 class AccessLog:
     """One line per request on stdout: JSON (orjson) or, on a terminal, plain text.
 
-    Lines are written in whole-line batches of up to ``LOG_BATCH`` bytes, at the latest
-    ``LOG_FLUSH_DELAY`` after the first one of a batch (on an event loop; at once without one), and
-    at shutdown: one write per a dozen requests under load instead of one each.
+    A finished request leaves its fields in a tuple; they are formatted together, and written in
+    whole-line batches of up to ``LOG_BATCH`` bytes, when ``LOG_PENDING`` are waiting, at the
+    latest ``LOG_FLUSH_DELAY`` after the first one (on an event loop; at once without one), and at
+    shutdown: one write per a dozen requests under load instead of one each, and the formatting
+    out of the request's way, in one tight loop.
     """
 
     def __init__(self, fmt: str) -> None:
@@ -406,8 +410,7 @@ class AccessLog:
         self._stamp = ""
         self._milli = -1
         self._time = ""
-        self._batch: list[bytes] = []
-        self._size = 0
+        self._pending: list[tuple[Any, ...]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
@@ -416,31 +419,29 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._batch:
-            data = b"".join(self._batch)
-            self._batch.clear()
-            self._size = 0
-            _write_out(data)
-
-    def _add(self, line: bytes) -> None:
-        if self._size + len(line) > LOG_BATCH:
-            self.flush()
-        self._batch.append(line)
-        self._size += len(line)
-        if self._timer is not None and self._timer_loop is not None and not self._timer_loop.is_closed():
-            return  # the batch's timer will write it
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
+        if not self._pending:
             return
-        self._timer = loop.call_later(LOG_FLUSH_DELAY, self.flush)
-        self._timer_loop = loop
+        line = self._json_line if self.json else self._text_line
+        lines = [line(*fields) for fields in self._pending]
+        self._pending.clear()
+        batch: list[bytes] = []
+        size = 0
+        for text in lines:
+            if size + len(text) > LOG_BATCH and batch:
+                _write_out(b"".join(batch))
+                batch.clear()
+                size = 0
+            batch.append(text)
+            size += len(text)
+        _write_out(b"".join(batch))
 
     def _now(self) -> str:
-        """ISO 8601 UTC with milliseconds; formatted once per millisecond, the seconds part once
-        per second."""
-        milli = int(time.time() * 1000)
+        return self._at(time.time())
+
+    def _at(self, now: float) -> str:
+        """``now`` in ISO 8601 UTC with milliseconds; the seconds part is formatted once per
+        second, the whole once per millisecond."""
+        milli = int(now * 1000)
         if milli == self._milli:
             return self._time
         second, rest = divmod(milli, 1000)
@@ -452,35 +453,102 @@ class AccessLog:
         return self._time
 
     def write(self, ex: Exchange, method: str, path: str, route: str, model: str) -> None:
-        ttft = None if not ex.t_first else round((ex.t_first - ex.t_start) * 1000, 3)
-        duration = round((ex.t_end - ex.t_start) * 1000, 3)
-        if self.json:
-            line = orjson.dumps(
-                {
-                    "time": self._now(),
-                    "request_id": ex.request_id.decode("ascii"),
-                    "key_id": ex.key_id,
-                    "method": method,
-                    "path": path,
-                    "route": route,
-                    "model": model,
-                    "backend": ex.backend,
-                    "status": ex.status,
-                    "bytes": ex.nbytes,
-                    "ttft_ms": ttft,
-                    "duration_ms": duration,
-                    "chunks": ex.chunks,
-                    "end": ex.end,
-                },
-                option=orjson.OPT_APPEND_NEWLINE,
+        pending = self._pending
+        pending.append(
+            (
+                time.time(),
+                ex.t_start,
+                ex.t_first,
+                ex.t_end,
+                ex.request_id,
+                ex.key_id,
+                method,
+                path,
+                route,
+                model,
+                ex.backend,
+                ex.status,
+                ex.nbytes,
+                ex.chunks,
+                ex.end,
             )
-        else:
-            line = (
-                f"{time.strftime('%H:%M:%S')} {ex.status} {method} {path} backend={ex.backend} model={model} "
-                f"ttft={ttft}ms duration={duration}ms chunks={ex.chunks} bytes={ex.nbytes} end={ex.end} "
-                f"key={ex.key_id} id={ex.request_id.decode('ascii')}\n"
-            ).encode()
-        self._add(line)
+        )
+        if len(pending) >= LOG_PENDING:
+            self.flush()
+            return
+        if self._timer is not None and self._timer_loop is not None and not self._timer_loop.is_closed():
+            return  # the batch's timer will write it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._timer = loop.call_later(LOG_FLUSH_DELAY, self.flush)
+        self._timer_loop = loop
+
+    def _json_line(
+        self,
+        now: float,
+        t_start: float,
+        t_first: float,
+        t_end: float,
+        request_id: bytes,
+        key_id: str,
+        method: str,
+        path: str,
+        route: str,
+        model: str,
+        backend: str,
+        status: int,
+        nbytes: int,
+        chunks: int,
+        end: str,
+    ) -> bytes:
+        return orjson.dumps(
+            {
+                "time": self._at(now),
+                "request_id": request_id.decode("ascii"),
+                "key_id": key_id,
+                "method": method,
+                "path": path,
+                "route": route,
+                "model": model,
+                "backend": backend,
+                "status": status,
+                "bytes": nbytes,
+                "ttft_ms": None if not t_first else round((t_first - t_start) * 1000, 3),
+                "duration_ms": round((t_end - t_start) * 1000, 3),
+                "chunks": chunks,
+                "end": end,
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+
+    def _text_line(
+        self,
+        now: float,
+        t_start: float,
+        t_first: float,
+        t_end: float,
+        request_id: bytes,
+        key_id: str,
+        method: str,
+        path: str,
+        route: str,
+        model: str,
+        backend: str,
+        status: int,
+        nbytes: int,
+        chunks: int,
+        end: str,
+    ) -> bytes:
+        ttft = None if not t_first else round((t_first - t_start) * 1000, 3)
+        duration = round((t_end - t_start) * 1000, 3)
+        return (
+            f"{time.strftime('%H:%M:%S', time.localtime(now))} {status} {method} {path} backend={backend} "
+            f"model={model} ttft={ttft}ms duration={duration}ms chunks={chunks} bytes={nbytes} end={end} "
+            f"key={key_id} id={request_id.decode('ascii')}\n"
+        ).encode()
 
 
 def _write_out(data: bytes) -> None:

@@ -208,6 +208,26 @@ def test_access_log_lines_go_out_in_whole_line_batches(monkeypatch: pytest.Monke
     assert len(writes) == after + 2 and writes[-1].count(b"\n") == 2
 
 
+def test_access_log_text_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal: one plain line per request, with the same facts as the JSON one."""
+    from gateway.relay import Exchange
+
+    writes: list[bytes] = []
+    monkeypatch.setattr(observe, "_write_out", writes.append)
+    log = AccessLog("text")
+    ex = Exchange(1.0)
+    ex.status, ex.t_first, ex.t_end, ex.request_id, ex.key_id = 200, 1.0125, 1.5, b"abc", "2b4144f5"
+    ex.backend, ex.nbytes, ex.chunks, ex.end = "vllm", 42, 3, "done"
+    log.write(ex, "POST", "/v1/chat/completions", "chat", "m")  # no event loop: out at once
+    (line,) = writes
+    clock, rest = line.decode().split(" ", 1)
+    assert len(clock) == 8 and clock[2] == clock[5] == ":"
+    assert rest == (
+        "200 POST /v1/chat/completions backend=vllm model=m ttft=12.5ms duration=500.0ms chunks=3 "
+        "bytes=42 end=done key=2b4144f5 id=abc\n"
+    )
+
+
 def test_access_log_time_is_that_of_each_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """The timestamp is formatted once per millisecond and its seconds once per second: each line
     still carries its own millisecond."""
@@ -225,6 +245,28 @@ def test_access_log_time_is_that_of_each_line(monkeypatch: pytest.MonkeyPatch) -
         "2024-12-05T03:40:00.999Z",
         "2024-12-05T03:40:01.000Z",
         "2024-12-05T03:41:01.500Z",
+    ]
+
+    # A line is formatted later, with its batch, and keeps the time its request ended.
+    from gateway.relay import Exchange
+
+    writes: list[bytes] = []
+    monkeypatch.setattr(observe, "_write_out", writes.append)
+    ex = Exchange(1.0)
+    ex.status, ex.t_end = 200, 1.5
+
+    async def two_lines() -> None:
+        for t in (1733370002.25, 1733370003.75):
+            clock[0] = t
+            log.write(ex, "GET", "/v1/models", "models", "none")
+        assert not writes  # waiting for their batch
+        clock[0] = 1733370009.0
+        log.flush()
+
+    asyncio.run(two_lines())
+    assert [orjson.loads(line)["time"] for line in b"".join(writes).splitlines()] == [
+        "2024-12-05T03:40:02.250Z",
+        "2024-12-05T03:40:03.750Z",
     ]
 
 
