@@ -23,6 +23,7 @@ import datetime
 import json
 import logging
 import os
+import random
 import re
 import sys
 import time
@@ -51,14 +52,17 @@ MAX_USAGE = 1_000_000_000
 FLUSH_INTERVAL = 1.0
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+_random_bits = random.getrandbits
 _json_decoder = json.JSONDecoder()
 
 
 def request_id(given: bytes | None) -> bytes:
-    """The client's X-Request-ID when it is 1-128 of ``[A-Za-z0-9._-]``, else a new one."""
+    """The client's X-Request-ID when it is 1-128 of ``[A-Za-z0-9._-]``, else a new one: 96
+    random bits in hex, from ``random`` (no system call per request as with os.urandom; the
+    module reseeds itself in a forked worker, so workers never share a sequence)."""
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return os.urandom(12).hex().encode()
+    return b"%024x" % _random_bits(96)
 
 
 def find_usage(tail: bytes) -> tuple[int, int] | None:
@@ -82,15 +86,31 @@ def exchange_usage(ex: Exchange) -> tuple[int, int] | None:
 
 
 def _usage_at(tail: bytes, at: int) -> tuple[int, int] | None:
-    try:
-        text = tail[at + 7 :].decode("utf-8", "replace")
-        colon = text.index(":")
-        start = colon + 1
-        while start < len(text) and text[start] in " \t\r\n":
-            start += 1
-        value, _ = _json_decoder.raw_decode(text, start)
-    except (ValueError, IndexError):
-        return None
+    value: Any = None
+    # The usual case, a flat object after the colon, is read by orjson; anything else (nesting,
+    # junk before the colon, a slice orjson refuses) by the json module from the colon on.
+    read = False
+    opening = tail.find(b"{", at + 7)
+    closing = tail.find(b"}", opening + 1) if opening > 0 else -1
+    if (
+        closing > 0
+        and tail.find(b"{", opening + 1, closing) < 0
+        and tail[at + 7 : opening].translate(None, b" \t\r\n") == b":"
+    ):
+        try:
+            value, read = orjson.loads(tail[opening : closing + 1]), True
+        except orjson.JSONDecodeError:
+            pass
+    if not read:
+        try:
+            text = tail[at + 7 :].decode("utf-8", "replace")
+            colon = text.index(":")
+            start = colon + 1
+            while start < len(text) and text[start] in " \t\r\n":
+                start += 1
+            value, _ = _json_decoder.raw_decode(text, start)
+        except (ValueError, IndexError):
+            return None
     if not isinstance(value, dict):
         return None
     prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")

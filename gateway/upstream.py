@@ -794,7 +794,8 @@ class Pool:
         """Return a connection after its response was closed; reused only if fully read and the
         backend sent nothing past the end of the response."""
         self._active -= 1
-        if conn.is_idle() and not self._closed and not conn._h11_state.trailing_data[0]:
+        # h11's trailing_data would copy its buffer for the same answer: is anything in it.
+        if conn.is_idle() and not self._closed and not conn._h11_state._receive_buffer:
             self._put_back(conn)
         else:
             self._discard(conn)

@@ -282,6 +282,19 @@ def test_usage_from_the_tail_only() -> None:
         assert find_usage(b'"usage":{"prompt_tokens":%s,"completion_tokens":%s}' % (prompt, completion)) is None
 
 
+def test_usage_read_past_the_usual_shape() -> None:
+    """Usage that is not a flat object right after the colon is still read, as the json module
+    reads it; what it refuses gives nothing."""
+    nested = b'"usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":1},"completion_tokens":4}}'
+    assert find_usage(nested) == (3, 4)
+    assert find_usage(b'"usage":{"note":"}{","prompt_tokens":5,"completion_tokens":6}') == (5, 6)
+    assert find_usage(b'"usage" \r\n:\t{"prompt_tokens":7,"completion_tokens":8}') == (7, 8)
+    assert find_usage(b'"usage" x:{"prompt_tokens":1,"completion_tokens":2}') == (1, 2)  # as json reads it
+    assert find_usage(b'"usage":{"prompt_tokens":NaN,"completion_tokens":2}') is None
+    assert find_usage(b'"usage":{"prompt_tokens":1,"completion_tokens":2,"x":"\xff"}') == (1, 2)
+    assert find_usage(b'"usage":{"prompt_tokens":1,"prompt_tokens":9,"completion_tokens":2}') == (9, 2)
+
+
 def test_usage_of_the_last_two_pieces_is_that_of_both_joined() -> None:
     """``exchange_usage`` reads the last piece alone when it holds ``"usage"``: at every split of
     these tails (usage whole in the last piece, cut across both, cut twice, absent) it finds what
@@ -341,8 +354,23 @@ def test_request_id_rules() -> None:
     assert request_id(b"abc-DEF_1.2") == b"abc-DEF_1.2"
     for bad in (b"", b"x" * 129, b"a b", b"a\r\nb", "é".encode(), b"a/b"):
         rid = request_id(bad)
-        assert rid != bad and len(rid) == 24
+        assert rid != bad and len(rid) == 24 and int(rid, 16) >= 0
     assert request_id(None) != request_id(None)
+
+
+def test_request_ids_of_forked_workers_differ() -> None:
+    """Granian forks its workers from one process: each must make its own ids, not the same
+    sequence as its siblings."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=lambda: writer.send([request_id(None) for _ in range(3)]))
+    child.start()
+    theirs = reader.recv()
+    child.join(10)
+    ours = [request_id(None) for _ in range(3)]
+    assert len(set(ours) | set(theirs)) == 6
 
 
 def test_metrics_sum_across_workers_and_stay_bounded(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
