@@ -296,6 +296,7 @@ async def _relay(
     send: Send,
     ex: Exchange,
 ) -> None:
+    last_sent = False
     try:
         try:
             relayed, ex.sse = response_headers(raw_headers)
@@ -320,7 +321,13 @@ async def _relay(
                 ex.nbytes += len(chunk)
                 ex.prev = ex.last
                 ex.last = chunk
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if conn.body_complete:
+                    # The last piece ends the response: one send fewer, and a body whole in one
+                    # piece is one message to Granian (a plain response, no streamed body).
+                    last_sent = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                else:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             ex.chunks = conn.body_chunks
             # Closes the connection unless the body was read to the end: this is what makes
@@ -329,7 +336,8 @@ async def _relay(
     finally:
         pool.release(conn)
     ex.active = False
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if not last_sent:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def send_error(send: Send, err: GatewayError, ex: Exchange) -> None:

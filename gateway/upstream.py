@@ -340,6 +340,13 @@ class Connection(AsyncHTTP11Connection):
             return
         await self._response_closed()
 
+    @property
+    def body_complete(self) -> bool:
+        """Whether the piece ``iter_body`` just handed out was the body's last (known on the direct
+        path, where a Content-Length body's end is read before its last piece is handed out; False
+        where it is not known yet)."""
+        return self._direct and self._ended
+
     def iter_body(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
         """The response body, piece by piece as it arrives, waiting at most ``first_timeout`` for
         the first piece and ``idle_timeout`` between pieces. Close the response afterwards as
@@ -403,10 +410,11 @@ class Connection(AsyncHTTP11Connection):
                 self.body_chunks += 1
                 if len(data) >= left:
                     extra = data[left:]
-                    yield data[:left] if extra else data
-                    if direct:
+                    if direct:  # ended before the last piece goes out: see ``body_complete``
                         self._ended, self._extra = True, extra
+                        yield data[:left] if extra else data
                         return
+                    yield data[:left] if extra else data
                     reader._remaining = 0
                     if extra:
                         state.receive_data(extra)

@@ -256,3 +256,74 @@ def test_the_timers_go_on_the_loop_that_serves_the_request() -> None:
         raise AssertionError("no timeout")
 
     assert run(timed_out()) == 408
+
+
+def test_the_last_body_piece_ends_the_response_where_its_end_is_known() -> None:
+    """On the direct path a Content-Length body's end is read before its last piece is relayed:
+    that piece goes out as the final message (a body whole in one read is one message). Where h11
+    reads the answer, on the same connection afterwards, the end comes as its own empty message."""
+    body = b'{"answer": "' + b"x" * 40 + b'"}'
+    half = len(body) // 2
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % len(body)
+    # Each answer as the writes the backend makes, a short pause between them.
+    answers = [
+        [head + b"\r\n" + body],  # direct, whole
+        [head + b"\r\n" + body[:half], body[half:]],  # direct, in two reads
+        [head, b"\r\n" + body[:half], body[half:]],  # the head split across reads: h11 reads it
+    ]
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                request = await reader.readuntil(b"\r\n\r\n")
+                if request.startswith(b"GET /v1/models"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 27\r\n\r\n" + b'{"object":"list","data":[]}')
+                    continue
+                await reader.readexactly(2)  # the request body: {}
+                for piece in answers.pop(0):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the gateway closed the connection (at shutdown)
+        finally:
+            writer.close()
+
+    async def relayed(app: Any) -> list[tuple[bytes, bool]]:
+        """The body messages the app sent for one request: (body, more_body)."""
+        messages: list[tuple[bytes, bool]] = []
+        requests = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                messages.append((message.get("body", b""), message.get("more_body", False)))
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "query_string": b""}
+        await asyncio.wait_for(app(scope, receive, send), 5)
+        return messages
+
+    async def go() -> list[list[tuple[bytes, bool]]]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        app = make_gateway(BACKEND_BASE_URL=f"http://127.0.0.1:{port}/v1")
+        await app.startup()
+        seen = [await relayed(app) for _ in range(3)]
+        await app.shutdown()
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    whole, pieces, by_h11 = run(go())
+    assert whole == [(body, False)]
+    assert pieces == [(body[:half], True), (body[half:], False)]
+    assert by_h11 == [(body[:half], True), (body[half:], True), (b"", False)]
+    assert connections - 1 <= 1  # one for the answers (the model listing may have its own)

@@ -67,6 +67,7 @@ class Outcome:
     reusable: bool
     chunks: int
     direct: bool  # whether the direct path read this response (h11 never saw it)
+    complete: list[bool]  # conn.body_complete after each piece
 
 
 async def _run(
@@ -78,12 +79,14 @@ async def _run(
     pieces: dict[int, bytes] = {}
     error: type[BaseException] | None = None
     direct = False
+    complete: list[bool] = []
     try:
         status, fields = await conn.exchange(method, target, headers, body, None)
         direct = conn._direct
         async for piece in conn.iter_body(None, None):
             assert type(piece) is bytes and piece
             pieces[stream.done] = pieces.get(stream.done, b"") + piece
+            complete.append(conn.body_complete)
         await conn.close_response()
     except (httpcore.RemoteProtocolError, httpcore.LocalProtocolError) as exc:
         error = type(exc)
@@ -98,6 +101,7 @@ async def _run(
         reusable,
         conn.body_chunks,
         direct,
+        complete,
     )
 
 
@@ -116,6 +120,10 @@ def compare(
     assert not h11s.direct
     fields = ("writes", "status", "fields", "pieces", "error", "reusable", "chunks")
     assert [getattr(ours, f) for f in fields] == [getattr(h11s, f) for f in fields], (parts, ours, h11s)
+    # The relay ends the response with a piece said to be the last: only ever the last one.
+    assert True not in ours.complete[:-1] and True not in h11s.complete, (parts, ours.complete)
+    if ours.complete[-1:] == [True]:
+        assert ours.direct and ours.error is None
     return ours
 
 
@@ -407,3 +415,23 @@ def test_bytes_left_from_the_last_answer_are_read_as_h11_reads_them(monkeypatch:
     ours = asyncio.run(run())
     monkeypatch.setattr(upstream, "DIRECT", False)
     assert ours == asyncio.run(run()) == [200, 201]
+
+
+def test_a_body_read_by_h11_is_never_said_complete_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``body_complete`` is the direct path's knowledge only: after a direct exchange ended its
+    body, an exchange that h11 reads on the same connection never calls a piece the last."""
+    whole = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nabcd"
+    stream = Backend([whole, b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab", b"cd"])
+
+    async def go() -> list[list[bool]]:
+        conn = Connection(origin=ORIGIN, stream=stream, keepalive_expiry=60.0)
+        seen = []
+        for direct in (True, False):
+            monkeypatch.setattr(upstream, "DIRECT", direct)
+            await conn.exchange(b"POST", b"/v1/x", REQUEST, BODY, None)
+            seen.append([conn.body_complete async for _ in conn.iter_body(None, None)])
+            await conn.close_response()
+            assert conn.is_idle()
+        return seen
+
+    assert asyncio.run(go()) == [[True], [False, False]]
