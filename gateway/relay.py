@@ -307,6 +307,7 @@ async def _relay(
             ex.started = True
             ex.phase = "first_token" if ex.sse else "body"
             first = timeouts.first_token if ex.sse else timeouts.idle
+            end_known = conn.end_known_early
             async for chunk in conn.iter_body(first, timeouts.idle):
                 # Per piece: a timestamp, one comparison, a byte count. Nothing else.
                 now = perf_counter()
@@ -321,7 +322,7 @@ async def _relay(
                 ex.nbytes += len(chunk)
                 ex.prev = ex.last
                 ex.last = chunk
-                if conn.body_complete:
+                if end_known and conn.body_complete:
                     # The last piece ends the response: one send fewer, and a body whole in one
                     # piece is one message to Granian (a plain response, no streamed body).
                     last_sent = True

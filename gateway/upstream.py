@@ -341,6 +341,12 @@ class Connection(AsyncHTTP11Connection):
         await self._response_closed()
 
     @property
+    def end_known_early(self) -> bool:
+        """Whether ``body_complete`` can turn True for this response (a Content-Length body on the
+        direct path), so that a relay need not ask after every piece of the others."""
+        return self._direct and self._length >= 0
+
+    @property
     def body_complete(self) -> bool:
         """Whether the piece ``iter_body`` just handed out was the body's last (known on the direct
         path, where a Content-Length body's end is read before its last piece is handed out; False
