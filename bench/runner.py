@@ -349,8 +349,9 @@ class Runner:
         samples = await self._round(ep, sc, n)
         side.wall += time.perf_counter() - t0
         side.loadgen_cpu += self_cpu() - cpu0
-        side.gateway_cpu += self.gateway_tree.since()
-        side.gateway_main_cpu += self.gateway_tree.since_main()
+        total, main = self.gateway_tree.since_split()
+        side.gateway_cpu += total
+        side.gateway_main_cpu += main
         if self.backend_tree is not None:
             side.backend_cpu += self.backend_tree.since()
         side.samples.extend(samples)

@@ -157,8 +157,8 @@ sys.stdin.read()
 
 @pytest.mark.parametrize("where", ["main", "thread"])
 def test_cpu_of_the_main_thread_is_told_apart(where: str) -> None:
-    """``Tree.since_main()`` counts the main thread's CPU only (a Granian worker's event loop),
-    ``since()`` every thread's."""
+    """``Tree.since_split()`` tells the main thread's CPU (a Granian worker's event loop) from
+    every thread's."""
     from bench.procstat import Tree
 
     with subprocess.Popen(
@@ -168,7 +168,7 @@ def test_cpu_of_the_main_thread_is_told_apart(where: str) -> None:
             tree = Tree(proc.pid)
             tree.mark()
             assert proc.stdout is not None and proc.stdout.readline() == "done\n"
-            total, main = tree.since(), tree.since_main()
+            total, main = tree.since_split()
         finally:
             proc.kill()
     assert total >= 0.3
