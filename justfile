@@ -30,6 +30,10 @@ test *args:
 bench *args:
     {{ bin }}/python -m bench {{ args }}
 
+# The gateway's CPU, this tree against a git revision, in paired alternating rounds (e.g. --base HEAD~1)
+bench-ab *args:
+    {{ bin }}/python -m bench.ab {{ args }}
+
 # Micro-benchmarks of the hot-path pieces (pytest-benchmark; add --benchmark-autosave / --benchmark-compare)
 bench-micro *args:
     {{ bin }}/python -m pytest bench/micro --benchmark-only -p no:cacheprovider {{ args }}

@@ -176,3 +176,34 @@ def test_cpu_of_the_main_thread_is_told_apart(where: str) -> None:
         assert main >= 0.3
     else:
         assert main <= 0.1
+
+
+def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
+    """``bench.ab``: both gateways answer, each round is paired, and the differences are printed;
+    a revision that does not exist is refused."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--base", "HEAD", "--pairs", "2", "--seconds", "0.3"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("nonstream-c16: 2 pairs of 0.3 s rounds")
+    base, this = lines[1], lines[2]
+    assert "base (HEAD " in base and "this tree" in this
+    for line in (base, this):
+        rounds = orjson.loads(line.split("rounds ", 1)[1])
+        assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    assert sum("paired difference (this tree - base)" in line for line in lines) == 2
+    refused = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--base", "no-such-revision"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "not a revision" in refused.stderr
