@@ -441,8 +441,8 @@ class AccessLog:
             self._timer = None
         if not self._pending:
             return
-        line = self._json_line if self.json else self._text_line
-        lines = [line(*fields) for fields in self._pending]
+        line = self._line
+        lines = [line(fields) for fields in self._pending]
         self._pending.clear()
         batch: list[bytes] = []
         size = 0
@@ -506,64 +506,32 @@ class AccessLog:
         self._timer = loop.call_later(LOG_FLUSH_DELAY, self.flush)
         self._timer_loop = loop
 
-    def _json_line(
-        self,
-        now: float,
-        t_start: float,
-        t_first: float,
-        t_end: float,
-        request_id: bytes,
-        key_id: str,
-        method: str,
-        path: str,
-        route: str,
-        model: str,
-        backend: str,
-        status: int,
-        nbytes: int,
-        chunks: int,
-        end: str,
-    ) -> bytes:
-        return orjson.dumps(
-            {
-                "time": self._at(now),
-                "request_id": request_id.decode("ascii"),
-                "key_id": key_id,
-                "method": method,
-                "path": path,
-                "route": route,
-                "model": model,
-                "backend": backend,
-                "status": status,
-                "bytes": nbytes,
-                "ttft_ms": None if not t_first else round((t_first - t_start) * 1000, 3),
-                "duration_ms": round((t_end - t_start) * 1000, 3),
-                "chunks": chunks,
-                "end": end,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
-
-    def _text_line(
-        self,
-        now: float,
-        t_start: float,
-        t_first: float,
-        t_end: float,
-        request_id: bytes,
-        key_id: str,
-        method: str,
-        path: str,
-        route: str,
-        model: str,
-        backend: str,
-        status: int,
-        nbytes: int,
-        chunks: int,
-        end: str,
-    ) -> bytes:
+    def _line(self, fields: tuple[Any, ...]) -> bytes:
+        """One request's line, from the fields ``write`` kept."""
+        (now, t_start, t_first, t_end, request_id, key_id, method, path, route, model, backend, status, nbytes,
+         chunks, end) = fields  # fmt: skip
         ttft = None if not t_first else round((t_first - t_start) * 1000, 3)
         duration = round((t_end - t_start) * 1000, 3)
+        if self.json:
+            return orjson.dumps(
+                {
+                    "time": self._at(now),
+                    "request_id": request_id.decode("ascii"),
+                    "key_id": key_id,
+                    "method": method,
+                    "path": path,
+                    "route": route,
+                    "model": model,
+                    "backend": backend,
+                    "status": status,
+                    "bytes": nbytes,
+                    "ttft_ms": ttft,
+                    "duration_ms": duration,
+                    "chunks": chunks,
+                    "end": end,
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
         return (
             f"{time.strftime('%H:%M:%S', time.localtime(now))} {status} {method} {path} backend={backend} "
             f"model={model} ttft={ttft}ms duration={duration}ms chunks={chunks} bytes={nbytes} end={end} "

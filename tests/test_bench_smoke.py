@@ -18,16 +18,18 @@ from tests.conftest import ROOT, clean_env
 NGINX = shutil.which("nginx") is not None
 
 
+def _python_m(
+    module: str, *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from the repository, in the clean environment (and ``env``)."""
+    argv = [sys.executable, "-m", module, *args]
+    environment = {**clean_env(), **(env or {})}
+    return subprocess.run(argv, capture_output=True, text=True, env=environment, cwd=ROOT, timeout=timeout)
+
+
 def _smoke(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     """``bench --smoke`` with ``args``: it must succeed; its output and JSON document."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--quiet", "--rounds", "2", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        cwd=ROOT,
-        timeout=240,
-    )
+    proc = _python_m("bench", "--smoke", "--quiet", "--rounds", "2", "--out", str(out), *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (json_file,) = out.glob("bench-*.json")
     (png_file,) = out.glob("bench-*.png")
@@ -112,14 +114,7 @@ def test_bench_nginx_pass(tmp_path: Path) -> None:
 
 def _refused(*args: str, **env: str) -> tuple[int, str]:
     """``bench`` with ``args`` (and ``env`` over the clean environment): its exit code and stderr."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", *args],
-        capture_output=True,
-        text=True,
-        env={**clean_env(), **env},
-        cwd=ROOT,
-        timeout=60,
-    )
+    proc = _python_m("bench", *args, timeout=60, env=env)
     return proc.returncode, proc.stderr
 
 
@@ -181,14 +176,7 @@ def test_cpu_of_the_main_thread_is_told_apart(where: str) -> None:
 def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
     """``bench.ab``: both gateways answer, each round is paired, and the differences are printed;
     a revision that does not exist is refused."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.ab", "--base", "HEAD", "--pairs", "2", "--seconds", "0.3"],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = _python_m("bench.ab", "--base", "HEAD", "--pairs", "2", "--seconds", "0.3", timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("nonstream-c16: 2 pairs of 0.3 s rounds")
@@ -198,12 +186,5 @@ def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
         rounds = orjson.loads(line.split("rounds ", 1)[1])
         assert len(rounds) == 2 and all(r > 0 for r in rounds)
     assert sum("paired difference (this tree - base)" in line for line in lines) == 2
-    refused = subprocess.run(
-        [sys.executable, "-m", "bench.ab", "--base", "no-such-revision"],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        cwd=ROOT,
-        timeout=60,
-    )
+    refused = _python_m("bench.ab", "--base", "no-such-revision", timeout=60)
     assert refused.returncode != 0 and "not a revision" in refused.stderr
