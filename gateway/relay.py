@@ -308,27 +308,36 @@ async def _relay(
             ex.phase = "first_token" if ex.sse else "body"
             first = timeouts.first_token if ex.sse else timeouts.idle
             end_known = conn.end_known_early
-            async for chunk in conn.iter_body(first, timeouts.idle):
-                # Per piece: a timestamp, one comparison, a byte count. Nothing else.
-                now = perf_counter()
-                if ex.t_first:
-                    gap = now - ex.t_last
-                    if gap > ex.max_gap:
-                        ex.max_gap = gap
-                else:
-                    ex.t_first = now
-                    ex.phase = "body"
-                ex.t_last = now
-                ex.nbytes += len(chunk)
-                ex.prev = ex.last
-                ex.last = chunk
-                if end_known and conn.body_complete:
-                    # The last piece ends the response: one send fewer, and a body whole in one
-                    # piece is one message to Granian (a plain response, no streamed body).
-                    last_sent = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                else:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            whole = conn.body_in_hand() if end_known else None
+            if whole is not None:  # the usual short answer: its one piece is already here
+                ex.t_first = ex.t_last = perf_counter()
+                ex.phase = "body"
+                ex.nbytes = len(whole)
+                ex.last = whole
+                last_sent = True
+                await send({"type": "http.response.body", "body": whole, "more_body": False})
+            else:
+                async for chunk in conn.iter_body(first, timeouts.idle):
+                    # Per piece: a timestamp, one comparison, a byte count. Nothing else.
+                    now = perf_counter()
+                    if ex.t_first:
+                        gap = now - ex.t_last
+                        if gap > ex.max_gap:
+                            ex.max_gap = gap
+                    else:
+                        ex.t_first = now
+                        ex.phase = "body"
+                    ex.t_last = now
+                    ex.nbytes += len(chunk)
+                    ex.prev = ex.last
+                    ex.last = chunk
+                    if end_known and conn.body_complete:
+                        # The last piece ends the response: one send fewer, and a body whole in
+                        # one piece is one message to Granian (a plain response, no streamed body).
+                        last_sent = True
+                        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    else:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             ex.chunks = conn.body_chunks
             # Closes the connection unless the body was read to the end: this is what makes

@@ -346,6 +346,18 @@ class Connection(AsyncHTTP11Connection):
         direct path), so that a relay need not ask after every piece of the others."""
         return self._direct and self._length >= 0
 
+    def body_in_hand(self) -> bytes | None:
+        """The whole body when it came in the read that brought the head (a Content-Length body on
+        the direct path): the response ends with it, as ``iter_body`` would end it after one
+        piece. None when there is more to read, or none (then ``iter_body``)."""
+        length = self._length
+        if not self._direct or length <= 0 or len(self._rest) < length:
+            return None
+        data, self._rest = self._rest, b""
+        self._ended, self._extra = True, data[length:]
+        self.body_chunks = 1
+        return data[:length] if len(data) > length else data
+
     @property
     def body_complete(self) -> bool:
         """Whether the piece ``iter_body`` just handed out was the body's last (known on the direct

@@ -83,10 +83,16 @@ async def _run(
     try:
         status, fields = await conn.exchange(method, target, headers, body, None)
         direct = conn._direct
-        async for piece in conn.iter_body(None, None):
-            assert type(piece) is bytes and piece
-            pieces[stream.done] = pieces.get(stream.done, b"") + piece
-            complete.append(conn.body_complete)
+        # As the relay reads it: the whole body when it came with the head, else piece by piece.
+        whole = conn.body_in_hand() if conn.end_known_early else None
+        if whole is not None:
+            pieces[stream.done] = whole
+            complete.append(True)
+        else:
+            async for piece in conn.iter_body(None, None):
+                assert type(piece) is bytes and piece
+                pieces[stream.done] = pieces.get(stream.done, b"") + piece
+                complete.append(conn.body_complete)
         await conn.close_response()
     except (httpcore.RemoteProtocolError, httpcore.LocalProtocolError) as exc:
         error = type(exc)
