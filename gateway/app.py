@@ -387,7 +387,7 @@ class Gateway:
                     forwarded.append((name, value))
             elif name == b"connection":
                 connection.append(value)
-        if connection:
+        if connection and connection != [b"keep-alive"]:  # what HTTP/1.1 clients send names nothing
             # Fields the client's Connection header names are hop-by-hop too (RFC 9110 7.6.1).
             listed = {t.strip().lower() for t in b",".join(connection).split(b",")} - {b"keep-alive", b"close", b""}
             if listed:
