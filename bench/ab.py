@@ -36,13 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Side:
-    """One gateway and its rounds: (all threads, main thread) CPU us per request, and per event."""
+    """One gateway and its rounds: CPU us per request (all threads, main thread), per event, and
+    the round's median time to first byte in ms."""
 
     label: str
     runner: Runner
     endpoint: Endpoint
     tree: Tree
-    rounds: list[tuple[float, float, float]] = field(default_factory=list)
+    rounds: list[tuple[float, float, float, float]] = field(default_factory=list)
     errors: int = 0
 
 
@@ -106,7 +107,9 @@ async def measure(sides: list[Side], sc: Scenario, pairs: int) -> None:
             side.errors += len(samples) - len(ok)
             n = max(1, len(ok))
             events = max(1, sum(s.events for s in ok))
-            side.rounds.append((total / n * 1e6, main / n * 1e6, total / events * 1e6))
+            ttfts = [t for s in ok if (t := s.ttft) is not None]
+            ttft = statistics.median(ttfts) * 1e3 if ttfts else float("nan")
+            side.rounds.append((total / n * 1e6, main / n * 1e6, total / events * 1e6, ttft))
 
 
 def summary(base: Side, this: Side, sc: Scenario, pairs: int) -> str:
@@ -118,14 +121,18 @@ def summary(base: Side, this: Side, sc: Scenario, pairs: int) -> str:
         per_event = f", {med(side, 2):.2f} us/event" if sc.stream else ""
         lines.append(
             f"  {side.label:<24} median {med(side, 0):7.1f} us/req"
-            f" (event loop's thread {med(side, 1):6.1f}){per_event}; rounds {[round(r[0]) for r in side.rounds]}"
+            f" (event loop's thread {med(side, 1):6.1f}){per_event}, time to first byte {med(side, 3):.3f} ms;"
+            f" rounds {[round(r[0]) for r in side.rounds]}"
         )
-    for i, what in ((0, "all threads"), (1, "event loop's thread")) + (((2, "per event"),) if sc.stream else ()):
+    figures = [(0, "all threads", "us/req", 1), (1, "event loop's thread", "us/req", 1)]
+    if sc.stream:
+        figures.append((2, "per event", "us/event", 1))
+    figures.append((3, "time to first byte (each round's median)", "ms", 3))
+    for i, what, unit, digits in figures:
         diffs = [t[i] - b[i] for b, t in zip(base.rounds, this.rounds, strict=True)]
-        unit = "us/event" if i == 2 else "us/req"
         lines.append(
-            f"  paired difference (this tree - base), {what}: median {statistics.median(diffs):+.1f} {unit}"
-            f" (mean {statistics.mean(diffs):+.1f}, from {min(diffs):+.1f} to {max(diffs):+.1f})"
+            f"  paired difference (this tree - base), {what}: median {statistics.median(diffs):+.{digits}f} {unit}"
+            f" (mean {statistics.mean(diffs):+.{digits}f}, from {min(diffs):+.{digits}f} to {max(diffs):+.{digits}f})"
         )
     return "\n".join(lines)
 

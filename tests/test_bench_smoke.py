@@ -185,6 +185,8 @@ def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
     for line in (base, this):
         rounds = orjson.loads(line.split("rounds ", 1)[1])
         assert len(rounds) == 2 and all(r > 0 for r in rounds)
-    assert sum("paired difference (this tree - base)" in line for line in lines) == 2
+    assert "time to first byte" in base and "time to first byte" in this
+    differences = [line for line in lines if "paired difference (this tree - base)" in line]
+    assert len(differences) == 3 and "time to first byte" in differences[-1]
     refused = _python_m("bench.ab", "--base", "no-such-revision", timeout=60)
     assert refused.returncode != 0 and "not a revision" in refused.stderr
