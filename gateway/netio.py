@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,7 +41,9 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
-        self._chunks: deque[bytes] = deque()
+        # Reads not yet taken; a list, as ``take`` empties it at once (a deque would hold a 64-slot
+        # block, ~0.7 KiB, for every upstream connection).
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._eof = False
         self._exc: BaseException | None = None
@@ -94,9 +95,12 @@ class _Protocol(asyncio.Protocol):
     # -- used by the stream ------------------------------------------------------------------
 
     def take(self, max_bytes: int) -> bytes:
-        chunk = self._chunks.popleft()
+        """What has arrived, up to ``max_bytes``: the reads waiting are handed over together."""
+        chunks = self._chunks
+        chunk = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         if len(chunk) > max_bytes:
-            self._chunks.appendleft(chunk[max_bytes:])
+            chunks.append(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
         self._buffered -= len(chunk)
         if self._paused and self._buffered <= HIGH_WATER // 4 and self.transport is not None:

@@ -100,3 +100,20 @@ def test_closing_cancels_the_timer() -> None:
         assert stream._timer is None and timer.cancelled()
 
     run(scenario)
+
+
+def test_reads_waiting_are_taken_together_in_order_up_to_the_limit() -> None:
+    """Several reads that arrived while nobody was reading come out as one piece, in order; what
+    is over ``max_bytes`` stays for the next read."""
+
+    async def scenario(stream: Stream, send_later: Callable[[bytes, float], None]) -> None:
+        proto = stream._proto
+        for piece in (b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"):
+            proto.data_received(piece)  # three reads from the socket, none taken yet
+        assert await stream.read(20) == b"data: 1\n\ndata: 2\n\nda"
+        assert await stream.read(64) == b"ta: 3\n\n"
+        assert proto._buffered == 0 and not proto._chunks
+        proto.data_received(b"data: 4\n\n")  # a single read is handed over as it is
+        assert await stream.read(64) == b"data: 4\n\n"
+
+    run(scenario)
