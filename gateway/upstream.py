@@ -491,6 +491,8 @@ class Connection(AsyncHTTP11Connection):
                         break
                     pos += 2
                     crlf = False
+                if pos == size:
+                    break  # this read is used up: the next size line comes with the next one
                 line = match(data, pos)
                 if line is None:
                     if data.find(b"\r\n", pos) >= 0:
