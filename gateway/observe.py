@@ -86,31 +86,15 @@ def exchange_usage(ex: Exchange) -> tuple[int, int] | None:
 
 
 def _usage_at(tail: bytes, at: int) -> tuple[int, int] | None:
-    value: Any = None
-    # The usual case, a flat object after the colon, is read by orjson; anything else (nesting,
-    # junk before the colon, a slice orjson refuses) by the json module from the colon on.
-    read = False
-    opening = tail.find(b"{", at + 7)
-    closing = tail.find(b"}", opening + 1) if opening > 0 else -1
-    if (
-        closing > 0
-        and tail.find(b"{", opening + 1, closing) < 0
-        and tail[at + 7 : opening].translate(None, b" \t\r\n") == b":"
-    ):
-        try:
-            value, read = orjson.loads(tail[opening : closing + 1]), True
-        except orjson.JSONDecodeError:
-            pass
-    if not read:
-        try:
-            text = tail[at + 7 :].decode("utf-8", "replace")
-            colon = text.index(":")
-            start = colon + 1
-            while start < len(text) and text[start] in " \t\r\n":
-                start += 1
-            value, _ = _json_decoder.raw_decode(text, start)
-        except (ValueError, IndexError):
-            return None
+    try:
+        text = tail[at + 7 :].decode("utf-8", "replace")
+        colon = text.index(":")
+        start = colon + 1
+        while start < len(text) and text[start] in " \t\r\n":
+            start += 1
+        value, _ = _json_decoder.raw_decode(text, start)
+    except (ValueError, IndexError):
+        return None
     if not isinstance(value, dict):
         return None
     prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
@@ -221,7 +205,6 @@ class Metrics:
             registry=reg,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._routes: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._ends: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._models: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._flusher: asyncio.TimerHandle | None = None
@@ -262,21 +245,6 @@ class Metrics:
             self._flusher = None
         self.flush()
 
-    def _per_route(self, route: str, backend: str) -> tuple[Any, ...]:
-        """The accumulators labelled (route, backend), looked up once per request."""
-        key = (route, backend)
-        found = self._routes.get(key)
-        if found is None:
-            found = self._routes[key] = (
-                self.child(self.overhead, route, backend),
-                self.child(self.ttft, route, backend),
-                self.child(self.duration, route, backend),
-                self.child(self.max_gap, route, backend),
-                self.child(self.disconnects, route, backend),
-                self.child(self.not_supported, route, backend),
-            )
-        return found
-
     def _per_end(self, route: str, model: str, backend: str, status: int) -> tuple[Any, ...]:
         """The request counter and the per-route accumulators of one label set, looked up once
         per request (tokens: ``_per_model``, made on first use, like the error counters)."""
@@ -285,7 +253,12 @@ class Metrics:
         if found is None:
             found = self._ends[key] = (
                 self.child(self.requests, route, model, backend, str(status)),
-                *self._per_route(route, backend),
+                self.child(self.overhead, route, backend),
+                self.child(self.ttft, route, backend),
+                self.child(self.duration, route, backend),
+                self.child(self.max_gap, route, backend),
+                self.child(self.disconnects, route, backend),
+                self.child(self.not_supported, route, backend),
             )
         return found
 
@@ -454,9 +427,6 @@ class AccessLog:
             batch.append(text)
             size += len(text)
         _write_out(b"".join(batch))
-
-    def _now(self) -> str:
-        return self._at(time.time())
 
     def _at(self, now: float) -> str:
         """``now`` in ISO 8601 UTC with milliseconds; the seconds part is formatted once per

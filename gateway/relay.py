@@ -308,7 +308,7 @@ async def _relay(
             ex.phase = "first_token" if ex.sse else "body"
             first = timeouts.first_token if ex.sse else timeouts.idle
             end_known = conn.end_known_early
-            whole = conn.body_in_hand() if end_known else None
+            whole = conn.body_in_hand()
             if whole is not None:  # the usual short answer: its one piece is already here
                 ex.t_first = ex.t_last = perf_counter()
                 ex.phase = "body"

@@ -220,9 +220,10 @@ class Connection(AsyncHTTP11Connection):
         self._request_count += 1
         self._state = HTTPConnectionState.ACTIVE
         self._expire_at = None
+        valid = fields_valid(headers)
         if (
             DIRECT
-            and fields_valid(headers)
+            and valid
             and _direct_request(method, target, headers, body)
             and not self._h11_state._receive_buffer  # bytes already here are h11's to read (never via the pool)
         ):
@@ -231,7 +232,7 @@ class Connection(AsyncHTTP11Connection):
             except BaseException:
                 await self.close_response()  # not read to the end: closed
                 raise
-        fields = request_headers(headers)
+        fields = _h11_fields(headers) if valid and H11Headers is not None else None
         try:
             h11_state = self._h11_state
             try:
@@ -316,8 +317,7 @@ class Connection(AsyncHTTP11Connection):
         assert self._sent is not None
         method, target, headers, body = self._sent
         state = self._h11_state
-        fields = H11Headers([(n, n, v) for n, v in headers])  # checked by fields_valid already
-        state.send(h11.Request(method=method, target=target, headers=fields, _parsed=True))
+        state.send(h11.Request(method=method, target=target, headers=_h11_fields(headers), _parsed=True))
         if body:
             state.send(h11.Data(data=body))
         state.send(h11.EndOfMessage())
@@ -552,6 +552,11 @@ def request_headers(headers: list[tuple[bytes, bytes]]) -> H11Headers | None:
     checks them field by field and refuses them exactly as before)."""
     if H11Headers is None or not fields_valid(headers):  # H11Headers is None: see the import
         return None
+    return _h11_fields(headers)
+
+
+def _h11_fields(headers: list[tuple[bytes, bytes]]) -> H11Headers:
+    """h11's own header list for ``headers`` that ``fields_valid`` passed (h11 checks none again)."""
     return H11Headers([(n, n, v) for n, v in headers])
 
 
@@ -596,7 +601,7 @@ _FIELD_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):([^\x00\n\r\x0b\x0c]*)
 
 
 def _direct_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
-    """Whether h11 would send this request (fields already checked by ``request_headers``) as
+    """Whether h11 would send this request (fields already checked by ``fields_valid``) as
     the plain bytes the direct path writes: a token method, a visible-ASCII target, one Host,
     a body exactly as long as its Content-Length, and nothing that changes h11's handling."""
     if _TOKEN.fullmatch(method) is None or _TARGET.fullmatch(target) is None or method in (b"HEAD", b"CONNECT"):
