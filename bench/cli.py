@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +27,17 @@ import orjson
 from bench import report
 from bench.loadgen import install_uvloop
 from bench.procstat import Tree, rss_bytes
-from bench.runner import Endpoint, Runner, cpu_plan, start_floor, start_gateway, start_nginx, start_sim
+from bench.runner import (
+    Endpoint,
+    Runner,
+    add_gateway_env,
+    pin_loadgen,
+    settled_tree,
+    start_floor,
+    start_gateway,
+    start_nginx,
+    start_sim,
+)
 from bench.scenarios import FULL, smoke
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="measured rounds per target (alternating)")
     p.add_argument("--smoke", action="store_true", help="tiny counts: a few seconds in all")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and PNG (default bench/results)")
-    p.add_argument(
-        "--gateway-env", action="append", default=[], metavar="KEY=VALUE", help="extra gateway setting (repeatable)"
-    )
+    add_gateway_env(p, "extra gateway setting (repeatable)")
     p.add_argument("--client-key", help="the client key to send to the gateway (with API_KEYS or a keys file)")
     p.add_argument(
         "--nginx",
@@ -90,23 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench: unknown scenarios {sorted(unknown)}; known: {[s.name for s in FULL]}", file=sys.stderr)
             return 2
         scenarios = tuple(s for s in scenarios if s.name in wanted)
-    extra_env = {}
-    for item in args.gateway_env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"bench: --gateway-env wants KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        extra_env[key] = value
     loop_name = install_uvloop()
-    return asyncio.run(_run(args, scenarios, extra_env, loop_name))
+    return asyncio.run(_run(args, scenarios, dict(args.gateway_env), loop_name))
 
 
 async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: dict[str, str], loop_name: str) -> int:
-    gw_cpu, other_cpu = cpu_plan()
-    if other_cpu is not None:
-        import os
-
-        os.sched_setaffinity(0, {other_cpu})
+    gw_cpu, other_cpu = pin_loadgen()
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
 
     def progress(msg: str) -> None:
@@ -136,11 +134,10 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         direct = Endpoint("direct", parts.hostname or "127.0.0.1", parts.port or 80, parts.path.rstrip("/"), key)
         gw_stack = stack.enter_context(contextlib.ExitStack())
         gw, gw_port = gw_stack.enter_context(start_gateway(gw_cpu, logs / "gateway.log", kind, url, key, extra_env))
-        time.sleep(0.3)  # let Granian's worker come up fully before the tree is read
-        gateway_tree = Tree(gw.pid)
+        gateway_tree = settled_tree(gw)
         progress(f"gateway on port {gw_port} (pid {gw.pid}, {len(gateway_tree.pids)} processes)")
         idle_rss = gateway_tree.rss()
-        workers = gateway_tree.leaves()
+        workers = gateway_tree.workers
         worker_rss = rss_bytes(workers) // max(1, len(workers))
         gateway = Endpoint("gateway", "127.0.0.1", gw_port, "/v1", args.client_key)
         runner = Runner(
@@ -181,18 +178,15 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
             )
             samples[sc.name] = (d_side.samples, g_side.samples)
         gw_stack.close()  # what follows gets the gateway's CPU to itself
-        passes: list[tuple[str, Any, str, Compare]] = []
+        # The floor stands in for the backend too; nginx proxies to it, whose CPU is metered then.
+        passes: list[Pass] = []
         if args.floor:
             floor = start_floor(gw_cpu, logs / "floor.log", extra_env)
-            passes.append(("floor", floor, "/v1", report.against_floor))
+            passes.append(Pass("floor", floor, "/v1", report.against_floor, backend=False))
         if args.nginx:
-            nginx = start_nginx(gw_cpu, logs / "nginx.log", shutil.which("nginx") or "nginx", direct.host, direct.port)
-            passes.append(("nginx", nginx, direct.base_path, report.against_nginx))
-        failed = [
-            name
-            for name, server, base_path, compare in passes
-            if not await _alone_pass(name, server, base_path, compare, args, scenarios, results, direct, progress, logs)
-        ]
+            nginx = start_nginx(gw_cpu, logs / "nginx.log", direct.host, direct.port)
+            passes.append(Pass("nginx", nginx, direct.base_path, report.against_nginx, backend=True))
+        failed = [p.name for p in passes if not await _alone_pass(p, runner, scenarios, results, logs)]
     env = report.environment(
         {
             "backend": "external" if args.backend_kind else args.backend,
@@ -234,48 +228,41 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
 Compare = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+@dataclass
+class Pass:
+    """Another server run in the gateway's place (``--floor``, ``--nginx``)."""
+
+    name: str
+    server: Any  # the context manager that runs it: (process, port)
+    base_path: str
+    compare: Compare
+    #: Whether the backend still serves the load (nginx proxies to it; the floor answers itself).
+    backend: bool
+
+
 async def _alone_pass(
-    name: str,
-    server: Any,
-    base_path: str,
-    compare: Compare,
-    args: argparse.Namespace,
-    scenarios: Sequence[Any],
-    results: list[dict[str, Any]],
-    direct: Endpoint,
-    progress: Any,
-    logs: Path,
+    p: Pass, runner: Runner, scenarios: Sequence[Any], results: list[dict[str, Any]], logs: Path
 ) -> bool:
-    """Each scenario again, with ``server`` (the floor, or nginx) in the gateway's place and its
-    CPU metered the same way; the disconnect scenario is left out (it measures the backend's
-    aborts). A pass that fails says so in the results rather than losing the run's figures;
-    returns whether it ran."""
+    """Each scenario again, with the pass's server in the gateway's place and its CPU metered the
+    same way; the disconnect scenario is left out (it measures the backend's aborts). A pass that
+    fails says so in the results rather than losing the run's figures; returns whether it ran."""
     try:
-        with server as (proc, port):
-            time.sleep(0.3)
-            tree = Tree(proc.pid)
-            progress(f"{name} on port {port}")
-            ep = Endpoint(name, "127.0.0.1", port, base_path, direct.api_key)
-            runner = Runner(
-                direct,
-                ep,
-                model=args.model,
-                gateway_tree=tree,
-                backend_tree=None,
-                progress=progress,
-                rounds=args.rounds,
-            )
+        with p.server as (proc, port):
+            tree = settled_tree(proc)
+            runner.progress(f"{p.name} on port {port}")
+            ep = Endpoint(p.name, "127.0.0.1", port, p.base_path, runner.direct.api_key)
+            alone = runner.alone(ep, tree, backend=p.backend)
             for sc, result in zip(scenarios, results, strict=True):
                 if sc.abort_after is not None:
                     continue
-                side = await runner.run_alone(sc)
+                side = await alone.run_alone(sc)
                 figures = report.side_figures(side, sc)
-                result[name] = figures
-                result[f"{name}_cost"] = report.gateway_cost(side, figures, sc)
-                result.update(compare(result))
-    except (OSError, RuntimeError, TimeoutError) as exc:
-        print(f"bench: the {name} pass failed ({exc}); its log: {logs / (name + '.log')}", file=sys.stderr)
+                result[p.name] = figures
+                result[f"{p.name}_cost"] = report.gateway_cost(side, figures, sc)
+                result.update(p.compare(result))
+    except (OSError, RuntimeError) as exc:  # TimeoutError is an OSError
+        print(f"bench: the {p.name} pass failed ({exc}); its log: {logs / (p.name + '.log')}", file=sys.stderr)
         for result in results:
-            result.setdefault(f"{name}_error", str(exc))
+            result.setdefault(f"{p.name}_error", str(exc))
         return False
     return True

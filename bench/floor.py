@@ -16,18 +16,18 @@ the upstream connection (socket reads and writes, wake-ups, and h11 for unusual 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 
 import orjson
 
 from gateway.sim.engine import Ticker
-from gateway.sim.responses import Answers, Elapsed
+from gateway.sim.kinds import WIRES
+from gateway.sim.responses import Elapsed
 from gateway.types import Receive, Scope, Send
 
-_JSON = [(b"content-type", b"application/json")]
-_SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
-_ANSWERS = Answers()
+#: The simulator's vLLM answers: their bytes, SSE prefix and content types.
+_WIRE = WIRES["vllm"]
+_JSON = [(b"content-type", _WIRE.json_type)]
 _NO_TIME = Elapsed(0.0, 0.0)
 
 
@@ -72,16 +72,16 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     model = str(request.get("model", "floor"))
     tokens = int(request.get("max_tokens") or 16)
     if not request.get("stream"):
-        body = _ANSWERS.chat_completion(model, tokens, "length", 1, 1, _NO_TIME)
+        body = _WIRE.answers.chat_completion(model, tokens, "length", 1, 1, _NO_TIME)
         headers = [*_JSON, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return
     ttft = _header(scope, b"x-sim-ttft-ms", 0.0)
     itl = _header(scope, b"x-sim-itl-ms", 0.0)
-    frames = _ANSWERS.frames(sse_data=b"data: ", chat=True, model=model, n=1)
+    frames = _WIRE.answers.frames(sse_data=_WIRE.sse_data, chat=True, model=model, n=1)
     usage = bool((request.get("stream_options") or {}).get("include_usage"))
-    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    await send({"type": "http.response.start", "status": 200, "headers": _WIRE.stream_headers})
     ticker = Ticker()
     await ticker.wait(ttft)
     role = frames.role(0)
@@ -100,27 +100,21 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gateway.config import ENV_NAMES, settings_from_strings
+    from gateway.config import load_settings
     from gateway.server import run_granian
 
     p = argparse.ArgumentParser(prog="bench.floor", description=__doc__)
     p.add_argument("--port", type=int, required=True)
     args = p.parse_args(argv)
-    # The gateway's own Granian settings, from the same environment the bench gives the gateway
-    # (one worker unless it says otherwise); the backend is never used.
-    given = {name: value for name, value in os.environ.items() if name in ENV_NAMES}
-    settings = settings_from_strings(
-        {
-            "GATEWAY_WORKERS": "1",
-            "GATEWAY_LOG_LEVEL": "warning",
-            **given,
-            "BACKEND_KIND": "vllm",
-            "BACKEND_BASE_URL": "http://127.0.0.1:9/v1",
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(args.port),
-        }
-    )
-    run_granian(settings, target="bench.floor:app", factory=False)
+    # The gateway's own Granian settings, from the environment the bench gives the gateway too
+    # (``bench.runner.server_env``); the backend is never used.
+    overrides = {
+        "BACKEND_KIND": "vllm",
+        "BACKEND_BASE_URL": "http://127.0.0.1:9/v1",
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(args.port),
+    }
+    run_granian(load_settings(dotenv=None, overrides=overrides), target="bench.floor:app", factory=False)
     return 0
 
 

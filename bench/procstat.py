@@ -38,25 +38,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes (exited ones count as 0)."""
+def cpu_seconds(pids: list[int], *, main_thread: bool = False) -> float:
+    """User + system CPU seconds of these processes (exited ones count as 0); with
+    ``main_thread``, of their main threads only (the thread whose id is the process id: in a
+    Granian worker, the one running the Python event loop; the others are Granian's own)."""
     total = 0
     for pid in pids:
-        fields = _stat(pid)
+        fields = _stat(pid, pid if main_thread else None)
         if fields is not None:
             total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
-
-
-def main_thread_cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes' main threads (the thread whose id is the
-    process id). In a Granian worker that thread runs the Python event loop, and with it the app;
-    the worker's other threads are Granian's own (its Rust runtime)."""
-    total = 0
-    for pid in pids:
-        fields = _stat(pid, pid)
-        if fields is not None:
-            total += int(fields[11]) + int(fields[12])
     return total / TICK
 
 
@@ -72,27 +62,29 @@ def rss_bytes(pids: list[int]) -> int:
 @dataclass
 class Tree:
     """A process tree whose CPU we meter between ``mark()`` and ``since()`` (all threads) or
-    ``since_split()`` (all threads, and the processes' main threads)."""
+    ``since_split()`` (all threads, and the workers' main threads)."""
 
     root: int
 
     def __post_init__(self) -> None:
         self.pids = descendants(self.root)
+        self.workers = self.leaves()
         self._mark = 0.0
         self._mark_main = 0.0
 
     def mark(self) -> None:
         self._mark = cpu_seconds(self.pids)
-        self._mark_main = main_thread_cpu_seconds(self.pids)
+        self._mark_main = cpu_seconds(self.workers, main_thread=True)
 
     def since(self) -> float:
         return cpu_seconds(self.pids) - self._mark
 
     def since_split(self) -> tuple[float, float]:
-        """(all threads, main threads) since ``mark()``. Each is counted in 10 ms ticks, read a
-        moment apart: the main threads' share is kept within the whole."""
+        """(all threads, the event loops' threads) since ``mark()``: the second is the main
+        threads of the workers (the tree's leaves), not of a supervisor above them. Each is counted in
+        10 ms ticks, read a moment apart: the main threads' share is kept within the whole."""
         total = self.since()
-        main = main_thread_cpu_seconds(self.pids) - self._mark_main
+        main = cpu_seconds(self.workers, main_thread=True) - self._mark_main
         return total, min(max(main, 0.0), total)
 
     def rss(self) -> int:

@@ -71,14 +71,7 @@ def side_figures(side: Side, sc: Scenario) -> dict[str, Any]:
 def added(direct: dict[str, Any], gateway: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("ttft_ms", "gap_ms", "latency_ms"):
-        out[key] = {
-            p: (
-                None
-                if direct[key][p] is None or gateway[key][p] is None
-                else round(gateway[key][p] - direct[key][p], 4)
-            )
-            for p in direct[key]
-        }
+        out[key] = {p: _minus(gateway[key][p], direct[key][p], 4) for p in direct[key]}
     out["throughput_rps"] = round(gateway["throughput_rps"] - direct["throughput_rps"], 2)
     return out
 
@@ -98,36 +91,35 @@ def gateway_cost(side: Side, figures: dict[str, Any], sc: Scenario) -> dict[str,
     }
 
 
+def _minus(a: float | None, b: float | None, digits: int) -> float | None:
+    return None if a is None or b is None else round(a - b, digits)
+
+
 def above(gateway: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
     """The gateway's CPU above the floor's (Granian alone) for the same load, in all, and split
     between the event loop's thread (the app's Python, the upstream socket) and Granian's others."""
-
-    def diff(key: str, digits: int) -> float | None:
-        g, f = gateway[key], floor[key]
-        return None if g is None or f is None else round(g - f, digits)
-
     out = {
-        "cpu_per_request_us": diff("cpu_per_request_us", 2),
-        "cpu_per_chunk_us": diff("cpu_per_chunk_us", 3),
-        "main_thread_cpu_per_request_us": diff("main_thread_cpu_per_request_us", 2),
-        "main_thread_cpu_per_chunk_us": diff("main_thread_cpu_per_chunk_us", 3),
+        key: _minus(gateway[key], floor[key], digits)
+        for key, digits in (
+            ("cpu_per_request_us", 2),
+            ("cpu_per_chunk_us", 3),
+            ("main_thread_cpu_per_request_us", 2),
+            ("main_thread_cpu_per_chunk_us", 3),
+        )
     }
-    out["other_threads_cpu_per_request_us"] = diff_of(out, "cpu_per_request_us", "main_thread_cpu_per_request_us", 2)
-    out["other_threads_cpu_per_chunk_us"] = diff_of(out, "cpu_per_chunk_us", "main_thread_cpu_per_chunk_us", 3)
+    for unit, digits in (("request", 2), ("chunk", 3)):
+        whole, main = out[f"cpu_per_{unit}_us"], out[f"main_thread_cpu_per_{unit}_us"]
+        out[f"other_threads_cpu_per_{unit}_us"] = _minus(whole, main, digits)
     return out
 
 
-def diff_of(figures: dict[str, Any], whole: str, part: str, digits: int) -> float | None:
-    w, p = figures[whole], figures[part]
-    return None if w is None or p is None else round(w - p, digits)
-
-
 def times(gateway: dict[str, Any], nginx: dict[str, Any]) -> dict[str, float | None]:
-    """The gateway's CPU as a multiple of nginx's for the same load."""
+    """The gateway's CPU as a multiple of nginx's for the same load; None where either side's CPU
+    came to no 10 ms tick at all (a short run): no figure rather than 0x or a division by zero."""
 
     def ratio(key: str) -> float | None:
         g, n = gateway[key], nginx[key]
-        return None if g is None or not n else round(g / n, 2)
+        return None if not g or not n else round(g / n, 2)
 
     return {"cpu_per_request": ratio("cpu_per_request_us"), "cpu_per_chunk": ratio("cpu_per_chunk_us")}
 
@@ -217,7 +209,7 @@ def table(results: list[dict[str, Any]]) -> str:
             else:
                 n, err, rps = str(f["requests"]), str(f["errors"]), fmt(f["throughput_rps"], 1)
             t, g, lat = f["ttft_ms"], f["gap_ms"], f["latency_ms"]
-            cost = r["gateway_cost"] if label == "gateway" else r.get(f"{label}_cost")
+            cost = r.get(f"{label}_cost")
             lines.append(
                 f"{r['scenario'] if label == 'direct' else '':<17} {label:<8} {n:>5} {err:>4} "
                 f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>24} "

@@ -10,6 +10,7 @@ say which one was the limit.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -66,6 +67,33 @@ def cpu_plan() -> tuple[int | None, int | None]:
     if len(cpus) < 2:
         return None, None
     return cpus[0], cpus[1]
+
+
+def pin_loadgen() -> tuple[int | None, int | None]:
+    """``cpu_plan()``, with this process (the load generator) pinned to the second CPU."""
+    gateway_cpu, other_cpu = cpu_plan()
+    if other_cpu is not None:
+        os.sched_setaffinity(0, {other_cpu})
+    return gateway_cpu, other_cpu
+
+
+def key_value(item: str) -> tuple[str, str]:
+    """An argparse ``type`` for ``--gateway-env KEY=VALUE``."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {item!r}")
+    return key, value
+
+
+def add_gateway_env(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--gateway-env KEY=VALUE`` (repeatable): ``dict(args.gateway_env)`` is the settings."""
+    parser.add_argument("--gateway-env", action="append", default=[], type=key_value, metavar="KEY=VALUE", help=text)
+
+
+def settled_tree(proc: subprocess.Popen[bytes]) -> Tree:
+    """The process tree of a server that answered ready, once its workers are fully up."""
+    time.sleep(0.3)
+    return Tree(proc.pid)
 
 
 def wait_ready(
@@ -127,25 +155,23 @@ def start_sim(cpu: int | None, log: Path) -> Iterator[tuple[subprocess.Popen[byt
         yield running
 
 
+def server_env(settings: dict[str, str], extra_env: dict[str, str]) -> dict[str, str]:
+    """The environment of a benchmarked server (the gateway, or the floor with its settings):
+    this one without any gateway setting of the developer's, one worker, quiet logs, then
+    ``settings`` and the run's ``--gateway-env``."""
+    from gateway.config import ENV_NAMES
+
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+    return {**env, "GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "warning", **settings, **extra_env}
+
+
 @contextlib.contextmanager
 def start_gateway(
     cpu: int | None, log: Path, backend_kind: str, backend_url: str, backend_key: str | None, extra_env: dict[str, str]
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    from gateway.config import ENV_NAMES
-
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
-    env.update(
-        {
-            "BACKEND_KIND": backend_kind,
-            "BACKEND_BASE_URL": backend_url,
-            "BACKEND_API_KEY": backend_key or "",
-            "GATEWAY_PORT": str(port),
-            "GATEWAY_WORKERS": "1",
-            "GATEWAY_LOG_LEVEL": "warning",
-            **extra_env,
-        }
-    )
+    backend = {"BACKEND_KIND": backend_kind, "BACKEND_BASE_URL": backend_url, "BACKEND_API_KEY": backend_key or ""}
+    env = server_env({**backend, "GATEWAY_PORT": str(port)}, extra_env)
     workdir = tempfile.mkdtemp(prefix="bench-gw-")  # never a developer's .env
     try:
         with _running([sys.executable, "-m", "gateway", "serve"], port, cpu, log, env=env, cwd=workdir) as running:
@@ -159,11 +185,9 @@ def start_gateway(
 def start_floor(cpu: int | None, log: Path, extra_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Granian alone (``bench.floor``), with the gateway's Granian settings (``extra_env`` too:
     the same backlog, backpressure and workers), pinned like it."""
-    from gateway.config import ENV_NAMES
-
     port = free_port()
     argv = [sys.executable, "-m", "bench.floor", "--port", str(port)]
-    env = {**{k: v for k, v in os.environ.items() if k not in ENV_NAMES}, **extra_env}  # as the gateway's
+    env = server_env({}, extra_env)
     with _running(argv, port, cpu, log, env=env, cwd=Path(__file__).resolve().parent.parent) as running:
         yield running
 
@@ -205,9 +229,7 @@ http {{
 
 
 @contextlib.contextmanager
-def start_nginx(
-    cpu: int | None, log: Path, nginx: str, host: str, port: int
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def start_nginx(cpu: int | None, log: Path, host: str, port: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """nginx proxying to the backend at ``host``:``port``, pinned like the gateway, in a scratch
     directory."""
     backend = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -216,7 +238,7 @@ def start_nginx(
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=workdir, backend=backend, port=listen))
     try:
-        with _running([nginx, "-c", str(conf), "-p", str(workdir)], listen, cpu, log, ready="/__ready") as running:
+        with _running(["nginx", "-c", str(conf), "-p", str(workdir)], listen, cpu, log, ready="/__ready") as running:
             yield running
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -257,6 +279,19 @@ class Runner:
         self.progress = progress
         self.rounds = rounds
         self._conns: dict[str, list[Connection]] = {}
+
+    def alone(self, ep: Endpoint, tree: Tree, *, backend: bool) -> Runner:
+        """A runner for another server in the gateway's place (the floor, or nginx), metered by
+        ``tree``, with this one's load and rounds; the backend's CPU too if it still serves."""
+        return Runner(
+            self.direct,
+            ep,
+            model=self.model,
+            gateway_tree=tree,
+            backend_tree=self.backend_tree if backend else None,
+            progress=self.progress,
+            rounds=self.rounds,
+        )
 
     def _payload(self, ep: Endpoint, sc: Scenario) -> bytes:
         body: dict[str, object] = {

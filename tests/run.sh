@@ -17,12 +17,12 @@ fi
 # root (as CI is), each on its own; elsewhere those tests skip and say why.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   updated=""
-  for want in redis-server:redis-server nginx:nginx; do
-    command -v "${want%%:*}" >/dev/null 2>&1 && continue
-    echo "installing ${want#*:} (apt-get) for the tests that use it"
+  for pkg in redis-server nginx; do  # each package's command has its name
+    command -v "$pkg" >/dev/null 2>&1 && continue
+    echo "installing $pkg (apt-get) for the tests that use it"
     [ -n "$updated" ] || { apt-get update -qq >/dev/null 2>&1; updated=1; }
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${want#*:}" >/dev/null 2>&1 \
-      || echo "could not install ${want#*:}: the tests that need it will skip"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null 2>&1 \
+      || echo "could not install $pkg: the tests that need it will skip"
   done
 fi
 # pytest exits 5 when it collected no test: that is a failure here too (non-zero).
