@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.app import WATCH_AFTER
 from tests.asgi import call, make_gateway
 from tests.conftest import clean_env, free_port
 from tests.fakes import Conn, FakeBackend, Req, sse_events
@@ -159,6 +160,51 @@ def test_disconnect_mid_stream_cancels_upstream_in_process() -> None:
             # The task survives its own cancellation: nothing is left pending on it.
             current = asyncio.current_task()
             assert current is not None and current.cancelling() == 0
+            await app.shutdown()
+
+        run(go())
+        assert fb.wait_disconnects(1, 1.0)
+
+
+def test_disconnect_watcher_only_for_exchanges_that_outlive_a_tick() -> None:
+    """A fast answer never calls receive() again; a slow one is watched within two ticks, and a
+    client that left before then is noticed when it is (the disconnect is already past)."""
+
+    async def handler(req: Req, conn: Conn) -> None:
+        if req.body == b'{"slow":true}':
+            await asyncio.sleep(2)
+        await conn.json(200, {"ok": True})
+
+    async def request(app: Any, body: bytes) -> tuple[list[float], list[dict[str, Any]]]:
+        """receive() call times (from the start) and what was sent; the client is gone once its
+        body has been read."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        inbox = [{"type": "http.request", "body": body, "more_body": False}]
+        calls: list[float] = []
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            calls.append(loop.time() - t0)
+            return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        await asyncio.wait_for(app(scope, receive, send), 5)
+        return calls, sent
+
+    with FakeBackend(handler=handler) as fb:
+
+        async def go() -> None:
+            app = make_gateway(BACKEND_BASE_URL=fb.url)
+            await app.startup()
+            calls, sent = await request(app, b"{}")
+            assert len(calls) == 1 and sent[0]["status"] == 200
+            calls, sent = await request(app, b'{"slow":true}')
+            assert len(calls) == 2 and sent == []
+            assert WATCH_AFTER <= calls[1] < 2 * WATCH_AFTER + 0.5
             await app.shutdown()
 
         run(go())
