@@ -202,6 +202,15 @@ def test_malformed_framing_is_a_protocol_error(body: bytes, why: str) -> None:
         assert _compare(parts).error is httpcore.RemoteProtocolError, why
 
 
+def test_reads_of_one_whole_chunk_each_are_checked_like_any_other() -> None:
+    # A paced stream: every read is one chunk exactly (the dechunker's shortest path).
+    ours = _compare([HEAD, b"5\r\nhello\r\n", b"5;x=1 \r\nworld\r\n", b"0\r\n\r\n"])
+    assert ours.error is None and [p for _, p in ours.pieces] == [b"hello", b"world"]
+    for bad in (b"5\r\nhelloXY", b"5\r\nhello\n\r", b"5\r\nhello\rX"):
+        # the same length as a good one, and a good read after it: only the CRLF check finds it
+        assert _compare([HEAD, bad, b"5\r\nworld\r\n0\r\n\r\n"]).error is httpcore.RemoteProtocolError, bad
+
+
 def test_a_long_chunk_extension_within_the_connections_limit_is_read() -> None:
     # httpcore raises h11's bound on an unfinished line to 100 KiB: a 20 KB size line split
     # across reads is fine for h11 on this connection, so it is for _dechunk too.
