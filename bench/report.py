@@ -33,8 +33,11 @@ def dist(values: list[float]) -> dict[str, float | None]:
 
 
 def side_figures(side: Side, sc: Scenario) -> dict[str, Any]:
-    ok = [s for s in side.samples if s.ok or (s.aborted and s.error is None)]
-    errors = len(side.samples) - len(ok)
+    ok: list[Sample] = []
+    failed: list[Sample] = []
+    for s in side.samples:
+        (ok if s.ok or (s.aborted and s.error is None) else failed).append(s)
+    errors = len(failed)
     ttft = [t for s in ok if (t := s.ttft) is not None]
     lat = [t for s in ok if (t := s.latency) is not None and not s.aborted]
     gaps = [g for s in ok for g in s.gaps()]
@@ -43,7 +46,7 @@ def side_figures(side: Side, sc: Scenario) -> dict[str, Any]:
     out: dict[str, Any] = {
         "requests": len(side.samples),
         "errors": errors,
-        "error_examples": sorted({s.error or f"status {s.status}" for s in side.samples if s not in ok})[:3],
+        "error_examples": sorted({s.error or f"status {s.status}" for s in failed})[:3],
         "ttft_ms": dist(ttft),
         "gap_ms": dist(gaps),
         "latency_ms": dist(lat),

@@ -190,3 +190,26 @@ def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
     assert len(differences) == 3 and "time to first byte" in differences[-1]
     refused = _python_m("bench.ab", "--base", "no-such-revision", timeout=60)
     assert refused.returncode != 0 and "not a revision" in refused.stderr
+
+
+def test_side_figures_count_failures_once_each() -> None:
+    """Every sample is either counted (ok, or an abort the scenario asked for) or a failure with
+    its reason among the examples; identical samples are still counted one by one."""
+    from bench import report
+    from bench.loadgen import Sample
+    from bench.runner import Side
+
+    sc = next(s for s in FULL if s.name == "nonstream-c16")
+    good = [Sample(start=0.0, status=200, first_byte=0.001, end=0.002) for _ in range(3)]
+    bad = [
+        Sample(start=0.0, status=502, first_byte=0.001, end=0.002),
+        Sample(start=0.0, status=502, first_byte=0.001, end=0.002),
+        Sample(start=0.0, error="reset"),
+        Sample(start=0.0, status=200, first_byte=0.001),  # no end: cut short
+    ]
+    aborted = Sample(start=0.0, status=200, first_byte=0.001, aborted=True)
+    side = Side(samples=[*good, *bad, aborted], wall=1.0)
+    fig = report.side_figures(side, sc)
+    assert (fig["requests"], fig["errors"]) == (8, 4)
+    assert fig["error_examples"] == ["reset", "status 200", "status 502"]
+    assert fig["throughput_rps"] == 4.0  # the three good ones and the abort
