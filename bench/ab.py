@@ -29,7 +29,17 @@ from pathlib import Path
 
 from bench import report
 from bench.loadgen import install_uvloop
-from bench.runner import Endpoint, Runner, Side, add_gateway_env, pin_loadgen, settled_tree, start_gateway, start_sim
+from bench.runner import (
+    Endpoint,
+    Runner,
+    Side,
+    add_gateway_env,
+    key_value,
+    pin_loadgen,
+    settled_tree,
+    start_gateway,
+    start_sim,
+)
 from bench.scenarios import FULL, Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=10, help="rounds per side, alternating (default 10)")
     p.add_argument("--seconds", type=float, default=2.0, help="length of one round (default 2)")
     add_gateway_env(p, "extra setting for both gateways")
+    p.add_argument(
+        "--this-env",
+        action="append",
+        default=[],
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="extra setting for this tree's gateway only (with --base HEAD: what a setting costs)",
+    )
     return p
 
 
@@ -153,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             gateway_cpu, other_cpu = pin_loadgen()
             sim, sim_port = stack.enter_context(start_sim(other_cpu, work / "sim.log"))
             gateways = []
-            for name, label, tree_root in (
-                ("base", f"base ({args.base} {commit})", work / "base"),
-                ("this", "this tree", ROOT),
+            this_env = dict(args.this_env)
+            this_label = "this tree" + "".join(f" {k}={v}" for k, v in this_env.items())
+            for name, label, tree_root, own_env in (
+                ("base", f"base ({args.base} {commit})", work / "base", {}),
+                ("this", this_label, ROOT, this_env),
             ):
-                env = {**dict(args.gateway_env), "PYTHONPATH": str(tree_root)}
+                env = {**dict(args.gateway_env), **own_env, "PYTHONPATH": str(tree_root)}
                 check_imports(tree_root, env)
                 url = f"http://127.0.0.1:{sim_port}/v1"
                 proc, port = stack.enter_context(

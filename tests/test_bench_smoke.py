@@ -192,6 +192,20 @@ def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
     assert refused.returncode != 0 and "not a revision" in refused.stderr
 
 
+def test_bench_ab_sets_this_env_on_this_side_only() -> None:
+    """``--this-env``: the working tree's gateway gets the setting (a bad one stops it from
+    starting) and the base's does not (it started, and its log has no complaint)."""
+    bad = ("--this-env", "GATEWAY_MAX_BODY_BYTES=x")
+    proc = _python_m("bench.ab", "--pairs", "1", "--seconds", "0.3", *bad, timeout=120)
+    assert proc.returncode != 0
+    kept = Path(proc.stderr.split("bench.ab: logs kept in ", 1)[1].split()[0])
+    try:
+        assert "GATEWAY_MAX_BODY_BYTES" in (kept / "this.log").read_text()
+        assert "GATEWAY_MAX_BODY_BYTES" not in (kept / "base.log").read_text()
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+
+
 def test_side_figures_count_failures_once_each() -> None:
     """Every sample is either counted (ok, or an abort the scenario asked for) or a failure with
     its reason among the examples; identical samples are still counted one by one."""
