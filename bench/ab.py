@@ -34,7 +34,6 @@ from bench.runner import (
     Runner,
     Side,
     add_gateway_env,
-    key_value,
     pin_loadgen,
     settled_tree,
     start_gateway,
@@ -65,13 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=10, help="rounds per side, alternating (default 10)")
     p.add_argument("--seconds", type=float, default=2.0, help="length of one round (default 2)")
     add_gateway_env(p, "extra setting for both gateways")
-    p.add_argument(
-        "--this-env",
-        action="append",
-        default=[],
-        type=key_value,
-        metavar="KEY=VALUE",
-        help="extra setting for this tree's gateway only (with --base HEAD: what a setting costs)",
+    add_gateway_env(
+        p, "extra setting for this tree's gateway only (with --base HEAD: what a setting costs)", "--this-env"
     )
     return p
 
@@ -170,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             commit = base_tree(args.base, work / "base")
             gateway_cpu, other_cpu = pin_loadgen()
             sim, sim_port = stack.enter_context(start_sim(other_cpu, work / "sim.log"))
+            url = f"http://127.0.0.1:{sim_port}/v1"
             gateways = []
             this_env = dict(args.this_env)
             this_label = "this tree" + "".join(f" {k}={v}" for k, v in this_env.items())
@@ -179,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 env = {**dict(args.gateway_env), **own_env, "PYTHONPATH": str(tree_root)}
                 check_imports(tree_root, env)
-                url = f"http://127.0.0.1:{sim_port}/v1"
                 proc, port = stack.enter_context(
                     start_gateway(gateway_cpu, work / f"{name}.log", "vllm", url, None, env)
                 )

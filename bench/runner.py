@@ -85,9 +85,10 @@ def key_value(item: str) -> tuple[str, str]:
     return key, value
 
 
-def add_gateway_env(parser: argparse.ArgumentParser, text: str) -> None:
-    """``--gateway-env KEY=VALUE`` (repeatable): ``dict(args.gateway_env)`` is the settings."""
-    parser.add_argument("--gateway-env", action="append", default=[], type=key_value, metavar="KEY=VALUE", help=text)
+def add_gateway_env(parser: argparse.ArgumentParser, text: str, flag: str = "--gateway-env") -> None:
+    """``--gateway-env KEY=VALUE`` (repeatable; or ``flag``): ``dict(args.gateway_env)`` is the
+    settings."""
+    parser.add_argument(flag, action="append", default=[], type=key_value, metavar="KEY=VALUE", help=text)
 
 
 def settled_tree(proc: subprocess.Popen[bytes]) -> Tree:

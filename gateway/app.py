@@ -600,20 +600,21 @@ class DisconnectWatch:
     __slots__ = ("_young", "_old", "_tasks", "_timer", "_loop")
 
     def __init__(self) -> None:
-        #: Exchanges begun since the last tick, and those begun the tick before: what they need to
-        #: be watched (receive, their task, the loop).
-        self._young: dict[Exchange, tuple[Receive, asyncio.Task[Any], asyncio.AbstractEventLoop]] = {}
-        self._old: dict[Exchange, tuple[Receive, asyncio.Task[Any], asyncio.AbstractEventLoop]] = {}
+        #: Exchanges begun since the last tick, and those begun the tick before, with what they
+        #: need to be watched: the request's ``receive`` and its task.
+        self._young: dict[Exchange, tuple[Receive, asyncio.Task[Any]]] = {}
+        self._old: dict[Exchange, tuple[Receive, asyncio.Task[Any]]] = {}
         #: Watcher tasks (servers whose ``receive()`` is a coroutine), cancelled when the exchange ends.
         self._tasks: dict[Exchange, asyncio.Task[Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        #: The loop the tick runs on: the one serving the requests.
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, ex: Exchange, receive: Receive, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> None:
-        self._young[ex] = (receive, task, loop)
+        self._young[ex] = (receive, task)
         if self._timer is None or self._loop is not loop:  # (a loop gone with its timer: tests)
             self._loop = loop
-            self._timer = loop.call_later(WATCH_AFTER, self._tick, loop)
+            self._timer = loop.call_later(WATCH_AFTER, self._tick)
 
     def discard(self, ex: Exchange) -> None:
         """The exchange ended: forget it, and stop its watcher task if it has one."""
@@ -622,13 +623,15 @@ class DisconnectWatch:
             if watcher is not None:
                 watcher.cancel()
 
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
         due, self._old, self._young = self._old, self._young, {}
-        for ex, (receive, task, ex_loop) in due.items():
-            watcher = _watch_disconnect(receive, ex, task, ex_loop)
+        for ex, (receive, task) in due.items():
+            watcher = _watch_disconnect(receive, ex, task, loop)
             if watcher is not None:
                 self._tasks[ex] = watcher
-        self._timer = loop.call_later(WATCH_AFTER, self._tick, loop) if self._old else None
+        self._timer = loop.call_later(WATCH_AFTER, self._tick) if self._old else None
 
     def close(self) -> None:
         """Stop the tick (shutdown); exchanges not yet watched stay unwatched."""

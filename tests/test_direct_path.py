@@ -84,7 +84,7 @@ async def _run(
         status, fields = await conn.exchange(method, target, headers, body, None)
         direct = conn._direct
         # As the relay reads it: the whole body when it came with the head, else piece by piece.
-        whole = conn.body_in_hand() if conn.end_known_early else None
+        whole = conn.body_in_hand()
         if whole is not None:
             pieces[stream.done] = whole
             complete.append(True)
