@@ -1,4 +1,7 @@
-"""Client key check on the raw ``Authorization`` header bytes."""
+"""The authentication stage: the client key, checked on the raw ``Authorization`` header bytes.
+
+One path for every route that needs a key, forwarded or answered by the gateway itself.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 
+from gateway import errors
 from gateway.limits import KeyLimits
 
 
@@ -26,6 +30,16 @@ class KeyRing:
     @property
     def enabled(self) -> bool:
         return bool(self._digests)
+
+    def authenticate(self, authorization: bytes | None, count: int = 1) -> tuple[str, KeyLimits | None] | None:
+        """The stage: None when client auth is off, else the identity of the one valid key sent
+        (see ``identify``); 401 for a missing or wrong key, or for ``count`` other than one."""
+        if not self._digests:
+            return None
+        identity = self.identify(authorization) if count == 1 else None
+        if identity is None:
+            raise errors.unauthorized()
+        return identity
 
     def check(self, authorization: bytes | None) -> bool:
         """True when ``authorization`` is ``Bearer <one of the keys>`` (scheme case-insensitive)."""
@@ -49,6 +63,13 @@ class KeyRing:
             return None
         limits = self._named.get(digest)
         return (limits.name, limits) if limits is not None else (digest.hex()[:8], None)
+
+
+def authorization_of(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, int]:
+    """The last ``Authorization`` value and how many there were, for routes the header pass
+    does not see."""
+    values = [v for n, v in headers if n == b"authorization"]
+    return (values[-1] if values else None), len(values)
 
 
 def key_id(key: bytes) -> str:

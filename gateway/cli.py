@@ -90,9 +90,9 @@ def _serve(settings: Settings) -> int:
 
         load_keys(settings.gateway_keys_file)  # a bad file stops here, with exit 2
     if settings.gateway_routes:
-        from gateway.routes_file import load_routes
+        from gateway.backends_file import load_backends
 
-        spec, _ = load_routes(settings.gateway_routes)  # a bad file stops here, with exit 2
+        spec, _ = load_backends(settings.gateway_routes)  # a bad file stops here, with exit 2
         where = ", ".join(
             f"{b.name} ({b.kind}, {len(b.urls)} replica{'s' if len(b.urls) != 1 else ''})" for b in spec.backends
         )

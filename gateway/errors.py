@@ -165,3 +165,8 @@ def request_timeout(seconds: float) -> GatewayError:
         f"The request body did not arrive within {seconds:g} s.",
         headers=[(b"connection", b"close")],
     )
+
+
+def internal_error() -> GatewayError:
+    """A bug in the gateway (its traceback is logged): never blamed on the backend."""
+    return GatewayError(500, "api_error", "internal_error", "The gateway failed to handle the request; see its log.")

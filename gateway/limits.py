@@ -20,7 +20,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, Spec
 from gateway.errors import GatewayError
 
 log = logging.getLogger("gateway")
@@ -29,7 +29,7 @@ PerMinute = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class KeySpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class KeySpec(Spec, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
     key_env: str = ""
     key_sha256: str = ""
@@ -37,7 +37,7 @@ class KeySpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     tpm: PerMinute | None = None
 
 
-class KeysSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class KeysSpec(Spec, frozen=True):
     keys: Annotated[list[KeySpec], Meta(min_length=1)]
 
 

@@ -526,15 +526,16 @@ def setup_logging(level: str, fmt: str) -> None:
 
         class _Json(logging.Formatter):
             def format(self, record: logging.LogRecord) -> str:
-                return orjson.dumps(
-                    {
-                        "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-                            timespec="milliseconds"
-                        ),
-                        "level": record.levelname.lower(),
-                        "message": record.getMessage(),
-                    }
-                ).decode()
+                line = {
+                    "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                        timespec="milliseconds"
+                    ),
+                    "level": record.levelname.lower(),
+                    "message": record.getMessage(),
+                }
+                if record.exc_info:  # log.exception(): the traceback, in the same line
+                    line["traceback"] = self.formatException(record.exc_info)
+                return orjson.dumps(line).decode()
 
         handler.setFormatter(_Json())
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app import WATCH_AFTER
+from gateway.watch import WATCH_AFTER
 from tests.asgi import call, make_gateway
 from tests.conftest import clean_env, free_port
 from tests.fakes import Conn, FakeBackend, Req, sse_events
@@ -156,7 +157,12 @@ def test_disconnect_mid_stream_cancels_upstream_in_process() -> None:
             }
             await asyncio.wait_for(app(scope, receive, send), 5)  # type: ignore[arg-type]
             assert 3 <= len(chunks) < 50
-            assert app.pool is not None and app.pool.active == 0 and app.pool.idle == 0 and app.pool.open == 0
+            assert (
+                app.topology.first.replicas[0].pool is not None
+                and app.topology.first.replicas[0].pool.active == 0
+                and app.topology.first.replicas[0].pool.idle == 0
+                and app.topology.first.replicas[0].pool.open == 0
+            )
             # The task survives its own cancellation: nothing is left pending on it.
             current = asyncio.current_task()
             assert current is not None and current.cancelling() == 0
@@ -221,9 +227,13 @@ def test_pool_reuses_and_counts() -> None:
                 *(call(app, "POST", "/v1/chat/completions", b'{"stream":true}') for _ in range(10))
             )
             assert all(r.status == 200 and r.finished for r in results)
-            assert app.pool is not None
-            assert app.pool.open <= 2 and app.pool.active == 0 and app.pool.waiting == 0
-            assert "idle" in repr(app.pool)
+            assert app.topology.first.replicas[0].pool is not None
+            assert (
+                app.topology.first.replicas[0].pool.open <= 2
+                and app.topology.first.replicas[0].pool.active == 0
+                and app.topology.first.replicas[0].pool.waiting == 0
+            )
+            assert "idle" in repr(app.topology.first.replicas[0].pool)
             await app.shutdown()
 
         run(go())
@@ -231,7 +241,7 @@ def test_pool_reuses_and_counts() -> None:
 
 
 def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
-    """``_read_body``'s own timer: its expiry is a 408 ``request_timeout``; a cancellation from
+    """The body stage's own timer: its expiry is a 408 ``request_timeout``; a cancellation from
     elsewhere (a server shutting down) while the body is awaited stays a cancellation."""
     from gateway.errors import GatewayError
 
@@ -243,7 +253,7 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
 
     async def timed_out() -> tuple[int, str, int]:
         try:
-            await app._read_body(never, None)  # type: ignore[arg-type]
+            await app.read_body(never, None)  # type: ignore[arg-type]
         except GatewayError as err:
             task = asyncio.current_task()
             assert task is not None
@@ -253,7 +263,7 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
     assert run(timed_out()) == (408, "request_timeout", 0)
 
     async def cancelled_from_outside() -> str:
-        reader = asyncio.ensure_future(app._read_body(never, None))  # type: ignore[arg-type]
+        reader = asyncio.ensure_future(app.read_body(never, None))  # type: ignore[arg-type]
         await asyncio.sleep(0.01)
         reader.cancel()
         try:
@@ -268,7 +278,7 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b"{}", "more_body": False}
 
-        body = await app._read_body(receive, b"2")  # type: ignore[arg-type]
+        body = await app.read_body(receive, b"2")  # type: ignore[arg-type]
         await asyncio.sleep(0.1)  # past the timeout: its timer was cancelled with the read
         return body
 
@@ -296,7 +306,7 @@ def test_the_timers_go_on_the_loop_that_serves_the_request() -> None:
         from gateway.errors import GatewayError
 
         try:
-            await app._read_body(never, None)  # type: ignore[arg-type]
+            await app.read_body(never, None)  # type: ignore[arg-type]
         except GatewayError as err:
             return err.status
         raise AssertionError("no timeout")
@@ -373,3 +383,92 @@ def test_the_last_body_piece_ends_the_response_where_its_end_is_known() -> None:
     assert pieces == [(body[:half], True), (body[half:], False)]
     assert by_h11 == [(body[:half], True), (body[half:], True), (b"", False)]
     assert connections - 1 <= 1  # one for the answers (the model listing may have its own)
+
+
+def test_a_bug_is_a_500_with_its_traceback_not_a_backend_error(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An exception that is neither httpcore's nor the OS's is the gateway's own fault: 500
+    ``internal_error`` in the OpenAI shape, logged with its traceback, never counted as an
+    upstream error (it used to be a 502 ``backend_unavailable`` and a ``reset``)."""
+    import gateway.forward
+
+    async def broken(*args: Any) -> None:
+        raise AttributeError("a bug in the relay")
+
+    monkeypatch.setattr(gateway.forward, "forward", broken)
+    with FakeBackend() as fb:
+
+        async def go() -> tuple[Any, bytes | None, bytes]:
+            app = make_gateway(BACKEND_BASE_URL=fb.url)
+            await app.startup()
+            r = await call(app, "POST", "/v1/chat/completions", b'{"model":"m"}', [(b"x-request-id", b"rid-1")])
+            assert r.status == 500 and r.finished
+            assert app.metrics is not None
+            page, _ = app.metrics.exposition()
+            await app.shutdown()
+            return r.json(), r.header(b"x-request-id"), page
+
+        body, rid, page = run(go())
+    assert body == {
+        "error": {
+            "message": "The gateway failed to handle the request; see its log.",
+            "type": "api_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+    assert rid == b"rid-1"
+    assert b"gateway_upstream_errors_total{" not in page
+    (line,) = [json.loads(x) for x in capfd.readouterr().err.splitlines() if '"level":"error"' in x]
+    assert line["message"] == "internal error on POST /v1/chat/completions (request rid-1)"
+    assert "Traceback" in line["traceback"] and "AttributeError: a bug in the relay" in line["traceback"]
+
+
+def test_a_bug_after_the_response_started_closes_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the head is out nothing can be appended that a client would take as an error: the
+    response is left without its final message, so the server drops the connection."""
+    import gateway.forward
+
+    async def broken_midway(*args: Any) -> None:
+        send, ex = args[8], args[9]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        ex.started = True
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise KeyError("a bug mid-stream")
+
+    monkeypatch.setattr(gateway.forward, "forward", broken_midway)
+    with FakeBackend() as fb:
+
+        async def go() -> Any:
+            app = make_gateway(BACKEND_BASE_URL=fb.url)
+            await app.startup()
+            r = await call(app, "POST", "/v1/chat/completions", b'{"model":"m"}')
+            await app.shutdown()
+            return r
+
+        r = run(go())
+    assert r.status == 200 and r.body == b"part" and not r.finished
+
+
+def test_lifespan_shutdown_failure_is_reported_with_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    app = make_gateway()
+    sent: list[dict[str, Any]] = []
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(m: dict[str, Any]) -> None:
+        sent.append(m)
+
+    async def broken_shutdown() -> None:
+        raise RuntimeError("pool would not close")
+
+    monkeypatch.setattr(app, "shutdown", broken_shutdown)
+    run(app({"type": "lifespan"}, receive, send))  # type: ignore[arg-type]
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
+    assert "Traceback" in sent[1]["message"] and "pool would not close" in sent[1]["message"]
+    assert "RuntimeError: pool would not close" in capfd.readouterr().err

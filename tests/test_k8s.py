@@ -295,11 +295,11 @@ def test_keys_come_from_the_secret() -> None:
 
 
 def test_routes_file_is_valid_and_mounted(tmp_path: Path) -> None:
-    from gateway.routes_file import load_routes
+    from gateway.backends_file import load_backends
 
     path = tmp_path / ROUTES_KEY
     path.write_text(CONFIG[ROUTES_KEY])
-    spec, keys = load_routes(str(path), environ={"BACKEND_API_KEY": "k"})
+    spec, keys = load_backends(str(path), environ={"BACKEND_API_KEY": "k"})
     (backend,) = spec.backends
     assert backend.urls == [CONFIG["BACKEND_BASE_URL"]] and backend.models == [CONFIG["MODEL_NAME"]]
     assert backend.api_key_env == "BACKEND_API_KEY" and "BACKEND_API_KEY" in ENV  # set from the Secret

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from gateway.app import Gateway
+from gateway.backends_file import load_backends
 from gateway.config import ConfigError, settings_from_strings
-from gateway.routes_file import load_routes
 from tests.asgi import Result, call
 from tests.conftest import clean_env, free_port
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
@@ -112,7 +112,7 @@ models = ["nomic-embed-text"]
 def test_routes_file_mistakes(tmp_path: Path, text: str, fragment: str) -> None:
     path = routes_file(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_routes(path, environ={})
+        load_backends(path, environ={})
     msg = str(info.value)
     assert fragment in msg and "\n" not in msg
     assert path in msg or "GATEWAY_ROUTES" in msg
@@ -449,7 +449,7 @@ def test_admission_cap_queue_and_429() -> None:
                 refused = next(r for r in results if r.status == 429)
                 assert refused.header(b"retry-after") == b"1"
                 assert refused.json()["error"]["code"] == "overloaded"
-                assert app.default is not None and app.default.inflight == 0
+                assert app.topology.first.inflight == 0
             finally:
                 await app.shutdown()
 

@@ -47,6 +47,7 @@ from bench.micro.conftest import (
 from gateway import routes
 from gateway.app import Gateway
 from gateway.auth import KeyRing
+from gateway.client_headers import HeaderPass
 from gateway.errors import error_body, sse_error_event
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
@@ -125,8 +126,7 @@ def test_capability_check(benchmark: BenchmarkFixture, gateway_on: Callable[[Mem
     # The app looks up the mapping it cached at construction: ``Settings.capabilities`` is a
     # property that re-applies the overrides on every access, so it is never read per request.
     app = gateway_on(MemoryNetwork([]))
-    assert app.default is not None
-    caps = app.default.capabilities
+    caps = app.topology.first.capabilities
     cap = routes.CHAT.capability
     assert cap is not None
     assert benchmark(lambda: caps[cap] is Support.UNSUPPORTED) is False
@@ -136,7 +136,7 @@ def test_capability_check(benchmark: BenchmarkFixture, gateway_on: Callable[[Mem
 
 
 class _Stop(Exception):
-    """Raised by ``receive`` to stop ``Gateway._upstream`` right after its synchronous prefix."""
+    """Raised by ``receive`` to stop ``Gateway._forward`` right after its synchronous prefix."""
 
 
 async def _receive_stop() -> Any:
@@ -148,56 +148,38 @@ async def _never_send(message: Any) -> None:
 
 
 def test_request_headers_app(benchmark: BenchmarkFixture, gateway_on: Callable[[MemoryNetwork], Gateway]) -> None:
-    """The real ``Gateway._upstream`` up to its first ``receive()``: header pass, capability check.
+    """The real ``Gateway._forward`` up to its first ``receive()``: header pass, capability check.
 
     Driven synchronously with ``coro.send(None)``: nothing before the body read suspends, and our
     ``receive`` raises at once, so this includes creating two coroutines and one raise/catch. Client
-    auth is off here (the key check has its own benchmark); compare with the replica below.
+    auth is off here (the key check has its own benchmark); compare with the header pass below.
     """
     app = gateway_on(MemoryNetwork([]))
     app.keys = KeyRing([])
-    app.body_timeout = 0.0  # its timer needs a running loop, which this synchronous drive has not
+    app.read_body.timeout = 0.0  # its timer needs a running loop, which this synchronous drive has not
     scope = AppRequest(app, "/v1/chat/completions", SMALL_BODY).scope
 
     def prefix() -> None:
-        coro = app._upstream(routes.CHAT, scope, _receive_stop, _never_send, Exchange())
+        coro = app._forward(routes.CHAT, scope, _receive_stop, _never_send, Exchange())
         try:
             coro.send(None)
         except _Stop:
             return
-        raise AssertionError("Gateway._upstream went past the body read")
+        raise AssertionError("Gateway._forward went past the body read")
 
     benchmark(prefix)
 
 
-def test_request_headers_loop(benchmark: BenchmarkFixture) -> None:
-    """A faithful replica of the header loop in ``Gateway._upstream`` (it is inline there, so the
-    pure loop cannot be called by itself): the cost without the coroutine machinery above."""
+def test_request_headers_pass(benchmark: BenchmarkFixture) -> None:
+    """The client-header pass alone (``client_headers.HeaderPass``): what the app checks, what it
+    forwards, and the request id."""
     headers = client_headers(len(SMALL_BODY))
-    static = [(b"host", b"backend.bench:8000")]
-    noted = DROP_REQUEST_HEADERS  # no sticky header configured
+    header_pass = HeaderPass()  # no sticky header configured
 
-    def build() -> tuple[bytes | None, int, bytes | None, list[tuple[bytes, bytes]]]:
-        authorization: bytes | None = None
-        auth_count = 0
-        content_length: bytes | None = None
-        forwarded = list(static)
-        for name, value in headers:
-            if name not in noted:
-                forwarded.append((name, value))
-                continue
-            if name == b"authorization":
-                authorization = value
-                auth_count += 1
-            elif name == b"content-length":
-                content_length = value
-        return authorization, auth_count, content_length, forwarded
-
-    authorization, auth_count, content_length, forwarded = benchmark(build)
-    assert authorization == b"Bearer " + CLIENT_KEY.encode() and auth_count == 1
-    assert content_length == str(len(SMALL_BODY)).encode()
-    assert [n for n, _ in forwarded] == [
-        b"host",
+    found = benchmark(header_pass, headers)
+    assert found.authorization == b"Bearer " + CLIENT_KEY.encode() and found.auth_count == 1
+    assert found.content_length == str(len(SMALL_BODY)).encode()
+    assert [n for n, _ in found.forwarded] == [
         b"accept-encoding",
         b"accept",
         b"content-type",
@@ -205,6 +187,7 @@ def test_request_headers_loop(benchmark: BenchmarkFixture) -> None:
         b"x-stainless-lang",
         b"x-stainless-package-version",
         b"x-stainless-retry-count",
+        b"x-request-id",
     ]
 
 
@@ -274,7 +257,11 @@ def test_sse_error_event(benchmark: BenchmarkFixture) -> None:
 
 def _assert_kept_alive(app: Gateway, network: MemoryNetwork) -> None:
     assert network.connects == 1, "each round must reuse the pooled connection"
-    assert app.pool is not None and app.pool.open == 1 and app.pool.idle == 1
+    assert (
+        app.topology.first.replicas[0].pool is not None
+        and app.topology.first.replicas[0].pool.open == 1
+        and app.topology.first.replicas[0].pool.idle == 1
+    )
 
 
 def test_loop_floor(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop) -> None:
@@ -340,10 +327,9 @@ def test_httpcore_baseline(
     events = sse_events(STREAM_EVENTS) if stream else [json_completion()]
     network = MemoryNetwork(sse_response(events) if stream else json_response(events[0]))
     app = gateway_on(network)
-    pool = app.pool
+    pool = app.topology.first.replicas[0].pool
     assert pool is not None
-    assert app.default is not None
-    target = app.default.replicas[0].target
+    target = app.topology.first.replicas[0].target
     url = target.url(b"/v1/chat/completions")
     body = chat_body(stream=stream)
     headers = [
@@ -352,7 +338,7 @@ def test_httpcore_baseline(
         (b"content-length", str(len(body)).encode()),
     ]
 
-    t = app.timeouts
+    t = app.forwarder.timeouts
     connect = app.settings.gateway_connect_timeout
     extensions = {"timeout": {"connect": connect, "read": t.header, "write": t.header, "pool": 30.0}}
 

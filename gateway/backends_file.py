@@ -1,4 +1,5 @@
-"""``GATEWAY_ROUTES=routes.toml``: several backends, read with tomllib into msgspec Structs.
+"""The backends file (``GATEWAY_ROUTES=routes.toml``): the backends, their replicas and their
+models, read with tomllib into msgspec Structs.
 
 Every mistake stops start-up with one line naming the file, the key path, the bad value and what
 is accepted (``ConfigError``, exit 2 from the CLI).
@@ -15,8 +16,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from gateway.config import ConfigError, valid_url
-from gateway.profiles import PROFILES, CapabilityError, apply_overrides
+from gateway.config import ConfigError, Spec, valid_url
+from gateway.profiles import PROFILES, CapabilityError, Support, apply_overrides
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 Weight = Annotated[int, Meta(ge=1, le=1000)]
@@ -33,7 +34,7 @@ _ACCEPTED = {
 }
 
 
-class BackendSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class BackendSpec(Spec, frozen=True):
     name: Name
     kind: str
     urls: Annotated[list[str], Meta(min_length=1)]
@@ -43,12 +44,16 @@ class BackendSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     capabilities: str = ""
     weights: list[Weight] | None = None
 
+    def resolved_capabilities(self) -> Mapping[str, Support]:
+        """The kind's capabilities with this backend's overrides (checked when the file is read)."""
+        return apply_overrides(PROFILES[self.kind].capabilities, self.capabilities)
 
-class RoutesSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+
+class BackendsFile(Spec, frozen=True):
     backends: Annotated[list[BackendSpec], Meta(min_length=1)]
 
 
-def load_routes(path: str, environ: Mapping[str, str] | None = None) -> tuple[RoutesSpec, dict[str, str]]:
+def load_backends(path: str, environ: Mapping[str, str] | None = None) -> tuple[BackendsFile, dict[str, str]]:
     """The routes file, checked, and each backend's key (read from its ``api_key_env``)."""
     env = os.environ if environ is None else environ
     p = Path(path)
@@ -61,7 +66,7 @@ def load_routes(path: str, environ: Mapping[str, str] | None = None) -> tuple[Ro
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        spec = msgspec.convert(data, RoutesSpec)
+        spec = msgspec.convert(data, BackendsFile)
     except msgspec.ValidationError as exc:
         raise ConfigError(_describe(path, data, exc)) from None
     keys: dict[str, str] = {}

@@ -1,0 +1,133 @@
+"""The forwarding stage: one decided request sent upstream, with the backend-error boundary.
+
+``Outgoing`` is what the earlier stages decided about a request (where it goes and what is sent),
+built once. ``Forwarder.run`` sends it through the relay while watching for the client leaving
+and for the total timeout; it is the one place where httpcore's and the OS's exceptions become
+the gateway's backend errors. Any other exception is a bug in the gateway: it propagates to the
+application's boundary (``app.py``), which logs it with its traceback and answers 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import httpcore
+
+from gateway import errors
+from gateway.balance import Backend
+from gateway.errors import GatewayError
+from gateway.relay import Exchange, Timeouts, fail, forward
+from gateway.types import Receive, Send
+from gateway.upstream import error_class, map_error
+from gateway.watch import DisconnectWatch
+
+log = logging.getLogger("gateway")
+
+#: What a backend (or the network to it) can throw: mapped to 502/503/504, counted as upstream errors.
+BACKEND_ERRORS: tuple[type[Exception], ...] = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.ConnectionNotAvailable,
+    httpcore.UnsupportedProtocol,
+    OSError,
+)
+
+
+class Outgoing:
+    """A request as it goes upstream: decided once, read by the relay."""
+
+    __slots__ = ("backend", "method", "path", "query", "headers", "body", "sticky")
+
+    def __init__(
+        self,
+        backend: Backend,
+        method: bytes,
+        path: bytes,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        sticky: bytes | None,
+    ) -> None:
+        self.backend = backend
+        self.method = method
+        #: The client's raw path (``/v1/...``) without its query; each replica maps it to its base.
+        self.path = path
+        self.query = query
+        #: The client's headers as forwarded (the replica adds Host and its key in front).
+        self.headers = headers
+        self.body = body
+        #: The value that keeps a client on one replica (GATEWAY_STICKY), if any.
+        self.sticky = sticky
+
+
+class Forwarder:
+    """Runs ``Outgoing`` requests for one worker: its timeouts, retries and disconnect watcher."""
+
+    __slots__ = ("timeouts", "retries", "total_timeout", "watch", "_loop")
+
+    def __init__(
+        self,
+        timeouts: Timeouts,
+        retries: int,
+        total_timeout: float | None,
+        loop: Callable[[], asyncio.AbstractEventLoop],
+    ) -> None:
+        self.timeouts = timeouts
+        self.retries = retries
+        self.total_timeout = total_timeout
+        self.watch = DisconnectWatch()
+        self._loop = loop
+
+    async def run(self, out: Outgoing, receive: Receive, send: Send, ex: Exchange) -> None:
+        """Forward with cancellation on client disconnect (and on the total timeout, if set)."""
+        loop = self._loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
+        watch = self.watch
+        watch.add(ex, receive, task, loop)
+        total = self.total_timeout
+        timer = loop.call_later(total, _expire, ex, task) if total else None
+        try:
+            await forward(
+                out.backend,
+                out.method,
+                out.path,
+                out.query,
+                out.headers,
+                out.body,
+                self.timeouts,
+                self.retries,
+                send,
+                ex,
+                out.sticky,
+            )
+        except asyncio.CancelledError:
+            if ex.cancelled_by is None:
+                raise
+            task.uncancel()
+            if ex.cancelled_by == "timeout":
+                ex.end, ex.error_class = "timeout", "timeout"
+                await fail(send, ex, errors.backend_timeout(f"GATEWAY_TOTAL_TIMEOUT ({total:g} s) passed"))
+            else:
+                ex.end = "client_gone"
+        except GatewayError as err:
+            await fail(send, ex, err)
+        except BACKEND_ERRORS as exc:  # the one place backend failures become gateway errors
+            ex.error_class = error_class(exc)
+            ex.end = "timeout" if ex.error_class == "timeout" else "upstream_error"
+            log.warning("upstream %s failed waiting for %s: %r", out.backend.name, ex.phase, exc)
+            await fail(send, ex, map_error(exc, ex.phase))
+        finally:
+            ex.active = False
+            watch.discard(ex)
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(ex: Exchange, task: asyncio.Task[object]) -> None:
+    if ex.active and ex.cancelled_by is None:
+        ex.cancelled_by = "timeout"
+        task.cancel()
