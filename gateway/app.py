@@ -20,20 +20,24 @@ import httpcore
 import orjson
 
 from gateway import errors, probe, routes
+from gateway.access_log import AccessLog
 from gateway.auth import KeyRing
 from gateway.balance import Backend, Replica
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
 from gateway.limits import Limiter, SharedLimiter, load_keys
+from gateway.logs import setup_logging
+from gateway.metrics import Metrics
 from gateway.netio import AsyncioBackend
-from gateway.observe import AccessLog, Metrics, request_id, setup_logging, tokens_used
 from gateway.payload import peek, with_model
 from gateway.profiles import PROFILES, Profile, Support, apply_overrides
 from gateway.relay import Exchange, Timeouts, fail, forward, send_error
+from gateway.request_id import request_id
 from gateway.routes_file import RoutesSpec, load_routes
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import DROP_REQUEST_HEADERS, Pool, Target, error_class, make_ssl_context, map_error
+from gateway.usage import read_usage
 
 log = logging.getLogger("gateway")
 
@@ -296,10 +300,11 @@ class Gateway:
             if ex.end == "client_gone" and not ex.started:
                 ex.status = 499  # nginx's "client closed request": nothing was answered
             name = route.name if route is not None else "unknown"
+            usage = read_usage(ex)
             if metrics is not None:
-                metrics.record(ex, name, model)
+                metrics.record(ex, name, model, usage)
             if ex.limits is not None and ex.limits.tpm is not None:
-                (self.shared or self.limiter).spend(ex.limits, tokens_used(ex))
+                (self.shared or self.limiter).spend(ex.limits, 0 if usage is None else usage.total)
             if self.access_log is not None:
                 self.access_log.write(ex, method, path, name, model)
 

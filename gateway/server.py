@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gateway.config import ENV_NAMES, Settings, load_settings
 from gateway.drain import CONTROL_ENV, begin_drain, workers_idle
-from gateway.observe import MULTIPROC_ENV
+from gateway.metrics import MULTIPROC_ENV
 
 #: How long Granian's workers get to stop once the drain is over (or its grace period spent):
 #: requests still in flight then are cut, and the OS closes their upstream connections.
