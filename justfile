@@ -45,7 +45,7 @@ load *args:
 
 # Soak test for RELIABILITY.md: mixed traffic and faults through the gateway, memory, fds and connections watched (default 10 minutes; flags: --help)
 soak *args:
-    {{ bin }}/python tests/tools/soak.py {{ args }}
+    {{ bin }}/python -m tools.soak {{ args }}
 
 # ruff check, ruff format --check and mypy --strict on the gateway package
 lint:
