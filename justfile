@@ -26,6 +26,14 @@ demo *args:
 test *args:
     bash tests/run.sh {{ args }}
 
+# The fast lane: the suite without the tests marked slow (soak, load, floods, fuzz, llama.cpp, bench runs)
+test-fast *args:
+    {{ bin }}/python -m pytest -m "not slow" {{ args }}
+
+# Line coverage of the gateway package, its child processes included, over the fast lane (-m "" for all)
+coverage *args:
+    {{ bin }}/python -m pytest -m "not slow" --cov --cov-report=term {{ args }}
+
 # End-to-end benchmark, direct vs through the gateway (default: the simulator; flags: --help)
 bench *args:
     {{ bin }}/python -m bench {{ args }}

@@ -43,7 +43,10 @@ HEALTH_TOOL = {
 }
 #: Where a backend is told its listening port when it takes no --port flag.
 LISTEN_ENV = ("OLLAMA_HOST", "LOCALAI_ADDRESS")
-RECIPES = {"up", "down", "logs", "serve", "sim", "demo", "test", "lint", "bench", "bench-micro", "load", "soak"}
+RECIPES = {
+    "up", "down", "logs", "serve", "sim", "demo", "test", "test-fast", "coverage", "lint", "bench", "bench-micro",
+    "load", "soak",
+}  # fmt: skip
 _INTERPOLATION = re.compile(r"\$\{(\w+):-([^}]*)\}")
 
 
