@@ -71,15 +71,15 @@ def test_added_up_figures_flush_to_what_direct_updates_give(steps: list[tuple[st
             child(kind, sh, label).observe(amount)  # type: ignore[union-attr]
         elif kind == "inc":
             c.labels(label).inc(amount)
-            child(kind, sc, label).inc(amount)
+            child(kind, sc, label).inc(amount)  # type: ignore[union-attr]
         elif kind == "gauge":
             g.labels(label).inc(amount)
-            child(kind, sg, label).inc(amount)
+            child(kind, sg, label).inc(amount)  # type: ignore[union-attr]
         else:
-            for a in acc.values():
-                a.flush()
-    for a in acc.values():
-        a.flush()
+            for each in acc.values():
+                each.flush()
+    for each in acc.values():
+        each.flush()
     got, want = _series(summed_reg), _series(direct_reg)
     assert [name for name, _ in got] == [name for name, _ in want]
     for (name, a), (_, b) in zip(got, want, strict=True):
