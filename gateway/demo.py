@@ -121,6 +121,8 @@ class _AccessLogRelay:
     def join(self, timeout: float) -> None:
         """Wait for the last lines (the gateway writes them as it stops)."""
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._source.close()
 
 
 def _gateway_settings(port: int, sim_port: int) -> Settings:
