@@ -26,6 +26,14 @@ demo *args:
 test *args:
     bash tests/run.sh {{ args }}
 
+# The fast lane: the suite without the tests marked slow (soak, load, floods, fuzz, llama.cpp, bench runs)
+test-fast *args:
+    {{ bin }}/python -m pytest -m "not slow" {{ args }}
+
+# Line coverage of the gateway package, its child processes included, over the fast lane (-m "" for all)
+coverage *args:
+    {{ bin }}/python -m pytest -m "not slow" --cov --cov-report=term {{ args }}
+
 # End-to-end benchmark, direct vs through the gateway (default: the simulator; flags: --help)
 bench *args:
     {{ bin }}/python -m bench {{ args }}
@@ -45,7 +53,7 @@ load *args:
 
 # Soak test for RELIABILITY.md: mixed traffic and faults through the gateway, memory, fds and connections watched (default 10 minutes; flags: --help)
 soak *args:
-    {{ bin }}/python tests/tools/soak.py {{ args }}
+    {{ bin }}/python -m tools.soak {{ args }}
 
 # ruff check, ruff format --check and mypy --strict on the gateway package
 lint:

@@ -28,6 +28,7 @@ from urllib.parse import quote
 import httpcore
 
 from gateway import errors, local, probe, routes
+from gateway.access_log import AccessLog
 from gateway.auth import KeyRing
 from gateway.balance import Backend
 from gateway.body import BodyReader, ClientGone
@@ -37,12 +38,14 @@ from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
 from gateway.forward import Forwarder, Outgoing
 from gateway.limits import KeyLimits, Limiter, SharedLimiter, load_keys
+from gateway.logs import setup_logging
+from gateway.metrics import Metrics
 from gateway.netio import AsyncioBackend
-from gateway.observe import AccessLog, Metrics, setup_logging, tokens_used
 from gateway.payload import peek, with_model
 from gateway.relay import Exchange, Timeouts, send_error
 from gateway.topology import Topology, check_capability
 from gateway.types import Receive, Scope, Send
+from gateway.usage import read_usage
 from gateway.worker import build_topology, declared_backends
 
 log = logging.getLogger("gateway")
@@ -242,10 +245,11 @@ class Gateway:
         if ex.end == "client_gone" and not ex.started:
             ex.status = 499  # nginx's "client closed request": nothing was answered
         name = route.name if route is not None else "unknown"
+        usage = read_usage(ex)  # once, for the metrics and the tokens-per-minute limit alike
         if self.metrics is not None:
-            self.metrics.record(ex, name, model)
+            self.metrics.record(ex, name, model, usage)
         if ex.limits is not None and ex.limits.tpm is not None:
-            (self.shared or self.limiter).spend(ex.limits, tokens_used(ex))
+            (self.shared or self.limiter).spend(ex.limits, 0 if usage is None else usage.total)
         if self.access_log is not None:
             self.access_log.write(ex, method, path, name, model)
 

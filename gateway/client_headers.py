@@ -8,7 +8,7 @@ credentials and those the gateway sets itself (``DROP_REQUEST_HEADERS``).
 
 from __future__ import annotations
 
-from gateway.observe import request_id
+from gateway.request_id import request_id
 from gateway.upstream import DROP_REQUEST_HEADERS
 
 Headers = list[tuple[bytes, bytes]]

@@ -4,6 +4,9 @@ It starts ``gateway sim`` (imitating vLLM) and ``gateway serve`` pointed at it, 
 completion through the gateway to show it working, prints a ``curl`` command to try, and stops
 both on Ctrl-C (or at once with ``--once``). This is the only place the simulator stands in for a
 backend: ``gateway serve`` never falls back to it.
+
+The demo's own text goes to stdout and the gateway's access log to stderr, held back while the
+example prints: the answer reads whole whether stdout is a terminal, a file or another program.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import subprocess
 import sys
 import threading
 import time
+from typing import IO
 
 import orjson
 
-from gateway.config import ENV_NAMES, settings_from_strings
+from gateway.config import ENV_NAMES, Settings, settings_from_strings
 from gateway.server import Supervisor
+
+HOST = "127.0.0.1"
+KEY = "demo-key"
 
 
 def _free_port() -> int:
@@ -91,19 +98,91 @@ def _stream_once(port: int, key: str) -> str:
     return "".join(text)
 
 
+class _AccessLogRelay:
+    """The demo gateway's stdout (its access log, a pipe) passed on to the demo's stderr line by
+    line, except while ``held``: lines that come then wait until the demo's text is out."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.held = threading.Lock()
+        self._source = source
+        self._thread = threading.Thread(target=self._run, name="demo-access-log", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # Read to the end whatever becomes of stderr: a full pipe would stall the gateway's workers.
+        for line in self._source:
+            with self.held:
+                try:
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.buffer.flush()
+                except (OSError, ValueError):
+                    pass
+
+    def join(self, timeout: float) -> None:
+        """Wait for the last lines (the gateway writes them as it stops)."""
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._source.close()
+
+
+def _gateway_settings(port: int, sim_port: int) -> Settings:
+    env = {k: v for k, v in os.environ.items() if k in ENV_NAMES and k.startswith("GATEWAY_")}
+    env.update(
+        {
+            "BACKEND_KIND": "vllm",
+            "BACKEND_BASE_URL": f"http://{HOST}:{sim_port}/v1",
+            "API_KEYS": KEY,
+            "GATEWAY_HOST": HOST,
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_LOG_LEVEL": env.get("GATEWAY_LOG_LEVEL", "warning"),
+        }
+    )
+    if env.get("GATEWAY_LOG_FORMAT", "auto") == "auto":
+        # The access log ends up on the demo's stderr: its format follows that, not the pipe.
+        env["GATEWAY_LOG_FORMAT"] = "text" if sys.stderr.isatty() else "json"
+    return settings_from_strings(env)
+
+
+def _show(port: int, sim_port: int, once: bool) -> None:
+    print(f"gateway demo: simulator (vLLM wire format) on http://{HOST}:{sim_port}/v1")
+    print(f"gateway demo: gateway on http://{HOST}:{port}/v1, client key {KEY!r}")
+    print("gateway demo: one streamed chat completion through the gateway:\n")
+    _stream_once(port, KEY)
+    print(
+        "\nTry it yourself:\n\n"
+        f"  curl -N http://{HOST}:{port}/v1/chat/completions \\\n"
+        f"    -H 'Authorization: Bearer {KEY}' -H 'Content-Type: application/json' \\\n"
+        '    -d \'{"model": "sim-model", "stream": true, '
+        '"messages": [{"role": "user", "content": "Hi"}]}\'\n'
+    )
+    if not once:
+        print("Press Ctrl-C to stop.")
+    sys.stdout.flush()
+
+
+def _stop_sim(sim: subprocess.Popen[bytes]) -> None:
+    if sim.poll() is None:
+        sim.send_signal(signal.SIGTERM)
+        try:
+            sim.wait(10)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+            sim.wait()
+
+
 def run_demo(port: int, sim_port: int, once: bool) -> int:
-    host = "127.0.0.1"
-    if _port_taken(host, port):
+    """``gateway demo``: start both, show one streamed answer, then wait for Ctrl-C (or stop)."""
+    if _port_taken(HOST, port):
         print(f"gateway demo: port {port} is in use; pick another with --port", file=sys.stderr)
         return 2
     sim_port = sim_port or _free_port()
-    key = "demo-key"
     sim = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "gateway.sim", "--kind", "vllm", "--host", host, "--port", str(sim_port)],
+        [sys.executable, "-m", "gateway.sim", "--kind", "vllm", "--host", HOST, "--port", str(sim_port)],
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
     sup: Supervisor | None = None
+    relay: _AccessLogRelay | None = None
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -111,39 +190,16 @@ def run_demo(port: int, sim_port: int, once: bool) -> int:
         if not _wait_health(sim_port, sim):
             print("gateway demo: the simulator did not start", file=sys.stderr)
             return 1
-        env = {k: v for k, v in os.environ.items() if k in ENV_NAMES and k.startswith("GATEWAY_")}
-        env.update(
-            {
-                "BACKEND_KIND": "vllm",
-                "BACKEND_BASE_URL": f"http://{host}:{sim_port}/v1",
-                "API_KEYS": key,
-                "GATEWAY_HOST": host,
-                "GATEWAY_PORT": str(port),
-                "GATEWAY_LOG_LEVEL": env.get("GATEWAY_LOG_LEVEL", "warning"),
-            }
-        )
-        settings = settings_from_strings(env)
-        sup = Supervisor(settings)
+        sup = Supervisor(_gateway_settings(port, sim_port), stdout=subprocess.PIPE)
         sup.start()
-        assert sup.child is not None
+        assert sup.child is not None and sup.child.stdout is not None
+        relay = _AccessLogRelay(sup.child.stdout)
         if not _wait_health(port, sup.child):
             print("gateway demo: the gateway did not start", file=sys.stderr)
             return 1
-        print(f"gateway demo: simulator (vLLM wire format) on http://{host}:{sim_port}/v1")
-        print(f"gateway demo: gateway on http://{host}:{port}/v1, client key {key!r}")
-        print("gateway demo: one streamed chat completion through the gateway:\n")
-        _stream_once(port, key)
-        print(
-            "\nTry it yourself:\n\n"
-            f"  curl -N http://{host}:{port}/v1/chat/completions \\\n"
-            f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
-            '    -d \'{"model": "sim-model", "stream": true, '
-            '"messages": [{"role": "user", "content": "Hi"}]}\'\n'
-        )
-        if once:
-            return 0
-        print("Press Ctrl-C to stop.", flush=True)
-        while not stop.is_set():
+        with relay.held:
+            _show(port, sim_port, once)
+        while not once and not stop.is_set():
             if sup.child.poll() is not None or sim.poll() is not None:
                 print("gateway demo: a process exited unexpectedly", file=sys.stderr)
                 return 1
@@ -152,11 +208,7 @@ def run_demo(port: int, sim_port: int, once: bool) -> int:
     finally:
         if sup is not None:
             sup.drain_and_stop()
-        if sim.poll() is None:
-            sim.send_signal(signal.SIGTERM)
-            try:
-                sim.wait(10)
-            except subprocess.TimeoutExpired:
-                sim.kill()
-                sim.wait()
+        if relay is not None:
+            relay.join(5)
+        _stop_sim(sim)
         print("gateway demo: stopped.")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gateway.config import ENV_NAMES, Settings, load_settings
 from gateway.drain import CONTROL_ENV, begin_drain, workers_idle
-from gateway.observe import MULTIPROC_ENV
+from gateway.metrics import MULTIPROC_ENV
 
 #: How long Granian's workers get to stop once the drain is over (or its grace period spent):
 #: requests still in flight then are cut, and the OS closes their upstream connections.
@@ -70,9 +70,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class Supervisor:
     """Runs Granian as a child process and drains it on SIGTERM/SIGINT."""
 
-    def __init__(self, settings: Settings, *, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, extra_env: dict[str, str] | None = None, stdout: int | None = None
+    ) -> None:
+        """``stdout``: where Granian's stdout (the access log) goes, as for ``subprocess.Popen``;
+        None (``gateway serve``) leaves it this process's own."""
         self.settings = settings
         self._extra_env = extra_env or {}
+        self._stdout = stdout
         self._stop = threading.Event()
         self.child: subprocess.Popen[bytes] | None = None
         self.control_dir: Path | None = None
@@ -88,6 +93,7 @@ class Supervisor:
         self.child = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "gateway.server"],
             env=env,
+            stdout=self._stdout,
             start_new_session=True,
         )
 

@@ -6,9 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, clean_env
 
 
+@pytest.mark.slow
 def test_micro_benchmarks_run() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/micro", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],

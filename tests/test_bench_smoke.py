@@ -37,6 +37,7 @@ def _smoke(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dic
     return proc, orjson.loads(json_file.read_bytes())
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path: Path) -> None:
     proc, doc = _smoke(tmp_path, "--floor")
     env = doc["environment"]
@@ -89,6 +90,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "nginx" not in proc.stdout and "floor_error" not in doc["scenarios"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not NGINX, reason="nginx is not installed (tests/run.sh installs it where it is root)")
 def test_bench_nginx_pass(tmp_path: Path) -> None:
     """``--nginx``: the same load through nginx, and the gateway's CPU as a multiple of its."""
@@ -173,6 +175,7 @@ def test_cpu_of_the_main_thread_is_told_apart(where: str) -> None:
         assert main <= 0.1
 
 
+@pytest.mark.slow
 def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
     """``bench.ab``: both gateways answer, each round is paired, and the differences are printed;
     a revision that does not exist is refused."""
@@ -192,6 +195,7 @@ def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
     assert refused.returncode != 0 and "not a revision" in refused.stderr
 
 
+@pytest.mark.slow
 def test_bench_ab_sets_this_env_on_this_side_only() -> None:
     """``--this-env``: the working tree's gateway gets the setting (a bad one stops it from
     starting) and the base's does not (it started, and its log has no complaint)."""

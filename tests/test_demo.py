@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
+
 from tests.conftest import clean_env, free_port
 
 
@@ -38,6 +40,21 @@ def test_demo_once(tmp_path: Path) -> None:
     example = out.split("through the gateway:", 1)[1].split("Try it yourself", 1)[0]
     assert len(example.split()) >= 10  # the streamed words arrived
     assert port_closed(port)
+
+
+def test_demo_piped_prints_the_answer_whole_and_the_access_log_apart(tmp_path: Path) -> None:
+    """With stdout a pipe (``gateway demo > file``, ``| less``) the streamed answer is contiguous:
+    the gateway's access-log lines, its own /health checks' included, go to stderr instead."""
+    from gateway.sim.responses import completion_text
+
+    port = free_port()
+    proc = demo_once(port, tmp_path, 90)
+    assert proc.returncode == 0, proc.stderr
+    example = proc.stdout.split("through the gateway:\n", 1)[1].split("\nTry it yourself", 1)[0]
+    assert example.strip() == completion_text(24).strip()
+    assert '"request_id"' not in proc.stdout
+    logged = [orjson.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"time"')]
+    assert {(line["path"], line["status"]) for line in logged} >= {("/health", 200), ("/v1/chat/completions", 200)}
 
 
 def test_demo_stops_both_on_ctrl_c(tmp_path: Path) -> None:

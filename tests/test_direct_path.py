@@ -226,6 +226,7 @@ def responses(draw: st.DrawFn) -> bytes:
     return head + raw_body + after
 
 
+@pytest.mark.slow
 @CHECK
 @given(raw=responses(), cuts=st.lists(st.integers(0, 10_000), max_size=8), head_whole=st.booleans())
 def test_every_response_reads_as_on_h11s_path(
@@ -255,6 +256,7 @@ def plain_responses(draw: st.DrawFn) -> tuple[bytes, bytes]:
     return b"HTTP/1.1 " + status + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n", rest
 
 
+@pytest.mark.slow
 @CHECK
 @given(response=plain_responses(), cut=st.integers(0, 10_000))
 def test_plain_responses_take_the_direct_path(
@@ -268,6 +270,7 @@ def test_plain_responses_take_the_direct_path(
     assert ours.direct and ours.error is None and ours.reusable
 
 
+@pytest.mark.slow
 @CHECK
 @given(
     method=st.sampled_from([b"POST", b"GET", b"DELETE", b"HEAD", b"CONNECT", b"P\xd3ST", b"", b"GET "]),

@@ -320,6 +320,7 @@ JSON_ROUTES = st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/e
 # -- JSON bodies ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @FUZZ
 @given(route=JSON_ROUTES, obj=GOOD_BODY, indent=st.booleans())
 def test_valid_bodies_are_forwarded_unchanged(harness: Harness, route: str, obj: dict[str, Any], indent: bool) -> None:
@@ -345,6 +346,7 @@ def _overwrite(body: bytes) -> st.SearchStrategy[bytes]:
     )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(route=JSON_ROUTES, body=st.one_of(st.binary(max_size=300), GOOD_BODY.map(orjson.dumps).flatmap(_overwrite)))
 def test_arbitrary_bytes_are_400_or_forwarded_unchanged(harness: Harness, route: str, body: bytes) -> None:
@@ -409,6 +411,7 @@ def test_model_filled_in_only_when_missing(harness: Harness) -> None:
 # -- headers ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     headers=HEADERS,
@@ -466,6 +469,7 @@ def test_authorization_needs_exactly_one_valid_key(harness: Harness, values: lis
         assert r.header(b"www-authenticate") == b"Bearer"
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     where=st.sampled_from(["value", "query", "path"]),
@@ -511,6 +515,7 @@ METHOD = st.one_of(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(raw_path=RAW_PATH, method=METHOD, query=st.text(alphabet="abc=&%20._-", max_size=20).map(str.encode))
 def test_paths_never_escape_v1(harness: Harness, raw_path: bytes, method: str, query: bytes) -> None:

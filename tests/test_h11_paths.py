@@ -133,6 +133,7 @@ def _chunked(chunks: list[tuple[bytes, str, bytes, bytes]], last: bytes, trailer
     return b"".join(out)
 
 
+@pytest.mark.slow
 @CHECK
 @given(
     chunks=st.lists(CHUNK, max_size=8),
@@ -152,6 +153,7 @@ def test_valid_bodies_match_h11(
     assert after.startswith(ours.trailing)  # what came in the same read as the end (the rest is unread)
 
 
+@pytest.mark.slow
 @CHECK
 @given(
     chunks=st.lists(CHUNK, min_size=1, max_size=6),
@@ -232,6 +234,7 @@ def test_data_is_yielded_as_it_arrives_and_reads_are_merged() -> None:
 SIZED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
 
 
+@pytest.mark.slow
 @CHECK
 @given(
     body=st.binary(min_size=1, max_size=600),
@@ -291,6 +294,7 @@ VALUE = st.one_of(
 FIELDS = st.lists(st.tuples(NAME, VALUE), max_size=8)
 
 
+@pytest.mark.slow
 @CHECK
 @given(fields=FIELDS)
 def test_request_headers_accept_only_what_h11_accepts(fields: list[tuple[bytes, bytes]]) -> None:

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
-from gateway import kit
 from gateway.config import ENV_NAMES, settings_from_strings
 from gateway.profiles import PROFILES
+from tools import backends_table as kit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,10 @@ HEALTH_TOOL = {
 }
 #: Where a backend is told its listening port when it takes no --port flag.
 LISTEN_ENV = ("OLLAMA_HOST", "LOCALAI_ADDRESS")
-RECIPES = {"up", "down", "logs", "serve", "sim", "demo", "test", "lint", "bench", "bench-micro", "load", "soak"}
+RECIPES = {
+    "up", "down", "logs", "serve", "sim", "demo", "test", "test-fast", "coverage", "lint", "bench", "bench-micro",
+    "load", "soak",
+}  # fmt: skip
 _INTERPOLATION = re.compile(r"\$\{(\w+):-([^}]*)\}")
 
 
@@ -269,7 +272,7 @@ def test_sim_uses_the_gateway_image(services: dict[str, Any]) -> None:
 def test_readme_section_is_up_to_date(the_kit: kit.Kit) -> None:
     assert kit.render(the_kit) in (ROOT / "README.md").read_text(encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.kit", "--check", "--root", str(ROOT)], capture_output=True, text=True
+        [sys.executable, "-m", "tools.backends_table", "--check", "--root", str(ROOT)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
 
@@ -297,7 +300,7 @@ def test_check_notices_a_stale_section_and_a_rewrite_fixes_it(tmp_path: Path) ->
 
 
 def test_kit_imports_without_yaml() -> None:
-    code = "import sys; sys.modules['yaml'] = None; import gateway.kit"
+    code = "import sys; sys.modules['yaml'] = None; import tools.backends_table"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

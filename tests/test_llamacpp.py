@@ -32,6 +32,9 @@ from tests.llamacpp import (
     unavailable_reason,
 )
 
+#: A real llama-server per module and model: seconds each, so outside the fast lane.
+pytestmark = pytest.mark.slow
+
 _reason = unavailable_reason()
 if _reason is not None:
     pytest.skip(_reason, allow_module_level=True)

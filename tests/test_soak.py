@@ -1,12 +1,12 @@
 """Soak, short mode (about a minute): mixed traffic with faults on both sides, and the gateway's
 worker stays flat in memory, file descriptors and backend connections. ``just soak`` runs the
-long mode (``tests/tools/soak.py``, ten minutes by default) for RELIABILITY.md."""
+long mode (``tools/soak.py``, ten minutes by default) for RELIABILITY.md."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.tools.soak import render, soak
+from tools.soak import render, soak
 
 pytestmark = pytest.mark.slow
 

@@ -55,9 +55,6 @@ class SimServer:
     def loaded(self) -> bool:
         return self.app.loaded.is_set()
 
-    async def wait_loaded(self) -> None:
-        await self.app.loaded.wait()
-
     async def _open(self) -> None:
         refuse = WIRES[self.config.kind].loading is Loading.REFUSE
         if self.config.load_seconds <= 0:

@@ -2,8 +2,8 @@
 """Soak: steady mixed traffic through ``gateway serve`` in front of the simulator, watching the
 worker for growth: resident memory, open file descriptors, and the backend connections it holds.
 
-    python tests/tools/soak.py --minutes 10          # or: just soak --minutes 10
-    python tests/tools/soak.py --seconds 60 --json   # the short mode tests/test_soak.py runs
+    python -m tools.soak --minutes 10          # or: just soak --minutes 10
+    python -m tools.soak --seconds 60 --json   # the short mode tests/test_soak.py runs
 
 Each of ``--concurrency`` clients loops over a fixed mix (seeded): whole streams (every byte
 checked), non-streamed answers (checked), streams the client resets mid-way, streams the backend
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson
 
