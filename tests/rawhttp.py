@@ -48,6 +48,10 @@ class Response:
         """SSE event blocks (without the blank line that ends each)."""
         return [e for e in self.body.split(b"\n\n") if e]
 
+    def __iter__(self) -> Iterator[Any]:
+        """``status, headers, body = request(...)``."""
+        return iter((self.status, self.headers, self.body))
+
 
 #: The name ``fetch``'s callers know it by.
 Result = Response

@@ -33,7 +33,18 @@ from tests.fakes import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["ROOT", "FakeBackend", "Gateway", "Server", "ServerExited", "SimProc", "clean_env", "free_port", "sim"]
+__all__ = [
+    "ROOT",
+    "FakeBackend",
+    "Gateway",
+    "Server",
+    "ServerExited",
+    "SimProc",
+    "StartGateway",
+    "clean_env",
+    "free_port",
+    "sim",
+]
 
 
 def free_port() -> int:
@@ -195,6 +206,10 @@ class Gateway(Server):
         """One request on its own connection."""
         return rawhttp.request(self.port, method, path, body, headers)
 
+
+#: What the ``start_gateway`` fixture gives: ``start_gateway(**env)`` makes a ``Gateway`` in the test's
+#: temporary directory (``.start()`` it or enter it); it is stopped at the end of the test.
+StartGateway = Callable[..., Gateway]
 
 _LISTENING = re.compile(r"serving (http://[^ ]+?)/v1 ")
 _SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (\S+)$", re.M)

@@ -14,7 +14,7 @@ import pytest
 
 from tests import rawhttp
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
-from tests.servers import Gateway, free_port
+from tests.servers import Gateway, StartGateway, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def second_request_ok(g: Gateway, backend: FakeBackend) -> None:
     ids=["waiting-for-headers", "mid-stream", "non-streamed"],
 )
 def test_client_disconnect_reaches_backend(
-    start_gateway: type[Gateway], backend: FakeBackend, handler, wait_for
+    start_gateway: StartGateway, backend: FakeBackend, handler, wait_for
 ) -> None:  # type: ignore[no-untyped-def]
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_POOL_SIZE="1").start()
     backend.handler = handler
@@ -78,7 +78,7 @@ def test_client_disconnect_reaches_backend(
     second_request_ok(g, backend)
 
 
-def test_disconnect_while_waiting_for_a_pool_slot(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_disconnect_while_waiting_for_a_pool_slot(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_POOL_SIZE="1", GATEWAY_POOL_TIMEOUT="30").start()
     backend.handler = never_answers
     holder = send_raw(g.port, b"{}")
@@ -95,7 +95,7 @@ def test_disconnect_while_waiting_for_a_pool_slot(start_gateway: type[Gateway], 
     assert len(backend.requests) == 2  # the waiter never reached the backend
 
 
-def test_disconnect_before_body_complete(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_disconnect_before_body_complete(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url).start()
     s = rawhttp.connect(
         g.port, b'POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{"model":'
@@ -107,7 +107,7 @@ def test_disconnect_before_body_complete(start_gateway: type[Gateway], backend: 
     second_request_ok(g, backend)
 
 
-def test_upstream_reset_mid_stream_ends_with_error_event(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_upstream_reset_mid_stream_ends_with_error_event(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url).start()
 
     async def handler(req: Req, conn: Conn) -> None:
@@ -142,7 +142,7 @@ def test_upstream_reset_mid_stream_ends_with_error_event(start_gateway: type[Gat
     second_request_ok(g, backend)
 
 
-def test_read_timeout(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_read_timeout(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_READ_TIMEOUT="0.5").start()
     backend.handler = never_answers
     t0 = time.monotonic()
@@ -167,7 +167,7 @@ def test_read_timeout(start_gateway: type[Gateway], backend: FakeBackend) -> Non
     assert backend.wait_disconnects(2, timeout=1.0)  # the stalled upstream was closed both times
 
 
-def test_total_timeout(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_total_timeout(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_TOTAL_TIMEOUT="0.6").start()
     backend.handler = slow_stream  # never silent, but long
     t0 = time.monotonic()
@@ -178,7 +178,7 @@ def test_total_timeout(start_gateway: type[Gateway], backend: FakeBackend) -> No
     assert backend.wait_disconnects(1, timeout=1.0)
 
 
-def test_backend_down(start_gateway: type[Gateway]) -> None:
+def test_backend_down(start_gateway: StartGateway) -> None:
     g = start_gateway(BACKEND_BASE_URL=f"http://127.0.0.1:{free_port()}/v1").start()
     with (
         openai.OpenAI(base_url=g.url + "/v1", api_key="x", max_retries=0) as c,
@@ -190,7 +190,7 @@ def test_backend_down(start_gateway: type[Gateway]) -> None:
     assert resp.status == 503 and resp.json()["status"] == "unreachable"
 
 
-def test_backend_closes_before_answering(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_backend_closes_before_answering(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url).start()
 
     async def hangs_up(req: Req, conn: Conn) -> None:
@@ -206,7 +206,7 @@ def test_backend_closes_before_answering(start_gateway: type[Gateway], backend: 
     second_request_ok(g, backend)
 
 
-def test_stale_keepalive_connection_is_retried(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_stale_keepalive_connection_is_retried(start_gateway: StartGateway, backend: FakeBackend) -> None:
     """A backend that closes idle keep-alive connections must not cost the next request."""
     g = start_gateway(BACKEND_BASE_URL=backend.url).start()
     second_request_ok(g, backend)
@@ -221,7 +221,7 @@ def test_stale_keepalive_connection_is_retried(start_gateway: type[Gateway], bac
             assert c.models.list().data[0].id == "fake"
 
 
-def test_drain_on_sigterm(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_drain_on_sigterm(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_DRAIN_SECONDS="10").start()
 
     async def stream_for_a_second(req: Req, conn: Conn) -> None:
@@ -254,7 +254,7 @@ def test_drain_on_sigterm(start_gateway: type[Gateway], backend: FakeBackend) ->
     assert g.proc.wait(10) == 0
 
 
-def test_drain_grace_period_caps_shutdown(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_drain_grace_period_caps_shutdown(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_DRAIN_SECONDS="0.5").start()
     backend.handler = never_answers
     s = send_raw(g.port, b"{}")
@@ -270,14 +270,14 @@ def test_drain_grace_period_caps_shutdown(start_gateway: type[Gateway], backend:
     assert "GATEWAY_DRAIN_SECONDS (0.5 s) passed with requests still in flight" in g.output()
 
 
-def test_idle_gateway_stops_at_once_on_sigint(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_idle_gateway_stops_at_once_on_sigint(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_DRAIN_SECONDS="30").start()
     t0 = time.monotonic()
     assert g.stop(signal.SIGINT) == 0
     assert time.monotonic() - t0 < 5
 
 
-def test_post_that_reached_the_backend_is_not_sent_again(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_post_that_reached_the_backend_is_not_sent_again(start_gateway: StartGateway, backend: FakeBackend) -> None:
     """A reused connection that fails after the request went out: a POST is not resent (the
     backend may be generating it), while an idle connection closed beforehand is simply replaced."""
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_POOL_SIZE="1", GATEWAY_METRICS="false").start()

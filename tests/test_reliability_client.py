@@ -25,7 +25,7 @@ from tests import servers
 from tests.fakes import FakeBackend
 from tests.rawhttp import Connection, Result, connect, exchange, fetch, request_bytes
 from tests.reliability import Meter, chat, check_stream, openai_error
-from tests.servers import Gateway, wait_until
+from tests.servers import Gateway, StartGateway, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_disconnect_aborts_the_generation_within_a_second(gw: Gateway, sim: SimS
     assert wait_until(lambda: sim.stats.open_connections == 1)
 
 
-def test_disconnect_while_the_gateway_connects_leaks_no_slot(start_gateway: type[Gateway]) -> None:
+def test_disconnect_while_the_gateway_connects_leaks_no_slot(start_gateway: StartGateway) -> None:
     """Connecting to a backend whose accept queue is full hangs; the client leaves meanwhile. With a
     pool of one, the next request must be let through to connect (504 after the connect timeout),
     not kept waiting for a slot the first one still holds (503 after the pool timeout)."""
@@ -101,7 +101,7 @@ def test_disconnect_while_the_gateway_connects_leaks_no_slot(start_gateway: type
         assert r.status == 504 and openai_error(r.body)["code"] == "backend_timeout", r
 
 
-def test_many_aborts_in_a_row_leak_nothing(start_gateway: type[Gateway], sim: SimServer) -> None:
+def test_many_aborts_in_a_row_leak_nothing(start_gateway: StartGateway, sim: SimServer) -> None:
     n, pool = 60, 4
     g = start_gateway(BACKEND_BASE_URL=sim.base_url, GATEWAY_POOL_SIZE=str(pool), GATEWAY_POOL_TIMEOUT="2").start()
     aborted = sim.stats.aborted_requests_total
@@ -136,7 +136,7 @@ def test_many_aborts_in_a_row_leak_nothing(start_gateway: type[Gateway], sim: Si
 # -- slow readers -----------------------------------------------------------------------------------
 
 
-def test_slow_readers_bounded_memory_and_backpressure(start_gateway: type[Gateway]) -> None:
+def test_slow_readers_bounded_memory_and_backpressure(start_gateway: StartGateway) -> None:
     """Clients that stop reading: the backend is held back (its writes block) instead of the
     gateway buffering the stream; the worker's memory stays small; the backend sees them leave."""
     clients, wanted = 4, 2_000_000
@@ -222,7 +222,7 @@ def test_granian_cuts_slow_headers_but_not_slow_bodies(granian_direct: int, back
 
 
 @pytest.mark.parametrize("how", ["stalled", "trickled"])
-def test_slow_body_gets_408(start_gateway: type[Gateway], backend: FakeBackend, how: str) -> None:
+def test_slow_body_gets_408(start_gateway: StartGateway, backend: FakeBackend, how: str) -> None:
     """Granian waits for a body forever, so the gateway times it (GATEWAY_CLIENT_BODY_TIMEOUT).
     (Found by this campaign: a body trickled or stalled after the head held its connection and up
     to GATEWAY_MAX_BODY_BYTES of memory forever.)"""
@@ -245,7 +245,7 @@ def test_slow_body_gets_408(start_gateway: type[Gateway], backend: FakeBackend, 
     assert backend.requests == []
 
 
-def test_header_timeout_is_configurable(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_header_timeout_is_configurable(start_gateway: StartGateway, backend: FakeBackend) -> None:
     """Granian's header read timeout, set through ``gateway serve`` (GATEWAY_CLIENT_HEADER_TIMEOUT):
     a trickled head is cut without an answer. (It was fixed at Granian's 30 s before this campaign.)"""
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_CLIENT_HEADER_TIMEOUT="1").start()

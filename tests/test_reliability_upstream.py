@@ -24,7 +24,7 @@ from gateway.sim import SimServer, make_config, sim_in_thread
 from tests.fakes import Conn, FakeBackend, Req, default_handler
 from tests.rawhttp import Result, exchange, fetch_all, request_bytes
 from tests.reliability import Meter, chat, check_stream, openai_error, sampling, sse_error
-from tests.servers import Gateway, free_port, wait_until
+from tests.servers import Gateway, StartGateway, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_simulator_fault(gw: Gateway, sim: SimServer, name: str) -> None:
     assert_pool_recovered(gw, sim)
 
 
-def test_backend_dies_and_comes_back(start_gateway: type[Gateway]) -> None:
+def test_backend_dies_and_comes_back(start_gateway: StartGateway) -> None:
     """A stream in flight when the backend dies ends with an error event; while it is down every
     request gets a prompt 502 and /ready says unreachable; once it is back on the same port the
     first request succeeds: no stale pooled connection is tried."""
@@ -156,7 +156,7 @@ def test_backend_dies_and_comes_back(start_gateway: type[Gateway]) -> None:
 # -- raw sockets: what the simulator cannot do --------------------------------------------------------
 
 
-def test_backend_accepted_by_the_kernel_never_answers(start_gateway: type[Gateway]) -> None:
+def test_backend_accepted_by_the_kernel_never_answers(start_gateway: StartGateway) -> None:
     """A listening socket whose process never calls accept(): TCP connects, nothing is ever read."""
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
@@ -169,7 +169,7 @@ def test_backend_accepted_by_the_kernel_never_answers(start_gateway: type[Gatewa
             assert READ_TIMEOUT <= r.t_end < PROMPT
 
 
-def test_backend_that_never_accepts(start_gateway: type[Gateway]) -> None:
+def test_backend_that_never_accepts(start_gateway: StartGateway) -> None:
     """A full accept queue: SYNs are dropped and connect() hangs; the connect timeout answers."""
     with socket.socket() as hole, socket.socket() as filler:
         hole.bind(("127.0.0.1", 0))
@@ -232,7 +232,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("name", list(MALFORMED))
-def test_truncated_or_malformed_response(start_gateway: type[Gateway], backend: FakeBackend, name: str) -> None:
+def test_truncated_or_malformed_response(start_gateway: StartGateway, backend: FakeBackend, name: str) -> None:
     handler, expected = MALFORMED[name]
     g = start_gateway(BACKEND_BASE_URL=backend.url, BACKEND_API_KEY=BACKEND_KEY, GATEWAY_POOL_SIZE="1").start()
     backend.handler = handler
@@ -256,7 +256,7 @@ def test_truncated_or_malformed_response(start_gateway: type[Gateway], backend: 
     assert backend.connections > connections  # the broken connection was not reused
 
 
-def test_truncated_chunked_body_is_a_failed_transfer(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_truncated_chunked_body_is_a_failed_transfer(start_gateway: StartGateway, backend: FakeBackend) -> None:
     """(Found by this campaign: the cut body ended with a clean last chunk and looked complete.)"""
     g = start_gateway(BACKEND_BASE_URL=backend.url).start()
     backend.handler = _cut_json_chunked
@@ -265,7 +265,7 @@ def test_truncated_chunked_body_is_a_failed_transfer(start_gateway: type[Gateway
     assert r.status == 200 and r.error == "eof", r  # the client's HTTP library must see a cut transfer
 
 
-def test_huge_response_streams_through_in_bounded_memory(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_huge_response_streams_through_in_bounded_memory(start_gateway: StartGateway, backend: FakeBackend) -> None:
     size = 48 * 1024 * 1024
     piece = bytes(range(256)) * 4096  # 1 MiB
 
@@ -291,7 +291,7 @@ def test_huge_response_streams_through_in_bounded_memory(start_gateway: type[Gat
 
 
 def test_surplus_after_content_length_never_answers_another_request(
-    start_gateway: type[Gateway], backend: FakeBackend
+    start_gateway: StartGateway, backend: FakeBackend
 ) -> None:
     """(Found by this campaign: the surplus stayed in the pooled connection's buffer and was read as
     the answer to the next request on it.)"""
@@ -317,7 +317,7 @@ def test_surplus_after_content_length_never_answers_another_request(
     assert second.status == 200 and second.json() == {"answer": 2}
 
 
-def test_backend_connection_options_are_not_relayed(start_gateway: type[Gateway], backend: FakeBackend) -> None:
+def test_backend_connection_options_are_not_relayed(start_gateway: StartGateway, backend: FakeBackend) -> None:
     async def nominates(req: Req, conn: Conn) -> None:
         await conn.send(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-hop, keep-alive\r\n"
