@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +10,8 @@ import pytest
 
 from gateway.app import WATCH_AFTER
 from tests.asgi import call, make_gateway
-from tests.conftest import clean_env, free_port
 from tests.fakes import Conn, FakeBackend, Req, sse_events
+from tests.servers import Gateway, ServerExited
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -38,17 +36,11 @@ def test_lifespan_startup_failure_is_reported(monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_worker_exits_rather_than_serving_without_its_pool(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.run(
-        [sys.executable, "-m", "gateway.server"],
-        env=clean_env(GATEWAY_PORT=str(port), GATEWAY_CONTROL_DIR=str(tmp_path / "missing")),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode != 0
-    assert "lifespan startup failed" in proc.stdout + proc.stderr
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ServerExited) as info, Gateway(tmp_path, module="gateway.server", GATEWAY_CONTROL_DIR=missing):
+        pass  # reached only if it served
+    assert info.value.returncode != 0
+    assert "lifespan startup failed" in info.value.output
 
 
 def test_lifespan_startup_and_shutdown() -> None:

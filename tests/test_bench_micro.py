@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT, clean_env
+from tests.servers import ROOT, clean_env
 
 
 def test_micro_benchmarks_run() -> None:
