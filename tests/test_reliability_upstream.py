@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sim import SimServer, make_config, sim_in_thread
+from gateway.sim import SimServer
+from tests import servers
 from tests.fakes import Conn, FakeBackend, Req, default_handler
 from tests.rawhttp import Result, exchange, fetch_all, request_bytes
 from tests.reliability import Meter, chat, check_stream, openai_error, sampling, sse_error
@@ -34,13 +35,13 @@ READ_TIMEOUT = 0.8
 PROMPT = 2.5
 
 
-def sim_config(port: int = 0):  # type: ignore[no-untyped-def]
-    return make_config(port=port, ttft_ms=5.0, itl_ms=5.0, itl_jitter_ms=0.0, batch_slowdown=0.0)
+#: The simulator's pacing for these tests.
+SIM = {"ttft_ms": 5.0, "itl_ms": 5.0, "itl_jitter_ms": 0.0, "batch_slowdown": 0.0}
 
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimServer]:
-    with sim_in_thread(sim_config()) as s:
+    with servers.sim(**SIM) as s:
         yield s
 
 
@@ -121,7 +122,7 @@ def test_backend_dies_and_comes_back(start_gateway: StartGateway) -> None:
     request gets a prompt 502 and /ready says unreachable; once it is back on the same port the
     first request succeeds: no stale pooled connection is tried."""
     port = free_port()
-    with sim_in_thread(make_config(port=port, ttft_ms=5.0, itl_ms=40.0, itl_jitter_ms=0.0)) as sim:
+    with servers.sim(port=port, ttft_ms=5.0, itl_ms=40.0, itl_jitter_ms=0.0) as sim:
         g = start_gateway(BACKEND_BASE_URL=sim.base_url, GATEWAY_READ_TIMEOUT="5").start()
         # Fill the pool with a few idle keep-alive connections.
         warm = request_bytes("POST", "/v1/chat/completions", chat(False, 2))
@@ -145,7 +146,7 @@ def test_backend_dies_and_comes_back(start_gateway: StartGateway) -> None:
         assert openai_error(down.body)["code"] == "backend_unavailable"
     ready = exchange(g.port, request_bytes("GET", "/ready"))
     assert ready.status == 503 and b'"unreachable"' in ready.body
-    with sim_in_thread(sim_config(port)) as back:
+    with servers.sim(**SIM, port=port) as back:
         assert exchange(g.port, request_bytes("GET", "/ready")).status == 200
         for _ in range(5):
             r = exchange(g.port, request_bytes("POST", "/v1/chat/completions", chat(True, 6)))
