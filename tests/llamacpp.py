@@ -8,16 +8,15 @@ first skips itself when ``unavailable_reason()`` says the server cannot run here
 
 from __future__ import annotations
 
-import http.client
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
+from tests import rawhttp
 from tests.tools import build_llama_server
 from tests.tools.llama_server import ALIAS, CTX, LlamaServer
 
@@ -125,14 +124,8 @@ def request(
     headers = {"content-type": "application/json"}
     if key is not None:
         headers["authorization"] = f"Bearer {key}"
-    raw = body if body is None or isinstance(body, bytes) else orjson.dumps(body)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request(method, path, body=raw, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+    r = rawhttp.request(port, method, path, body, headers, timeout=30)
+    return r.status, r.headers, r.body
 
 
 def sse_events(body: bytes) -> list[bytes]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +11,8 @@ import pytest
 
 from gateway.watch import WATCH_AFTER
 from tests.asgi import call, make_gateway
-from tests.conftest import clean_env, free_port
 from tests.fakes import Conn, FakeBackend, Req, sse_events
+from tests.servers import Gateway, ServerExited
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -39,17 +37,11 @@ def test_lifespan_startup_failure_is_reported(monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_worker_exits_rather_than_serving_without_its_pool(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.run(
-        [sys.executable, "-m", "gateway.server"],
-        env=clean_env(GATEWAY_PORT=str(port), GATEWAY_CONTROL_DIR=str(tmp_path / "missing")),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode != 0
-    assert "lifespan startup failed" in proc.stdout + proc.stderr
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ServerExited) as info, Gateway(tmp_path, module="gateway.server", GATEWAY_CONTROL_DIR=missing):
+        pass  # reached only if it served
+    assert info.value.returncode != 0
+    assert "lifespan startup failed" in info.value.output
 
 
 def test_lifespan_startup_and_shutdown() -> None:
@@ -327,26 +319,15 @@ def test_the_last_body_piece_ends_the_response_where_its_end_is_known() -> None:
         [head + b"\r\n" + body[:half], body[half:]],  # direct, in two reads
         [head, b"\r\n" + body[:half], body[half:]],  # the head split across reads: h11 reads it
     ]
-    connections = 0
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            while True:
-                request = await reader.readuntil(b"\r\n\r\n")
-                if request.startswith(b"GET /v1/models"):
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 27\r\n\r\n" + b'{"object":"list","data":[]}')
-                    continue
-                await reader.readexactly(2)  # the request body: {}
-                for piece in answers.pop(0):
-                    writer.write(piece)
-                    await writer.drain()
-                    await asyncio.sleep(0.05)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the gateway closed the connection (at shutdown)
-        finally:
-            writer.close()
+    async def handler(req: Req, conn: Conn) -> None:
+        if req.target.startswith("/v1/models"):
+            await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 27\r\n\r\n" + b'{"object":"list","data":[]}')
+            return
+        for i, piece in enumerate(answers.pop(0)):
+            if i:  # not after the last: the fake would take the next request for a disconnect
+                await asyncio.sleep(0.05)
+            await conn.send(piece)
 
     async def relayed(app: Any) -> list[tuple[bytes, bool]]:
         """The body messages the app sent for one request: (body, more_body)."""
@@ -367,18 +348,16 @@ def test_the_last_body_piece_ends_the_response_where_its_end_is_known() -> None:
         await asyncio.wait_for(app(scope, receive, send), 5)
         return messages
 
-    async def go() -> list[list[tuple[bytes, bool]]]:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        app = make_gateway(BACKEND_BASE_URL=f"http://127.0.0.1:{port}/v1")
+    async def go(fb: FakeBackend) -> list[list[tuple[bytes, bool]]]:
+        app = make_gateway(BACKEND_BASE_URL=fb.url)
         await app.startup()
         seen = [await relayed(app) for _ in range(3)]
         await app.shutdown()
-        server.close()
-        await server.wait_closed()
         return seen
 
-    whole, pieces, by_h11 = run(go())
+    with FakeBackend(handler=handler) as fb:
+        whole, pieces, by_h11 = run(go(fb))
+        connections = fb.connections
     assert whole == [(body, False)]
     assert pieces == [(body[:half], True), (body[half:], False)]
     assert by_h11 == [(body[:half], True), (body[half:], True), (b"", False)]

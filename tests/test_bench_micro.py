@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, clean_env
+from tests.servers import ROOT, clean_env
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from bench.scenarios import FULL
-from tests.conftest import ROOT, clean_env
+from tests.servers import ROOT, clean_env
 
 #: The nginx pass needs nginx (tests/run.sh installs it where it can); without it, its test skips.
 NGINX = shutil.which("nginx") is not None

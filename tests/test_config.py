@@ -8,7 +8,7 @@ import pytest
 
 from gateway.cli import flag_for
 from gateway.config import ENV_NAMES, ConfigError, Settings, load_settings, read_dotenv, settings_from_strings
-from tests.conftest import clean_env
+from tests.servers import clean_env
 
 
 def test_defaults() -> None:

@@ -16,8 +16,8 @@ from gateway.config import ConfigError, settings_from_strings
 from gateway.errors import GatewayError
 from gateway.limits import KeyLimits, Limiter, load_keys
 from tests.asgi import call
-from tests.conftest import clean_env
 from tests.fakes import FakeBackend
+from tests.servers import clean_env
 
 
 def keys_file(tmp_path: Path, text: str) -> str:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import http.client
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import GatewayProc, free_port
+from tests import rawhttp
 from tests.fakes import FakeBackend
+from tests.servers import Gateway, Server, StartGateway, free_port
 
 REDIS = shutil.which("redis-server")
 if REDIS is None:
@@ -25,66 +24,35 @@ if REDIS is None:
 KEY = "team-a-shared-secret"
 
 
-class RedisServer:
+class RedisServer(Server):
+    name = "redis-server"
+
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                str(REDIS),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        argv = [str(REDIS), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        super().__init__([*argv, "--dir", str(tmp)], tmp / f"redis-{self.port}.log")
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    r = RedisServer(tmp_path)
-    yield r
-    r.stop()
+    with RedisServer(tmp_path) as r:
+        yield r
 
 
-def post(g: GatewayProc) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
-    try:
-        conn.request("POST", "/v1/chat/completions", body=b'{"model":"m"}', headers={"authorization": f"Bearer {KEY}"})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+def post(g: Gateway) -> rawhttp.Response:
+    return g.request("POST", "/v1/chat/completions", b'{"model":"m"}', {"authorization": f"Bearer {KEY}"})
 
 
 def keys_file(tmp_path: Path, rpm: int) -> str:
@@ -94,7 +62,7 @@ def keys_file(tmp_path: Path, rpm: int) -> str:
 
 
 def test_two_gateways_share_one_allowance(
-    start_gateway: type[GatewayProc], backend: FakeBackend, redis_server: RedisServer, tmp_path: Path
+    start_gateway: StartGateway, backend: FakeBackend, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     env = {
         "BACKEND_BASE_URL": backend.url,
@@ -106,16 +74,16 @@ def test_two_gateways_share_one_allowance(
     # Stay inside one minute window: if the minute is about to turn, wait for the next one.
     if time.time() % 60 > 50:
         time.sleep(61 - time.time() % 60)
-    statuses = [post(g)[0] for g in (a, b, a, b, a)]
+    statuses = [post(g).status for g in (a, b, a, b, a)]
     assert statuses == [200] * 5
     status, headers, body = post(b)
     assert status == 429 and orjson.loads(body)["error"]["code"] == "rate_limit_exceeded"
     assert int(headers["retry-after"]) >= 1 and headers["x-ratelimit-limit-requests"] == "5"
-    assert post(a)[0] == 429  # the other process refuses too: the count is shared
+    assert post(a).status == 429  # the other process refuses too: the count is shared
 
 
 def test_redis_stopped_mid_run_falls_back_to_local_limits(
-    start_gateway: type[GatewayProc], backend: FakeBackend, redis_server: RedisServer, tmp_path: Path
+    start_gateway: StartGateway, backend: FakeBackend, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     g = start_gateway(
         BACKEND_BASE_URL=backend.url,
@@ -123,24 +91,19 @@ def test_redis_stopped_mid_run_falls_back_to_local_limits(
         TEAM_A_KEY=KEY,
         REDIS_URL=redis_server.url,
     ).start()
-    assert post(g)[0] == 200
+    assert post(g).status == 200
     redis_server.stop()
     t0 = time.monotonic()
     for _ in range(5):
-        assert post(g)[0] == 200  # keeps serving, with local limits
+        assert post(g).status == 200  # keeps serving, with local limits
     assert time.monotonic() - t0 < 5
     text = g.output()
     assert text.count("limits' Redis is unreachable") == 1  # logged once
-    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
-    conn.request("GET", "/metrics")
-    metrics = conn.getresponse().read().decode()
-    conn.close()
+    metrics = g.request("GET", "/metrics").body.decode()
     assert "gateway_limit_store_errors_total 5.0" in metrics
 
 
-def test_fail_closed_refuses_without_redis(
-    start_gateway: type[GatewayProc], backend: FakeBackend, tmp_path: Path
-) -> None:
+def test_fail_closed_refuses_without_redis(start_gateway: StartGateway, backend: FakeBackend, tmp_path: Path) -> None:
     g = start_gateway(
         BACKEND_BASE_URL=backend.url,
         GATEWAY_KEYS_FILE=keys_file(tmp_path, 1000),

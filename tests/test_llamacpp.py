@@ -9,7 +9,6 @@ machine); without it the module skips, saying why.
 from __future__ import annotations
 
 import re
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,6 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import GatewayProc, free_port
 from tests.llamacpp import (
     ALIAS,
     CLIENT_KEY,
@@ -31,6 +29,8 @@ from tests.llamacpp import (
     stable,
     unavailable_reason,
 )
+from tests.rawhttp import Connection, connect, request_bytes
+from tests.servers import Gateway, free_port
 
 #: A real llama-server per module and model: seconds each, so outside the fast lane.
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ TOO_LONG = [{"role": "user", "content": "hello world " * 400}]
 SAME_TEXT = {"temperature": 0, "cache_prompt": False}
 
 
-def gateway_for(tmp: Path, server: LlamaServer, **env: str) -> GatewayProc:
+def gateway_for(tmp: Path, server: LlamaServer, **env: str) -> Gateway:
     settings = {
         "BACKEND_KIND": "llamacpp",
         "BACKEND_BASE_URL": server.base_url,
@@ -54,31 +54,31 @@ def gateway_for(tmp: Path, server: LlamaServer, **env: str) -> GatewayProc:
         "API_KEYS": CLIENT_KEY,
         **env,
     }
-    return GatewayProc(tmp, **settings)
+    return Gateway(tmp, **settings)
 
 
 @pytest.fixture(scope="module")
-def gw(llama: LlamaServer, module_tmp: Path) -> Iterator[GatewayProc]:
-    g = gateway_for(module_tmp, llama).start()
-    yield g
-    assert g.stop() == 0
+def gw(llama: LlamaServer, module_tmp: Path) -> Iterator[Gateway]:
+    with gateway_for(module_tmp, llama) as g:
+        yield g
+        assert g.stop() == 0
 
 
 @pytest.fixture(scope="module")
-def gw_embed(llama_embed: LlamaServer, module_tmp: Path) -> Iterator[GatewayProc]:
-    g = gateway_for(module_tmp, llama_embed).start()
-    yield g
-    assert g.stop() == 0
+def gw_embed(llama_embed: LlamaServer, module_tmp: Path) -> Iterator[Gateway]:
+    with gateway_for(module_tmp, llama_embed) as g:
+        yield g
+        assert g.stop() == 0
 
 
 @pytest.fixture
-def client(gw: GatewayProc) -> Iterator[openai.OpenAI]:
+def client(gw: Gateway) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30) as c:
         yield c
 
 
 def both(
-    gw: GatewayProc, server: LlamaServer, method: str, path: str, body: object = None
+    gw: Gateway, server: LlamaServer, method: str, path: str, body: object = None
 ) -> tuple[tuple[int, dict[str, str], bytes], tuple[int, dict[str, str], bytes]]:
     """The same request through the gateway and straight to the server."""
     return request(gw.port, method, path, body, CLIENT_KEY), request(server.port, method, path, body, SERVER_KEY)
@@ -133,7 +133,7 @@ def test_completions_stream(client: openai.OpenAI) -> None:
     assert len(usage) == 1 and usage[0].completion_tokens == 9
 
 
-def test_concurrent_streams_more_than_slots(gw: GatewayProc) -> None:
+def test_concurrent_streams_more_than_slots(gw: Gateway) -> None:
     body = {"model": ALIAS, "messages": HI, "max_tokens": 40, "stream": True}
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda _: request(gw.port, "POST", "/v1/chat/completions", body, CLIENT_KEY), range(6)))
@@ -147,7 +147,7 @@ def test_concurrent_streams_more_than_slots(gw: GatewayProc) -> None:
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
-def test_stream_bytes_match_the_server(gw: GatewayProc, llama: LlamaServer, include_usage: bool) -> None:
+def test_stream_bytes_match_the_server(gw: Gateway, llama: LlamaServer, include_usage: bool) -> None:
     body: dict[str, object] = {"model": ALIAS, "messages": HI, "max_tokens": 6, "stream": True, **SAME_TEXT}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
@@ -174,7 +174,7 @@ def test_stream_bytes_match_the_server(gw: GatewayProc, llama: LlamaServer, incl
     assert [stable(c) for c in chunks] == [stable(orjson.loads(e)) for e in sse_events(d_raw)[:-1]]
 
 
-def test_non_streamed_matches_the_server(gw: GatewayProc, llama: LlamaServer) -> None:
+def test_non_streamed_matches_the_server(gw: Gateway, llama: LlamaServer) -> None:
     body = {"model": ALIAS, "messages": HI, "max_tokens": 20, **SAME_TEXT}
     (status, headers, raw), (d_status, d_headers, d_raw) = both(gw, llama, "POST", "/v1/chat/completions", body)
     assert status == d_status == 200
@@ -185,7 +185,7 @@ def test_non_streamed_matches_the_server(gw: GatewayProc, llama: LlamaServer) ->
 # -- embeddings ------------------------------------------------------------------------------------------
 
 
-def test_embeddings(gw_embed: GatewayProc, llama_embed: LlamaServer) -> None:
+def test_embeddings(gw_embed: Gateway, llama_embed: LlamaServer) -> None:
     with openai.OpenAI(base_url=gw_embed.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30) as c:
         r = c.embeddings.create(model=ALIAS, input=["hello", "world"])
         assert [len(d.embedding) for d in r.data] == [64, 64]
@@ -200,7 +200,7 @@ def test_embeddings(gw_embed: GatewayProc, llama_embed: LlamaServer) -> None:
     assert orjson.loads(raw)["data"] == orjson.loads(d_raw)["data"]
 
 
-def test_embeddings_unsupported_relayed_unchanged(gw: GatewayProc, llama: LlamaServer, client: openai.OpenAI) -> None:
+def test_embeddings_unsupported_relayed_unchanged(gw: Gateway, llama: LlamaServer, client: openai.OpenAI) -> None:
     (status, headers, raw), (d_status, d_headers, d_raw) = both(
         gw, llama, "POST", "/v1/embeddings", {"model": ALIAS, "input": "x"}
     )
@@ -217,7 +217,7 @@ def test_embeddings_unsupported_relayed_unchanged(gw: GatewayProc, llama: LlamaS
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_prompt_over_context_relayed_unchanged(gw: GatewayProc, llama: LlamaServer, stream: bool) -> None:
+def test_prompt_over_context_relayed_unchanged(gw: Gateway, llama: LlamaServer, stream: bool) -> None:
     body = {"model": ALIAS, "messages": TOO_LONG, "max_tokens": 4, "stream": stream}
     (status, headers, raw), (d_status, _, d_raw) = both(gw, llama, "POST", "/v1/chat/completions", body)
     assert status == d_status == 400
@@ -254,7 +254,7 @@ def test_wrong_backend_key_relayed(llama: LlamaServer, tmp_path: Path) -> None:
 # -- readiness ------------------------------------------------------------------------------------------
 
 
-def test_ready(gw: GatewayProc) -> None:
+def test_ready(gw: Gateway) -> None:
     status, _, raw = request(gw.port, "GET", "/ready")
     info = orjson.loads(raw)
     assert status == 200
@@ -281,20 +281,9 @@ def test_ready_unreachable_until_the_server_starts(start_llama: StartServer, tmp
 _LAUNCH = re.compile(r"launch_slot_: id +\d+ \| task (\d+) \| processing task")
 
 
-def _send(port: int, body: dict[str, object]) -> socket.socket:
-    raw = orjson.dumps(body)
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(raw)}\r\n\r\n".encode()
-        + raw
-    )
-    return s
-
-
-def _abort(s: socket.socket) -> None:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    s.close()
+def _send(port: int, body: dict[str, object]) -> Connection:
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    return connect(port, request_bytes("POST", "/v1/chat/completions", body, headers, close=False))
 
 
 def _task_of(server: LlamaServer, since: int, timeout: float = 5.0) -> str:
@@ -320,17 +309,16 @@ def test_client_disconnect_cancels_generation(
         try:
             task = _task_of(server, since)
             if stream:
-                s.settimeout(10)
                 seen = b""
                 while seen.count(b"data: ") < 5:
-                    chunk = s.recv(65536)
+                    chunk = s.read_until(b"data: ")
                     assert chunk, seen
                     seen += chunk
             else:
                 time.sleep(0.3)
         finally:
             gone = time.monotonic()
-            _abort(s)
+            s.abort()
         cancelled = server.wait_for_output(f"stop: cancel task, id_task = {task}", timeout=3.0, start=since)
         assert cancelled is not None, f"the server never cancelled task {task}:\n{server.output()[since:]}"
         assert time.monotonic() - gone < 2.0

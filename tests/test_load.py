@@ -16,8 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.sim import new_event_loop
-from tests.conftest import GatewayProc
-from tests.reliability import Meter, Result, SimProc, chat, check_stream, fetch, request_bytes, sampling
+from tests.rawhttp import Result, fetch, request_bytes
+from tests.reliability import Meter, chat, check_stream, sampling
+from tests.servers import SimProc, StartGateway
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def max_overlap(results: list[Result]) -> int:
     return peak
 
 
-def test_a_thousand_concurrent_streams_with_default_settings(start_gateway: type[GatewayProc], sim: SimProc) -> None:
+def test_a_thousand_concurrent_streams_with_default_settings(start_gateway: StartGateway, sim: SimProc) -> None:
     g = start_gateway(BACKEND_BASE_URL=sim.base_url).start()  # default pool size and admission limits
     assert g.proc is not None
     meter = Meter(g.proc.pid)
@@ -96,7 +97,7 @@ def test_a_thousand_concurrent_streams_with_default_settings(start_gateway: type
     assert peak_delta < STREAMS * 200 * 1024
 
 
-def test_sigterm_under_load_finishes_every_stream(start_gateway: type[GatewayProc], sim: SimProc) -> None:
+def test_sigterm_under_load_finishes_every_stream(start_gateway: StartGateway, sim: SimProc) -> None:
     n = 300
     g = start_gateway(BACKEND_BASE_URL=sim.base_url, GATEWAY_DRAIN_SECONDS="20").start()
     assert g.proc is not None

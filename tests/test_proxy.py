@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,29 +9,30 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import GatewayProc, http_request
+from tests import rawhttp
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
+from tests.servers import Gateway
 
 KEY = "client-key-1"
 BACKEND_KEY = "backend-secret-9"
 
 
 @pytest.fixture(scope="module")
-def gw(module_backend: FakeBackend, module_tmp: Path) -> Iterator[GatewayProc]:
-    g = GatewayProc(
+def gw(module_backend: FakeBackend, module_tmp: Path) -> Iterator[Gateway]:
+    with Gateway(
         module_tmp,
         BACKEND_BASE_URL=module_backend.url,
         BACKEND_API_KEY=BACKEND_KEY,
         API_KEYS=f"{KEY}, other-key",
         MODEL_NAME="served-model",
         GATEWAY_MAX_BODY_BYTES="65536",
-    ).start()
-    yield g
-    assert g.stop() == 0
+    ) as g:
+        yield g
+        assert g.stop() == 0
 
 
 @pytest.fixture
-def client(gw: GatewayProc) -> Iterator[openai.OpenAI]:
+def client(gw: Gateway) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0) as c:
         yield c
 
@@ -97,7 +97,7 @@ def test_upstream_error_relayed_unchanged(client: openai.OpenAI, module_backend:
 # -- byte-exact relay --------------------------------------------------------------------------
 
 
-def test_stream_bytes_pass_through_exactly(gw: GatewayProc, module_backend: FakeBackend) -> None:
+def test_stream_bytes_pass_through_exactly(gw: Gateway, module_backend: FakeBackend) -> None:
     # TGI style: `data:` without a space, a keep-alive comment, CRLF endings, events split
     # across chunks: the gateway must not re-frame any of it.
     pieces = [b'data:{"a":1}\n\n', b":\n\n", b'data: {"b"', b":2}\r\n\r\n", b"data:[DONE]\n\n"]
@@ -109,7 +109,7 @@ def test_stream_bytes_pass_through_exactly(gw: GatewayProc, module_backend: Fake
         await conn.end_chunked()
 
     module_backend.handler = handler
-    status, headers, body = http_request(gw, "POST", "/v1/chat/completions", b'{"stream":true}', auth())
+    status, headers, body = gw.request("POST", "/v1/chat/completions", b'{"stream":true}', auth())
     assert status == 200
     assert body == b"".join(pieces)
     assert headers["content-type"] == "text/event-stream"
@@ -118,25 +118,22 @@ def test_stream_bytes_pass_through_exactly(gw: GatewayProc, module_backend: Fake
     assert "content-length" not in headers
 
 
-def test_request_body_forwarded_unchanged(gw: GatewayProc, module_backend: FakeBackend) -> None:
+def test_request_body_forwarded_unchanged(gw: Gateway, module_backend: FakeBackend) -> None:
     raw = b'{ "model" : "keep-me",\n "messages": [{"role":"user","content":"\\u00e9 caf\xc3\xa9"}], "x_unknown": [1,2]}'
-    status, _, _ = http_request(gw, "POST", "/v1/chat/completions", raw, auth())
+    status, _, _ = gw.request("POST", "/v1/chat/completions", raw, auth())
     assert status == 200
     assert module_backend.requests[-1].body == raw
 
 
-def test_model_filled_in_when_missing(gw: GatewayProc, module_backend: FakeBackend) -> None:
-    status, _, _ = http_request(
-        gw, "POST", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"x"}]}', auth()
-    )
+def test_model_filled_in_when_missing(gw: Gateway, module_backend: FakeBackend) -> None:
+    status, _, _ = gw.request("POST", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"x"}]}', auth())
     assert status == 200
     sent = module_backend.requests[-1].json()
     assert sent == {"messages": [{"role": "user", "content": "x"}], "model": "served-model"}
 
 
-def test_headers_to_backend(gw: GatewayProc, module_backend: FakeBackend) -> None:
-    status, _, _ = http_request(
-        gw,
+def test_headers_to_backend(gw: Gateway, module_backend: FakeBackend) -> None:
+    status, _, _ = gw.request(
         "POST",
         "/v1/chat/completions",
         b"{}",
@@ -152,14 +149,13 @@ def test_headers_to_backend(gw: GatewayProc, module_backend: FakeBackend) -> Non
     assert sent.header("connection") is None
 
 
-def test_passthrough_path_query_and_multipart(gw: GatewayProc, module_backend: FakeBackend) -> None:
+def test_passthrough_path_query_and_multipart(gw: Gateway, module_backend: FakeBackend) -> None:
     async def handler(req: Req, conn: Conn) -> None:
         await conn.json(200, {"target": req.target, "ct": req.header("content-type"), "len": len(req.body)})
 
     module_backend.handler = handler
     body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\x00\x01\r\n--b--\r\n'
-    status, _, out = http_request(
-        gw,
+    status, _, out = gw.request(
         "POST",
         "/v1/audio/transcriptions?x=1&y=%2F",
         body,
@@ -185,19 +181,19 @@ def assert_openai_error(body: bytes, type_: str, code: str | None) -> dict[str, 
     return err  # type: ignore[no-any-return]
 
 
-def test_auth_errors(gw: GatewayProc, module_backend: FakeBackend) -> None:
+def test_auth_errors(gw: Gateway, module_backend: FakeBackend) -> None:
     n = len(module_backend.requests)
     for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": KEY}, {"authorization": "Basic abc"}):
-        status, h, body = http_request(gw, "GET", "/v1/models", headers=headers)
+        status, h, body = gw.request("GET", "/v1/models", headers=headers)
         assert status == 401
         assert h["www-authenticate"] == "Bearer"
         assert_openai_error(body, "authentication_error", "invalid_api_key")
     assert len(module_backend.requests) == n  # never forwarded
     # Either configured key works; the scheme is case-insensitive.
-    assert http_request(gw, "GET", "/v1/models", headers={"authorization": "bearer other-key"})[0] == 200
+    assert gw.request("GET", "/v1/models", headers={"authorization": "bearer other-key"}).status == 200
 
 
-def test_auth_error_through_client(gw: GatewayProc) -> None:
+def test_auth_error_through_client(gw: Gateway) -> None:
     with (
         openai.OpenAI(base_url=gw.url + "/v1", api_key="wrong", max_retries=0) as c,
         pytest.raises(openai.AuthenticationError),
@@ -205,15 +201,9 @@ def test_auth_error_through_client(gw: GatewayProc) -> None:
         c.models.list()
 
 
-def test_duplicate_authorization_refused(gw: GatewayProc) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
-    conn.putrequest("GET", "/v1/models")
-    conn.putheader("authorization", "Bearer nope")
-    conn.putheader("authorization", f"Bearer {KEY}")
-    conn.endheaders()
-    resp = conn.getresponse()
-    assert resp.status == 401
-    conn.close()
+def test_duplicate_authorization_refused(gw: Gateway) -> None:
+    twice = [("authorization", "Bearer nope"), ("authorization", f"Bearer {KEY}")]
+    assert gw.request("GET", "/v1/models", headers=twice).status == 401
 
 
 @pytest.mark.parametrize(
@@ -227,10 +217,10 @@ def test_duplicate_authorization_refused(gw: GatewayProc) -> None:
         (b'{"stream": "yes"}', "stream"),
     ],
 )
-def test_bad_json_bodies(gw: GatewayProc, module_backend: FakeBackend, body: bytes, fragment: str) -> None:
+def test_bad_json_bodies(gw: Gateway, module_backend: FakeBackend, body: bytes, fragment: str) -> None:
     n = len(module_backend.requests)
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        status, _, out = http_request(gw, "POST", path, body, auth())
+        status, _, out = gw.request("POST", path, body, auth())
         assert status == 400
         err = assert_openai_error(out, "invalid_request_error", "invalid_request")
         assert fragment in str(err["message"])
@@ -243,51 +233,46 @@ def test_bad_json_through_client(client: openai.OpenAI) -> None:
     assert info.value.status_code == 400
 
 
-def test_unknown_path_and_method(gw: GatewayProc) -> None:
-    status, _, body = http_request(gw, "GET", "/nope", headers=auth())
+def test_unknown_path_and_method(gw: Gateway) -> None:
+    status, _, body = gw.request("GET", "/nope", headers=auth())
     assert status == 404
     assert_openai_error(body, "not_found_error", "not_found")
-    status, h, body = http_request(gw, "GET", "/v1/chat/completions", headers=auth())
+    status, h, body = gw.request("GET", "/v1/chat/completions", headers=auth())
     assert status == 405 and h["allow"] == "POST"
     assert_openai_error(body, "invalid_request_error", "method_not_allowed")
-    status, _, body = http_request(gw, "DELETE", "/health")
+    status, _, body = gw.request("DELETE", "/health")
     assert status == 405
 
 
 @pytest.mark.parametrize("path", ["/v1/../load", "/v1/./models", "/v1/x/../../admin", "/v1/%2e%2e/load", "/v1"])
-def test_dot_segments_never_forwarded(gw: GatewayProc, module_backend: FakeBackend, path: str) -> None:
+def test_dot_segments_never_forwarded(gw: Gateway, module_backend: FakeBackend, path: str) -> None:
     n = len(module_backend.requests)
-    status, _, body = http_request(gw, "GET", path, headers=auth())
+    status, _, body = gw.request("GET", path, headers=auth())
     assert status == 404
     assert len(module_backend.requests) == n
 
 
-def test_body_too_large(gw: GatewayProc, module_backend: FakeBackend) -> None:
+def test_body_too_large(gw: Gateway, module_backend: FakeBackend) -> None:
     n = len(module_backend.requests)
     big = b'{"messages":"' + b"x" * 70000 + b'"}'
-    status, _, body = http_request(gw, "POST", "/v1/chat/completions", big, auth())
+    status, _, body = gw.request("POST", "/v1/chat/completions", big, auth())
     assert status == 413
     assert_openai_error(body, "invalid_request_error", "request_too_large")
     # Chunked upload (no Content-Length): refused as soon as the limit is passed.
-    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
-    conn.request(
-        "POST", "/v1/chat/completions", body=iter([big[:40000], big[40000:]]), headers=auth(), encode_chunked=True
-    )
-    resp = conn.getresponse()
+    resp = rawhttp.request(gw.port, "POST", "/v1/chat/completions", headers=auth(), chunks=[big[:40000], big[40000:]])
     assert resp.status == 413
-    conn.close()
     assert len(module_backend.requests) == n
 
 
-def test_health_never_touches_backend(gw: GatewayProc, module_backend: FakeBackend) -> None:
+def test_health_never_touches_backend(gw: Gateway, module_backend: FakeBackend) -> None:
     n = len(module_backend.requests)
-    status, _, body = http_request(gw, "GET", "/health")
+    status, _, body = gw.request("GET", "/health")
     assert (status, orjson.loads(body)) == (200, {"status": "ok"})
     assert len(module_backend.requests) == n
 
 
-def test_ready_probes_backend_without_client_key(gw: GatewayProc, module_backend: FakeBackend) -> None:
-    status, _, body = http_request(gw, "GET", "/ready")
+def test_ready_probes_backend_without_client_key(gw: Gateway, module_backend: FakeBackend) -> None:
+    status, _, body = gw.request("GET", "/ready")
     info = orjson.loads(body)
     assert status == 200 and info["status"] == "ready" and info["kind"] == "vllm"
     assert isinstance(info["latency_ms"], float)
@@ -295,25 +280,25 @@ def test_ready_probes_backend_without_client_key(gw: GatewayProc, module_backend
     assert probe.target == "/health" and probe.method == "GET"
 
 
-def test_ready_loading(gw: GatewayProc, module_backend: FakeBackend) -> None:
+def test_ready_loading(gw: Gateway, module_backend: FakeBackend) -> None:
     async def handler(req: Req, conn: Conn) -> None:
         await conn.json(503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
 
     module_backend.handler = handler
-    status, _, body = http_request(gw, "GET", "/ready")
+    status, _, body = gw.request("GET", "/ready")
     assert status == 503 and orjson.loads(body)["status"] == "loading"
 
 
-def test_keepalive_connections_reused(gw: GatewayProc, module_backend: FakeBackend) -> None:
-    http_request(gw, "GET", "/v1/models", headers=auth())
+def test_keepalive_connections_reused(gw: Gateway, module_backend: FakeBackend) -> None:
+    gw.request("GET", "/v1/models", headers=auth())
     before = module_backend.connections
     for _ in range(10):
-        assert http_request(gw, "GET", "/v1/models", headers=auth())[0] == 200
-        assert http_request(gw, "POST", "/v1/chat/completions", b'{"stream":true}', auth())[0] == 200
+        assert gw.request("GET", "/v1/models", headers=auth()).status == 200
+        assert gw.request("POST", "/v1/chat/completions", b'{"stream":true}', auth()).status == 200
     assert module_backend.connections == before
 
 
-def test_large_stream(gw: GatewayProc, module_backend: FakeBackend) -> None:
+def test_large_stream(gw: Gateway, module_backend: FakeBackend) -> None:
     events = sse_events(2000)
 
     async def handler(req: Req, conn: Conn) -> None:
@@ -323,5 +308,5 @@ def test_large_stream(gw: GatewayProc, module_backend: FakeBackend) -> None:
         await conn.end_chunked()
 
     module_backend.handler = handler
-    status, _, body = http_request(gw, "POST", "/v1/chat/completions", b'{"stream":true}', auth())
+    status, _, body = gw.request("POST", "/v1/chat/completions", b'{"stream":true}', auth())
     assert status == 200 and body == b"".join(events)

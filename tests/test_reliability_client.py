@@ -13,92 +13,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import select
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.sim import SimServer, make_config, sim_in_thread
-from tests.conftest import GatewayProc, clean_env, free_port, wait_http
+from gateway.sim import SimServer
+from tests import servers
 from tests.fakes import FakeBackend
-from tests.reliability import Meter, Result, chat, check_stream, fetch, openai_error, request_bytes
+from tests.rawhttp import Connection, Result, connect, exchange, fetch, request_bytes
+from tests.reliability import Meter, chat, check_stream, openai_error
+from tests.servers import Gateway, StartGateway, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def wait_until(pred: Callable[[], bool], timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
-
-
-def send(port: int, raw: bytes, rcvbuf: int | None = None) -> socket.socket:
-    s = socket.socket()
-    if rcvbuf is not None:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    s.sendall(raw)
-    return s
-
-
-def reset(s: socket.socket) -> None:
-    """Leave with a TCP RST, as a killed client does."""
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    s.close()
-
-
-def read_until(s: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def closed_by_peer(s: socket.socket, within: float) -> tuple[bool, bytes]:
-    """Whether the server closes ``s`` within ``within`` seconds, and what it sent first."""
-    s.settimeout(0.05)
-    got = b""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            chunk = s.recv(65536)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return True, got
-        if not chunk:
-            return True, got
-        got += chunk
-    return False, got
-
-
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimServer]:
-    with sim_in_thread(make_config(port=0, ttft_ms=5.0, itl_ms=5.0, itl_jitter_ms=0.0, batch_slowdown=0.0)) as s:
+    with servers.sim(ttft_ms=5.0, itl_ms=5.0, itl_jitter_ms=0.0, batch_slowdown=0.0) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def gw(sim: SimServer, module_tmp: Path) -> Iterator[GatewayProc]:
-    g = GatewayProc(module_tmp, BACKEND_BASE_URL=sim.base_url, GATEWAY_POOL_SIZE="1", GATEWAY_POOL_TIMEOUT="3").start()
-    yield g
-    assert g.stop() == 0
+def gw(sim: SimServer, module_tmp: Path) -> Iterator[Gateway]:
+    with Gateway(module_tmp, BACKEND_BASE_URL=sim.base_url, GATEWAY_POOL_SIZE="1", GATEWAY_POOL_TIMEOUT="3") as g:
+        yield g
+        assert g.stop() == 0
 
 
-def next_request_ok(gw: GatewayProc) -> None:
-    r = asyncio.run(fetch(gw.port, request_bytes("POST", "/v1/chat/completions", chat(True, 6)), timeout=10))
+def next_request_ok(gw: Gateway) -> None:
+    r = exchange(gw.port, request_bytes("POST", "/v1/chat/completions", chat(True, 6)), timeout=10)
     assert (r.status, r.error, check_stream(r.body, 6)) == (200, None, None)
 
 
@@ -114,24 +60,24 @@ PHASES = {
 
 
 @pytest.mark.parametrize("phase", list(PHASES))
-def test_disconnect_aborts_the_generation_within_a_second(gw: GatewayProc, sim: SimServer, phase: str) -> None:
+def test_disconnect_aborts_the_generation_within_a_second(gw: Gateway, sim: SimServer, phase: str) -> None:
     streamed, headers, marker = PHASES[phase]
     requests, aborted = sim.stats.requests_total, sim.stats.aborted_requests_total
-    s = send(gw.port, request_bytes("POST", "/v1/chat/completions", chat(streamed, 60), headers, close=False))
+    s = connect(gw.port, request_bytes("POST", "/v1/chat/completions", chat(streamed, 60), headers, close=False))
     if marker is None:
         assert wait_until(lambda: sim.stats.requests_total > requests, 5)
         time.sleep(0.1)  # well inside the stall / the generation
     else:
-        read_until(s, marker)
+        s.read_until(marker)
     gone = time.monotonic()
-    reset(s)
+    s.abort()
     assert wait_until(lambda: sim.stats.aborted_requests_total > aborted, 1.0), "the backend never saw it"
     print(f"\nRELIABILITY disconnect {phase}: backend abort after {(time.monotonic() - gone) * 1000:.0f} ms")
     next_request_ok(gw)  # one pooled connection: it was not leaked
     assert wait_until(lambda: sim.stats.open_connections == 1)
 
 
-def test_disconnect_while_the_gateway_connects_leaks_no_slot(start_gateway: type[GatewayProc]) -> None:
+def test_disconnect_while_the_gateway_connects_leaks_no_slot(start_gateway: StartGateway) -> None:
     """Connecting to a backend whose accept queue is full hangs; the client leaves meanwhile. With a
     pool of one, the next request must be let through to connect (504 after the connect timeout),
     not kept waiting for a slot the first one still holds (503 after the pool timeout)."""
@@ -147,15 +93,15 @@ def test_disconnect_while_the_gateway_connects_leaks_no_slot(start_gateway: type
             GATEWAY_METRICS="false",
         ).start()
         for _ in range(3):
-            s = send(g.port, request_bytes("POST", "/v1/chat/completions", chat(False, 2), close=False))
+            s = connect(g.port, request_bytes("POST", "/v1/chat/completions", chat(False, 2), close=False))
             time.sleep(0.3)
-            reset(s)
+            s.abort()
         time.sleep(0.1)
-        r = asyncio.run(fetch(g.port, request_bytes("POST", "/v1/chat/completions", chat(False, 2)), timeout=10))
+        r = exchange(g.port, request_bytes("POST", "/v1/chat/completions", chat(False, 2)), timeout=10)
         assert r.status == 504 and openai_error(r.body)["code"] == "backend_timeout", r
 
 
-def test_many_aborts_in_a_row_leak_nothing(start_gateway: type[GatewayProc], sim: SimServer) -> None:
+def test_many_aborts_in_a_row_leak_nothing(start_gateway: StartGateway, sim: SimServer) -> None:
     n, pool = 60, 4
     g = start_gateway(BACKEND_BASE_URL=sim.base_url, GATEWAY_POOL_SIZE=str(pool), GATEWAY_POOL_TIMEOUT="2").start()
     aborted = sim.stats.aborted_requests_total
@@ -190,22 +136,20 @@ def test_many_aborts_in_a_row_leak_nothing(start_gateway: type[GatewayProc], sim
 # -- slow readers -----------------------------------------------------------------------------------
 
 
-def test_slow_readers_bounded_memory_and_backpressure(start_gateway: type[GatewayProc]) -> None:
+def test_slow_readers_bounded_memory_and_backpressure(start_gateway: StartGateway) -> None:
     """Clients that stop reading: the backend is held back (its writes block) instead of the
     gateway buffering the stream; the worker's memory stays small; the backend sees them leave."""
     clients, wanted = 4, 2_000_000
-    with sim_in_thread(
-        make_config(port=0, ttft_ms=0.0, itl_ms=0.0, itl_jitter_ms=0.0, prefill_us_per_token=0.0)
-    ) as fast:
+    with servers.sim(ttft_ms=0.0, itl_ms=0.0, itl_jitter_ms=0.0, prefill_us_per_token=0.0) as fast:
         g = start_gateway(BACKEND_BASE_URL=fast.base_url, GATEWAY_METRICS="false", GATEWAY_ACCESS_LOG="false").start()
         assert g.proc is not None
         meter = Meter(g.proc.pid)
         rss0 = meter.rss()
         raw = request_bytes("POST", "/v1/chat/completions", chat(True, wanted), close=False)
-        socks = [send(g.port, raw, rcvbuf=4096) for _ in range(clients)]
+        socks = [connect(g.port, raw, rcvbuf=4096) for _ in range(clients)]
         try:
             for s in socks:
-                read_until(s, b"data: ")  # the streams have started, then nobody reads
+                s.read_until(b"data: ")  # the streams have started, then nobody reads
             previous, steady_since = -1, time.monotonic()
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
@@ -223,7 +167,7 @@ def test_slow_readers_bounded_memory_and_backpressure(start_gateway: type[Gatewa
             aborted = fast.stats.aborted_requests_total
         finally:
             for s in socks:
-                reset(s)
+                s.abort()
         assert wait_until(lambda: fast.stats.aborted_requests_total - aborted == clients, 2.0)
     print(
         f"\nRELIABILITY slow readers: {clients} stalled streams; the backend stopped after {held_back} tokens "
@@ -237,44 +181,19 @@ def test_slow_readers_bounded_memory_and_backpressure(start_gateway: type[Gatewa
 
 
 @pytest.fixture
-def granian_direct(backend: FakeBackend) -> Iterator[int]:
+def granian_direct(backend: FakeBackend, tmp_path: Path) -> Iterator[int]:
     """The app under Granian started by hand with a 1 s header read timeout (the README's way to
     run Granian with your own flags): shows what Granian itself enforces."""
-    port = free_port()
-    proc = subprocess.Popen(  # noqa: S603
-        [
-            str(Path(sys.executable).parent / "granian"),
-            "--interface",
-            "asgi",
-            "--loop",
-            "uvloop",
-            "--http",
-            "1",
-            "--no-ws",
-            "--port",
-            str(port),
-            "--http1-header-read-timeout",
-            "1000",
-            "--factory",
-            "gateway.app:create_app",
-        ],  # fmt: skip
-        env=clean_env(BACKEND_BASE_URL=backend.url, GATEWAY_METRICS="false", GATEWAY_ACCESS_LOG="false"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    env = {"BACKEND_BASE_URL": backend.url, "GATEWAY_METRICS": "false", "GATEWAY_ACCESS_LOG": "false"}
+    with Gateway(tmp_path, granian=["--http1-header-read-timeout", "1000"], **env) as g:
+        yield g.port
 
 
 def test_granian_cuts_slow_headers_but_not_slow_bodies(granian_direct: int, backend: FakeBackend) -> None:
     port = granian_direct
     with contextlib.ExitStack() as stack:
         # Headers trickled one line every 0.2 s: closed at the header read timeout, with no answer.
-        trickle = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+        trickle = stack.enter_context(Connection(port))
         t0 = time.monotonic()
         trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
         closed = False
@@ -286,50 +205,50 @@ def test_granian_cuts_slow_headers_but_not_slow_bodies(granian_direct: int, back
                 break
             time.sleep(0.2)
         if not closed:
-            closed, got = closed_by_peer(trickle, 1.0)
+            closed, got = trickle.closed_by_peer(1.0)
             assert got == b""
         assert closed and 0.9 < time.monotonic() - t0 < 2.5
         # A connection that never sends a byte: the same timeout.
-        idle = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
-        closed, got = closed_by_peer(idle, 2.0)
+        idle = stack.enter_context(Connection(port))
+        closed, got = idle.closed_by_peer(2.0)
         assert closed and got == b""
         # A body that never completes: Granian keeps waiting (the gateway must cut it: see below).
-        body = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
-        body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
-        closed, got = closed_by_peer(body, 2.0)
+        body = stack.enter_context(
+            connect(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        )
+        closed, got = body.closed_by_peer(2.0)
         assert not closed and got == b""
     assert backend.requests == []
 
 
 @pytest.mark.parametrize("how", ["stalled", "trickled"])
-def test_slow_body_gets_408(start_gateway: type[GatewayProc], backend: FakeBackend, how: str) -> None:
+def test_slow_body_gets_408(start_gateway: StartGateway, backend: FakeBackend, how: str) -> None:
     """Granian waits for a body forever, so the gateway times it (GATEWAY_CLIENT_BODY_TIMEOUT).
     (Found by this campaign: a body trickled or stalled after the head held its connection and up
     to GATEWAY_MAX_BODY_BYTES of memory forever.)"""
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_CLIENT_BODY_TIMEOUT="1").start()
     body = chat(False, 2)
-    with socket.create_connection(("127.0.0.1", g.port)) as s:
+    with Connection(g.port) as s:
         t0 = time.monotonic()
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body[:5])
         sent = 5
         with contextlib.suppress(OSError):
-            while time.monotonic() - t0 < 3 and not select.select([s], [], [], 0.1)[0]:
+            while time.monotonic() - t0 < 3 and not s.answered(0.1):
                 if how == "trickled" and sent < len(body) - 1:  # a byte every 0.1 s, never the last
                     s.sendall(body[sent : sent + 1])
                     sent += 1
         answered = time.monotonic() - t0
-        closed, got = closed_by_peer(s, 2.0)
+        closed, got = s.closed_by_peer(2.0)
     assert got.startswith(b"HTTP/1.1 408 "), got[:100]
     assert openai_error(got.split(b"\r\n\r\n", 1)[1])["code"] == "request_timeout"
     assert closed and 0.9 < answered < 2.5
     assert backend.requests == []
 
 
-def test_header_timeout_is_configurable(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
+def test_header_timeout_is_configurable(start_gateway: StartGateway, backend: FakeBackend) -> None:
     """Granian's header read timeout, set through ``gateway serve`` (GATEWAY_CLIENT_HEADER_TIMEOUT):
     a trickled head is cut without an answer. (It was fixed at Granian's 30 s before this campaign.)"""
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_CLIENT_HEADER_TIMEOUT="1").start()
-    with socket.create_connection(("127.0.0.1", g.port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
-        closed, got = closed_by_peer(s, 2.5)
+    with connect(g.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n") as s:
+        closed, got = s.closed_by_peer(2.5)
     assert closed and got == b""

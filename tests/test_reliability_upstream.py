@@ -14,26 +14,18 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from gateway.sim import SimServer, make_config, sim_in_thread
-from tests.conftest import GatewayProc, free_port
+from gateway.sim import SimServer
+from tests import servers
 from tests.fakes import Conn, FakeBackend, Req, default_handler
-from tests.reliability import (
-    Meter,
-    Result,
-    chat,
-    check_stream,
-    fetch,
-    openai_error,
-    request_bytes,
-    sampling,
-    sse_error,
-)
+from tests.rawhttp import Result, exchange, fetch_all, request_bytes
+from tests.reliability import Meter, chat, check_stream, openai_error, sampling, sse_error
+from tests.servers import Gateway, StartGateway, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -43,42 +35,29 @@ READ_TIMEOUT = 0.8
 PROMPT = 2.5
 
 
-def exchange(port: int, raw: bytes, timeout: float = 15.0) -> Result:
-    return asyncio.run(fetch(port, raw, timeout=timeout))
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
-
-
-def sim_config(port: int = 0):  # type: ignore[no-untyped-def]
-    return make_config(port=port, ttft_ms=5.0, itl_ms=5.0, itl_jitter_ms=0.0, batch_slowdown=0.0)
+#: The simulator's pacing for these tests.
+SIM = {"ttft_ms": 5.0, "itl_ms": 5.0, "itl_jitter_ms": 0.0, "batch_slowdown": 0.0}
 
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimServer]:
-    with sim_in_thread(sim_config()) as s:
+    with servers.sim(**SIM) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def gw(sim: SimServer, module_tmp: Path) -> Iterator[GatewayProc]:
-    g = GatewayProc(
+def gw(sim: SimServer, module_tmp: Path) -> Iterator[Gateway]:
+    with Gateway(
         module_tmp,
         BACKEND_BASE_URL=sim.base_url,
         BACKEND_API_KEY=BACKEND_KEY,
         GATEWAY_POOL_SIZE="1",
         GATEWAY_POOL_TIMEOUT="3",
         GATEWAY_READ_TIMEOUT=str(READ_TIMEOUT),
-    ).start()
-    yield g
-    assert g.stop() == 0
-    assert BACKEND_KEY not in g.output()
+    ) as g:
+        yield g
+        assert g.stop() == 0
+        assert BACKEND_KEY not in g.output()
 
 
 @dataclass(frozen=True)
@@ -106,7 +85,7 @@ FAULTS = {
 }
 
 
-def assert_pool_recovered(gw: GatewayProc, sim: SimServer) -> None:
+def assert_pool_recovered(gw: Gateway, sim: SimServer) -> None:
     """The next request succeeds (one pooled connection: it was given back) and afterwards the
     backend holds exactly that one connection: the broken one was closed, not kept or reused."""
     ok = exchange(gw.port, request_bytes("POST", "/v1/chat/completions", chat(stream=True, max_tokens=8)))
@@ -115,7 +94,7 @@ def assert_pool_recovered(gw: GatewayProc, sim: SimServer) -> None:
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
-def test_simulator_fault(gw: GatewayProc, sim: SimServer, name: str) -> None:
+def test_simulator_fault(gw: Gateway, sim: SimServer, name: str) -> None:
     f = FAULTS[name]
     aborted = sim.stats.aborted_requests_total
     raw = request_bytes("POST", "/v1/chat/completions", chat(f.stream, 16), {"x-sim-fault": f.spec})
@@ -138,20 +117,17 @@ def test_simulator_fault(gw: GatewayProc, sim: SimServer, name: str) -> None:
     assert_pool_recovered(gw, sim)
 
 
-def test_backend_dies_and_comes_back(start_gateway: type[GatewayProc]) -> None:
+def test_backend_dies_and_comes_back(start_gateway: StartGateway) -> None:
     """A stream in flight when the backend dies ends with an error event; while it is down every
     request gets a prompt 502 and /ready says unreachable; once it is back on the same port the
     first request succeeds: no stale pooled connection is tried."""
     port = free_port()
-    with sim_in_thread(make_config(port=port, ttft_ms=5.0, itl_ms=40.0, itl_jitter_ms=0.0)) as sim:
+    with servers.sim(port=port, ttft_ms=5.0, itl_ms=40.0, itl_jitter_ms=0.0) as sim:
         g = start_gateway(BACKEND_BASE_URL=sim.base_url, GATEWAY_READ_TIMEOUT="5").start()
         # Fill the pool with a few idle keep-alive connections.
         warm = request_bytes("POST", "/v1/chat/completions", chat(False, 2))
 
-        async def four() -> list[Result]:
-            return list(await asyncio.gather(*(fetch(g.port, warm) for _ in range(4))))
-
-        assert all(r.status == 200 for r in asyncio.run(four()))
+        assert all(r.status == 200 for r in asyncio.run(fetch_all(g.port, [warm] * 4)))
         assert wait_until(lambda: sim.stats.open_connections == 4)
         box: dict[str, Result] = {}
         stream = request_bytes("POST", "/v1/chat/completions", chat(True, 200))
@@ -170,7 +146,7 @@ def test_backend_dies_and_comes_back(start_gateway: type[GatewayProc]) -> None:
         assert openai_error(down.body)["code"] == "backend_unavailable"
     ready = exchange(g.port, request_bytes("GET", "/ready"))
     assert ready.status == 503 and b'"unreachable"' in ready.body
-    with sim_in_thread(sim_config(port)) as back:
+    with servers.sim(**SIM, port=port) as back:
         assert exchange(g.port, request_bytes("GET", "/ready")).status == 200
         for _ in range(5):
             r = exchange(g.port, request_bytes("POST", "/v1/chat/completions", chat(True, 6)))
@@ -181,7 +157,7 @@ def test_backend_dies_and_comes_back(start_gateway: type[GatewayProc]) -> None:
 # -- raw sockets: what the simulator cannot do --------------------------------------------------------
 
 
-def test_backend_accepted_by_the_kernel_never_answers(start_gateway: type[GatewayProc]) -> None:
+def test_backend_accepted_by_the_kernel_never_answers(start_gateway: StartGateway) -> None:
     """A listening socket whose process never calls accept(): TCP connects, nothing is ever read."""
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
@@ -194,7 +170,7 @@ def test_backend_accepted_by_the_kernel_never_answers(start_gateway: type[Gatewa
             assert READ_TIMEOUT <= r.t_end < PROMPT
 
 
-def test_backend_that_never_accepts(start_gateway: type[GatewayProc]) -> None:
+def test_backend_that_never_accepts(start_gateway: StartGateway) -> None:
     """A full accept queue: SYNs are dropped and connect() hangs; the connect timeout answers."""
     with socket.socket() as hole, socket.socket() as filler:
         hole.bind(("127.0.0.1", 0))
@@ -257,7 +233,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("name", list(MALFORMED))
-def test_truncated_or_malformed_response(start_gateway: type[GatewayProc], backend: FakeBackend, name: str) -> None:
+def test_truncated_or_malformed_response(start_gateway: StartGateway, backend: FakeBackend, name: str) -> None:
     handler, expected = MALFORMED[name]
     g = start_gateway(BACKEND_BASE_URL=backend.url, BACKEND_API_KEY=BACKEND_KEY, GATEWAY_POOL_SIZE="1").start()
     backend.handler = handler
@@ -281,7 +257,7 @@ def test_truncated_or_malformed_response(start_gateway: type[GatewayProc], backe
     assert backend.connections > connections  # the broken connection was not reused
 
 
-def test_truncated_chunked_body_is_a_failed_transfer(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
+def test_truncated_chunked_body_is_a_failed_transfer(start_gateway: StartGateway, backend: FakeBackend) -> None:
     """(Found by this campaign: the cut body ended with a clean last chunk and looked complete.)"""
     g = start_gateway(BACKEND_BASE_URL=backend.url).start()
     backend.handler = _cut_json_chunked
@@ -290,9 +266,7 @@ def test_truncated_chunked_body_is_a_failed_transfer(start_gateway: type[Gateway
     assert r.status == 200 and r.error == "eof", r  # the client's HTTP library must see a cut transfer
 
 
-def test_huge_response_streams_through_in_bounded_memory(
-    start_gateway: type[GatewayProc], backend: FakeBackend
-) -> None:
+def test_huge_response_streams_through_in_bounded_memory(start_gateway: StartGateway, backend: FakeBackend) -> None:
     size = 48 * 1024 * 1024
     piece = bytes(range(256)) * 4096  # 1 MiB
 
@@ -318,7 +292,7 @@ def test_huge_response_streams_through_in_bounded_memory(
 
 
 def test_surplus_after_content_length_never_answers_another_request(
-    start_gateway: type[GatewayProc], backend: FakeBackend
+    start_gateway: StartGateway, backend: FakeBackend
 ) -> None:
     """(Found by this campaign: the surplus stayed in the pooled connection's buffer and was read as
     the answer to the next request on it.)"""
@@ -344,7 +318,7 @@ def test_surplus_after_content_length_never_answers_another_request(
     assert second.status == 200 and second.json() == {"answer": 2}
 
 
-def test_backend_connection_options_are_not_relayed(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
+def test_backend_connection_options_are_not_relayed(start_gateway: StartGateway, backend: FakeBackend) -> None:
     async def nominates(req: Req, conn: Conn) -> None:
         await conn.send(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-hop, keep-alive\r\n"

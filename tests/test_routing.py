@@ -19,8 +19,8 @@ from gateway.app import Gateway
 from gateway.backends_file import load_backends
 from gateway.config import ConfigError, settings_from_strings
 from tests.asgi import Result, call
-from tests.conftest import clean_env, free_port
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
+from tests.servers import clean_env, free_port
 
 
 def run(coro):  # type: ignore[no-untyped-def]

@@ -7,9 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,22 +15,23 @@ from typing import Any
 import openai
 import pytest
 
-from gateway.sim import ConfigError, Fault, SimConfig, SimServer, make_config, parse_fault, sim_in_thread
-from tests.sim_client import RawClient, chat_body, request
-
-NO_DELAY: dict[str, Any] = {
-    "ttft_ms": 0,
-    "itl_ms": 0,
-    "itl_jitter_ms": 0,
-    "prefill_us_per_token": 0,
-    "batch_slowdown": 0,
-}
+from gateway.sim import ConfigError, Fault, SimConfig, SimServer, make_config, parse_fault
+from tests import servers
+from tests.rawhttp import Connection, request
+from tests.servers import NO_DELAY, SimProc
 
 
-@contextlib.contextmanager
-def running(**given: Any) -> Iterator[SimServer]:
-    with sim_in_thread(make_config(**{"port": 0, **NO_DELAY, **given})) as sim:
-        yield sim
+def running(**given: Any) -> contextlib.AbstractContextManager[SimServer]:
+    """The simulator in a thread, without delays unless ``given``."""
+    return servers.sim(**{**NO_DELAY, **given})
+
+
+def chat_body(stream: bool = False, max_tokens: int | None = 4, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "stream": stream}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    body.update(extra)
+    return body
 
 
 @pytest.fixture
@@ -135,7 +133,7 @@ def test_embeddings_and_models(sim: SimServer) -> None:
 
 
 def test_raw_stream_framing(sim: SimServer) -> None:
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         raw.send("POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=3))
         status, headers = raw.read_head()
         assert status == 200
@@ -341,7 +339,7 @@ def test_llamacpp_json_type_and_close_on_errors(llama: SimServer) -> None:
         assert answer.status == status, (path, answer)
         assert answer.headers["content-type"] == LLAMA_JSON, path
         assert ("connection" in answer.headers) is (status >= 400), path
-    with RawClient(port) as raw:  # the server closes after an error, as llama-server does
+    with Connection(port) as raw:  # the server closes after an error, as llama-server does
         assert raw.request("GET", "/no/such", headers={"authorization": "Bearer k"}).status == 404
         assert raw.is_closed_by_peer()
     with running(kind="vllm") as other:  # other kinds keep their own habits
@@ -572,7 +570,7 @@ def test_localai_readyz_during_load() -> None:
 def test_vllm_refuses_connections_while_loading() -> None:
     with running(kind="vllm", load_seconds=0.3) as sim:
         with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", sim.port), timeout=1).close()
+            Connection(sim.port, timeout=1).close()
         assert wait_for(lambda: sim.loaded, 2.0)
         assert request(sim.port, "GET", "/health").status == 200
 
@@ -614,7 +612,7 @@ def test_fault_status_from_config_applies_to_every_inference_request() -> None:
 
 
 def test_fault_reset_after_chunks(sim: SimServer) -> None:
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         raw.send(
             "POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=10), {"x-sim-fault": "reset-after=3"}
         )
@@ -624,7 +622,7 @@ def test_fault_reset_after_chunks(sim: SimServer) -> None:
             for chunk in raw.iter_chunks():
                 got.append(chunk)
         assert len(got) == 3
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         raw.send("POST", "/v1/chat/completions", chat_body(), {"x-sim-fault": "reset-after=0"})
         with pytest.raises(ConnectionError):
             raw.read_head()
@@ -637,7 +635,7 @@ def test_fault_stalls(sim: SimServer) -> None:
         sim.port, "POST", "/v1/chat/completions", chat_body(), {"x-sim-fault": "stall-before-headers-ms=300"}
     )
     assert answer.status == 200 and time.monotonic() - start >= 0.28
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         raw.send(
             "POST",
             "/v1/chat/completions",
@@ -703,7 +701,7 @@ def test_faults_on_non_streamed_requests(sim: SimServer) -> None:
     failed = request(sim.port, "POST", chat, chat_body(max_tokens=5), {"x-sim-fault": "error-after=2"})
     assert failed.status == 500 and "simulated fault" in failed.json()["error"]["message"]
     assert request(sim.port, "POST", embed, {"input": "x"}, {"x-sim-fault": "error-after=3"}).status == 500
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         raw.send("POST", chat, chat_body(max_tokens=5), {"x-sim-fault": "reset-after=2"})
         with pytest.raises(ConnectionError):
             raw.read_head()
@@ -725,7 +723,7 @@ def test_llamacpp_error_before_first_token_is_a_plain_error() -> None:
 
 def test_disconnect_aborts_generation() -> None:
     with running(itl_ms=20) as sim:
-        raw = RawClient(sim.port)
+        raw = Connection(sim.port)
         raw.send("POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=500))
         raw.read_head()
         chunks = raw.iter_chunks()
@@ -739,7 +737,7 @@ def test_disconnect_aborts_generation() -> None:
 
 def test_disconnect_while_queued_and_non_stream() -> None:
     with running(itl_ms=20, max_running=1) as sim:
-        first, second = RawClient(sim.port), RawClient(sim.port)
+        first, second = Connection(sim.port), Connection(sim.port)
         first.send("POST", "/v1/chat/completions", chat_body(max_tokens=500))
         assert wait_for(lambda: sim.stats.running == 1)
         second.send("POST", "/v1/chat/completions", chat_body(max_tokens=5))
@@ -752,7 +750,7 @@ def test_disconnect_while_queued_and_non_stream() -> None:
 
 def test_timing_knobs_are_roughly_honoured() -> None:
     with running(ttft_ms=200, itl_ms=20) as sim:
-        with RawClient(sim.port) as raw:
+        with Connection(sim.port) as raw:
             start = time.monotonic()
             raw.send("POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=20))
             raw.read_head()
@@ -778,7 +776,7 @@ def test_prefill_and_queueing_grow_ttft() -> None:
         start = time.monotonic()
         assert request(sim.port, "POST", "/v1/completions", {"prompt": "x" * 800, "max_tokens": 1}).status == 200
         assert time.monotonic() - start >= 0.18  # 200 prompt tokens at 1 ms each
-        one, two = RawClient(sim.port), RawClient(sim.port)
+        one, two = Connection(sim.port), Connection(sim.port)
         with one, two:
             start = time.monotonic()
             one.send("POST", "/v1/chat/completions", chat_body(max_tokens=8))
@@ -801,7 +799,7 @@ def test_x_sim_tokens_sets_default_length(sim: SimServer) -> None:
 
 
 def test_keep_alive_reuses_one_connection(sim: SimServer) -> None:
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         for _ in range(3):
             assert raw.request("POST", "/v1/chat/completions", chat_body(stream=True)).status == 200
             assert raw.request("POST", "/v1/chat/completions", chat_body()).status == 200
@@ -816,11 +814,11 @@ def test_keep_alive_reuses_one_connection(sim: SimServer) -> None:
 
 
 def test_connection_close_and_http10(sim: SimServer) -> None:
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         answer = raw.request("GET", "/health", headers={"connection": "close"})
         assert answer.status == 200 and answer.headers["connection"] == "close"
         assert raw.is_closed_by_peer()
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         raw.send("POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=2), version="HTTP/1.0")
         answer = raw.read_response()
         assert "transfer-encoding" not in answer.headers
@@ -839,7 +837,7 @@ def test_connection_close_and_http10(sim: SimServer) -> None:
     ],
 )
 def test_malformed_requests_get_4xx_and_close(sim: SimServer, raw_request: bytes) -> None:
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         raw.sock.sendall(raw_request)
         answer = raw.read_response()
         assert 400 <= answer.status < 600
@@ -849,7 +847,7 @@ def test_malformed_requests_get_4xx_and_close(sim: SimServer, raw_request: bytes
 
 def test_body_in_pieces_and_invalid_json(sim: SimServer) -> None:
     body = json.dumps(chat_body()).encode()
-    with RawClient(sim.port) as raw:
+    with Connection(sim.port) as raw:
         raw.sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-len")
         time.sleep(0.02)
         raw.sock.sendall(b"gth: %d\r\n\r\n" % len(body) + body[:10])
@@ -905,31 +903,12 @@ def test_concurrent_streams_from_threads() -> None:
 
 def test_python_m_gateway_sim_subprocess() -> None:
     env = {**os.environ, "SIM_MODEL": "from-env"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.sim", "--kind", "sglang", "--port", "0", "--fast", "--api-key", "k"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        port = int(match.group(1))
-        models = request(port, "GET", "/v1/models", headers={"x-api-key": "k"}).json()
+    with SimProc("--kind", "sglang", "--fast", "--api-key", "k", env=env) as sim:
+        assert re.match(r"http://127\.0\.0\.1:\d+$", sim.url), sim.url
+        models = request(sim.port, "GET", "/v1/models", headers={"x-api-key": "k"}).json()
         assert models["data"][0]["id"] == "from-env"
-        assert request(port, "GET", "/v1/models").status == 401
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        assert request(sim.port, "GET", "/v1/models").status == 401
+        assert sim.stop(signal.SIGTERM, timeout=5) == 0
 
 
 def test_cli_rejects_bad_flags() -> None:

@@ -1,0 +1,279 @@
+"""gateway/balance.py: picking a replica (power of two choices on load over weight, stickiness by
+rendezvous hashing), passive health (ejection, cool-off, 429s), fail-open, and the /ready report.
+
+Replicas are built without a pool: picking and health never touch it."""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+
+from gateway.balance import Backend, Replica
+from gateway.profiles import PROFILES
+from gateway.upstream import Pool, Target
+
+VLLM = PROFILES["vllm"]
+
+
+def replica(n: int, weight: int = 1) -> Replica:
+    url = f"http://10.0.0.{n}:8000/v1"
+    return Replica(Target(url, VLLM, ""), cast(Pool, None), None, weight)
+
+
+def backend(*replicas: Replica, eject_after: int = 3, eject_seconds: float = 10.0) -> Backend:
+    return Backend(
+        "main",
+        VLLM,
+        VLLM.capabilities,
+        list(replicas),
+        eject_after=eject_after,
+        eject_seconds=eject_seconds,
+    )
+
+
+def picks(b: Backend, n: int = 400, sticky: bytes | None = None) -> collections.Counter[str]:
+    return collections.Counter(b.pick(sticky=sticky).target.base_url for _ in range(n))
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> Iterator[None]:
+    """The same random choices on every run (the module uses the shared generator)."""
+    state = random.getstate()
+    random.seed(16)
+    yield
+    random.setstate(state)
+
+
+# -- picking -----------------------------------------------------------------------------------------
+
+
+def test_a_single_replica_is_always_picked() -> None:
+    only = replica(1)
+    b = backend(only, eject_after=1)
+    b.failed(only)  # ejected, and probed as down: still the one to try
+    only.state = "unreachable"
+    assert all(b.pick() is only for _ in range(10))
+    assert b.pick([only], b"sticky") is only
+
+
+def test_the_less_loaded_of_two_is_picked() -> None:
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_)
+    a.inflight, b_.inflight = 0, 5
+    assert picks(b) == {a.target.base_url: 400}
+    a.inflight = 6
+    assert picks(b) == {b_.target.base_url: 400}
+
+
+def test_power_of_two_choices_never_picks_the_busiest() -> None:
+    """Of two random replicas the less loaded wins: the busiest never does, the idlest most often."""
+    idle, some, busy = replica(1), replica(2), replica(3)
+    idle.inflight, some.inflight, busy.inflight = 0, 1, 9
+    counts = picks(backend(idle, some, busy), 600)
+    assert counts[busy.target.base_url] == 0
+    # The idlest wins both pairs it is drawn in (2/3 of the draws), the middle one the third.
+    assert 300 < counts[idle.target.base_url] < 500
+    assert 100 < counts[some.target.base_url] < 300
+
+
+def test_ties_are_broken_at_random() -> None:
+    a, b_ = replica(1), replica(2)
+    counts = picks(backend(a, b_), 400)
+    assert 140 < counts[a.target.base_url] < 260 and sum(counts.values()) == 400
+
+
+def test_load_is_divided_by_weight() -> None:
+    heavy, light = replica(1, weight=4), replica(2, weight=1)
+    heavy.inflight, light.inflight = 4, 2  # 1 per weight unit against 2
+    counts = picks(backend(heavy, light))
+    assert counts == {heavy.target.base_url: 400}
+    heavy.inflight = 12  # 3 per weight unit
+    assert picks(backend(heavy, light)) == {light.target.base_url: 400}
+
+
+def test_replicas_already_tried_are_left_out() -> None:
+    a, b_, c = replica(1), replica(2), replica(3)
+    b = backend(a, b_, c)
+    a.inflight = 0
+    b_.inflight = c.inflight = 10
+    assert all(b.pick([a]) in (b_, c) for _ in range(50))
+    assert all(b.pick([a, b_]) is c for _ in range(50))
+    assert b.pick([a, b_, c]) in (a, b_, c)  # all tried: fail-open rather than nothing
+
+
+# -- stickiness ---------------------------------------------------------------------------------------
+
+
+def test_a_sticky_value_keeps_its_replica_whatever_the_load() -> None:
+    rs = [replica(i) for i in range(1, 5)]
+    b = backend(*rs)
+    first = b.pick(sticky=b"session-42")
+    for i, r in enumerate(rs):
+        r.inflight = 100 if r is first else i
+    assert all(b.pick(sticky=b"session-42") is first for _ in range(20))
+
+
+def test_sticky_values_spread_over_the_replicas() -> None:
+    rs = [replica(i) for i in range(1, 5)]
+    b = backend(*rs)
+    owners = collections.Counter(b.pick(sticky=b"user-%d" % i).target.base_url for i in range(400))
+    assert len(owners) == 4 and min(owners.values()) > 50
+
+
+def test_only_the_keys_of_a_replica_that_leaves_move() -> None:
+    """Rendezvous hashing: when a replica goes, its keys spread over the others and every other key
+    stays where it was; when it comes back, exactly its keys return to it."""
+    rs = [replica(i) for i in range(1, 5)]
+    b = backend(*rs, eject_after=1)
+    keys = [b"user-%d" % i for i in range(200)]
+    before = {k: b.pick(sticky=k) for k in keys}
+    gone = rs[2]
+    b.failed(gone)
+    during = {k: b.pick(sticky=k) for k in keys}
+    for k in keys:
+        if before[k] is gone:
+            assert during[k] is not gone
+        else:
+            assert during[k] is before[k]
+    assert sum(before[k] is gone for k in keys) > 20
+    b.succeeded(gone)
+    assert {k: b.pick(sticky=k) for k in keys} == before
+
+
+def test_sticky_skips_a_replica_tried_already() -> None:
+    rs = [replica(i) for i in range(1, 4)]
+    b = backend(*rs)
+    owner = b.pick(sticky=b"k")
+    assert b.pick([owner], sticky=b"k") is not owner
+
+
+# -- passive health ----------------------------------------------------------------------------------
+
+
+def test_ejected_after_n_failures_in_a_row() -> None:
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_, eject_after=3, eject_seconds=60)
+    b.failed(a)
+    b.failed(a)
+    assert a.usable(time.monotonic())
+    b.succeeded(a)  # a success in between: the count starts again
+    b.failed(a)
+    b.failed(a)
+    assert a.usable(time.monotonic())
+    b.failed(a)
+    assert not a.usable(time.monotonic())
+    assert picks(b, 50) == {b_.target.base_url: 50}
+    assert b.report()["replicas"][0]["state"] == "ejected"
+    assert b.report()["usable_replicas"] == 1 and b.report()["status"] == "ready"
+
+
+def test_back_in_rotation_after_the_cool_off_and_one_more_failure_ejects_it_again() -> None:
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_, eject_after=2, eject_seconds=0.05)
+    b.failed(a)
+    b.failed(a)
+    assert not a.usable(time.monotonic())
+    time.sleep(0.06)
+    assert a.usable(time.monotonic())
+    assert a in {b.pick() for _ in range(50)}
+    b.failed(a)  # the first failure after a cool-off: out again at once
+    assert not a.usable(time.monotonic())
+    time.sleep(0.06)
+    b.succeeded(a)
+    b.failed(a)  # a success cleared the record: one failure is not enough any more
+    assert a.usable(time.monotonic())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway bug: a replica whose cool-off is over is simply usable again, so Backend.pick's "
+    "half-open branch (one trial request, no other traffic until it answers) is never reached",
+)
+def test_half_open_one_trial_request_after_the_cool_off() -> None:
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_, eject_after=1, eject_seconds=0.05)
+    b.failed(a)
+    b_.state = "loading"  # the other is out too: nothing else to pick
+    time.sleep(0.06)
+    assert b.pick() is a  # the trial
+    b_.state = "ready"
+    assert all(b.pick() is b_ for _ in range(20))  # nothing more for a until its trial answers
+
+
+def test_a_429_cools_the_replica_off_for_its_retry_after() -> None:
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_)
+    b.cool_off(a, 30)
+    now = time.monotonic()
+    assert not a.usable(now) and 29 < a.ejected_until - now <= 30
+    assert a.failures == 0  # a 429 is not a failure
+    assert picks(b, 50) == {b_.target.base_url: 50}
+    b.cool_off(a, 1)  # never shortens a longer cool-off
+    assert a.ejected_until - time.monotonic() > 28
+    b.cool_off(b_, 10_000)  # capped at five minutes
+    assert b_.ejected_until - time.monotonic() <= 300
+    b.cool_off(a, 0)
+    assert not a.usable(time.monotonic())
+
+
+def test_a_success_clears_a_cool_off() -> None:
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_)
+    b.cool_off(a, 30)
+    b.succeeded(a)
+    assert a.usable(time.monotonic()) and a.ejected_until == 0.0
+
+
+def test_probe_state_takes_a_replica_out_of_rotation() -> None:
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_)
+    a.state = "loading"
+    assert picks(b, 50) == {b_.target.base_url: 50}
+    a.state = "ready"
+    assert a in {b.pick() for _ in range(50)}
+
+
+def test_fail_open_when_every_replica_is_out() -> None:
+    rs = [replica(i) for i in range(1, 4)]
+    b = backend(*rs, eject_after=1)
+    for r in rs[:2]:
+        b.failed(r)
+    rs[2].state = "unreachable"
+    assert {b.pick() for _ in range(100)} == set(rs)  # traffic goes on rather than being refused
+    assert b.pick(sticky=b"k") in rs
+    report = b.report()
+    assert report["status"] == "fail-open" and report["usable_replicas"] == 0
+
+
+# -- the report -----------------------------------------------------------------------------------------
+
+
+def test_report() -> None:
+    a, b_ = replica(1), replica(2, weight=3)
+    b = backend(a, b_, eject_after=1)
+    a.inflight, a.latency_ms = 2, 1.5
+    b_.state, b_.detail = "loading", "503 from /health"
+    assert b.report() == {
+        "name": "main",
+        "kind": "vllm",
+        "status": "ready",
+        "usable_replicas": 1,
+        "replicas": [
+            {"url": "http://10.0.0.1:8000/v1", "state": "ready", "in_flight": 2, "latency_ms": 1.5},
+            {
+                "url": "http://10.0.0.2:8000/v1",
+                "state": "loading",
+                "in_flight": 0,
+                "latency_ms": None,
+                "detail": "503 from /health",
+            },
+        ],
+    }
+    b.failed(a)
+    assert [r["state"] for r in b.report()["replicas"]] == ["ejected", "loading"]
+    assert b.report()["status"] == "fail-open"

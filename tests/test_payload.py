@@ -1,0 +1,30 @@
+"""gateway/payload.py: peeking at a request body, and filling in the model."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.errors import GatewayError
+from gateway.payload import peek, with_model
+
+
+def test_peek() -> None:
+    p = peek(b'{"model":"m","stream":true,"messages":[{"deep":[[[{}]]]}],"tools":[{"type":"function"}]}')
+    assert (p.model, p.stream, p.wants_tools) == ("m", True, True)
+    p = peek(b'{"tools": null}')
+    assert (p.model, p.stream, p.wants_tools) == (None, None, False)
+    assert not peek(b'{"tools": []}').wants_tools
+    for bad, status_fragment in ((b"[]", "JSON object"), (b"{", "not valid JSON"), (b'{"model":1}', "$.model")):
+        with pytest.raises(GatewayError) as info:
+            peek(bad)
+        assert info.value.status == 400 and status_fragment in info.value.message
+
+
+def test_with_model_keeps_other_values_raw() -> None:
+    body = b'{"messages":[{"content":"caf\\u00e9 \xf0\x9f\x98\x80"}],"n":1.50,"model":null}'
+    out = with_model(body, 'm "quoted"')
+    assert orjson.loads(out)["model"] == 'm "quoted"'
+    assert b'"content":"caf\\u00e9 \xf0\x9f\x98\x80"' in out  # untouched bytes
+    assert b'"n":1.50' in out
+    assert orjson.loads(with_model(b"{}", "x")) == {"model": "x"}
