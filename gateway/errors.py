@@ -51,10 +51,13 @@ def sse_error_event(message: str, type: str, code: str | None, tail: bytes) -> b
     ``tail`` is the last two bytes already sent: when they do not end an event, a line break is
     added first so the error is its own event. Looking at two bytes is all the framing we need.
     """
-    if tail.endswith(b"\n\n") or tail.endswith(b"\r\r") or not tail:
+    if not tail or tail in (b"\n\n", b"\r\r", b"\n\r"):  # the last line was empty: the event ended
         sep = b""
-    elif tail.endswith(b"\n") or tail.endswith(b"\r"):
+    elif tail.endswith(b"\n"):
         sep = b"\n"
+    elif tail.endswith(b"\r"):
+        # A lone CR ended the line; a LF after it would only complete a CRLF, so end with a CR.
+        sep = b"\r"
     else:
         sep = b"\n\n"
     return sep + b"data: " + error_body(message, type, code) + b"\n\n"
