@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from gateway.relay import Exchange
+    from gateway.exchange import Exchange
 
 #: Lines are written in batches of at most this many bytes: writes to a pipe up to PIPE_BUF are
 #: atomic, so several workers' lines never interleave mid-line.

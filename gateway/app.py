@@ -36,13 +36,14 @@ from gateway.client_headers import HeaderPass, given_request_id
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
+from gateway.exchange import Exchange
 from gateway.forward import Forwarder, Outgoing
 from gateway.limits import KeyLimits, Limiter, SharedLimiter, load_keys
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.netio import AsyncioBackend
 from gateway.payload import peek, with_model
-from gateway.relay import Exchange, Timeouts, send_error
+from gateway.relay import Timeouts, send_error
 from gateway.topology import Topology, check_capability
 from gateway.types import Receive, Scope, Send
 from gateway.usage import read_usage

@@ -10,7 +10,7 @@ import orjson
 from gateway import errors, probe, routes
 from gateway.auth import authorization_of
 from gateway.errors import JSON_HEADERS
-from gateway.relay import Exchange
+from gateway.exchange import Exchange
 from gateway.types import Scope, Send
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from gateway.relay import Exchange
+    from gateway.exchange import Exchange
     from gateway.usage import Usage
 
 log = logging.getLogger("gateway")

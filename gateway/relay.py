@@ -20,7 +20,7 @@ from gateway.types import Send
 
 if TYPE_CHECKING:
     from gateway.balance import Backend, Replica
-    from gateway.limits import KeyLimits
+from gateway.exchange import Exchange
 from gateway.upstream import DROP_RESPONSE_HEADERS, Connection, Pool
 
 log = logging.getLogger("gateway")
@@ -39,77 +39,6 @@ def _written(conn: Connection) -> bool:
     """Whether any byte of the request was handed to the connection (unknown: assume so)."""
     stream = conn._network_stream
     return stream.written > 0 if isinstance(stream, NetStream) else True
-
-
-class Exchange:
-    """One request's progress and figures, shared with the disconnect watcher, the timer and the
-    metrics/access log written at its end."""
-
-    __slots__ = (
-        "active",
-        "cancelled_by",
-        "phase",
-        "started",
-        "sse",
-        "prev",
-        "last",
-        "status",
-        "t_start",
-        "t_upstream",
-        "t_first",
-        "t_last",
-        "t_end",
-        "chunks",
-        "nbytes",
-        "max_gap",
-        "end",
-        "error_class",
-        "request_id",
-        "key_id",
-        "backend",
-        "limits",
-        "extra_headers",
-    )
-
-    def __init__(self, t_start: float = 0.0) -> None:
-        #: True until the response is finished; the watcher cancels only an active exchange.
-        self.active = True
-        #: "disconnect" or "timeout" when the gateway cancelled the request itself.
-        self.cancelled_by: str | None = None
-        #: connect, headers, first_token or body: what the request was waiting for.
-        self.phase = "connect"
-        self.started = False
-        self.sse = False
-        self.prev = b""
-        self.last = b""
-        self.status = 0
-        self.t_start = t_start
-        #: When the request went upstream; 0 if it never did.
-        self.t_upstream = 0.0
-        #: When the first body chunk came from the backend; 0 if none did.
-        self.t_first = 0.0
-        self.t_last = 0.0
-        self.t_end = 0.0
-        self.chunks = 0
-        self.nbytes = 0
-        #: The largest gap between two pieces of body arriving from the backend.
-        self.max_gap = 0.0
-        #: Why the response ended: done, client_gone, upstream_error, timeout.
-        self.end = "done"
-        #: For upstream errors: connect, timeout or reset.
-        self.error_class: str | None = None
-        self.request_id = b""
-        self.key_id = "-"
-        #: The backend's name (metrics and logs); "-" when the request never got to one.
-        self.backend = "-"
-        #: The client key's limits (a keys file), and headers to add to the response for them.
-        self.limits: KeyLimits | None = None
-        self.extra_headers: list[tuple[bytes, bytes]] = []
-
-    def tail(self) -> bytes:
-        """The last two bytes sent to the client."""
-        last = self.last
-        return last[-2:] if len(last) >= 2 else (self.prev + last)[-2:]
 
 
 def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:

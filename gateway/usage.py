@@ -12,7 +12,7 @@ import json
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from gateway.relay import Exchange
+    from gateway.exchange import Exchange
 
 #: The largest token count taken from a backend's usage (the keys file's tpm bound).
 MAX_USAGE = 1_000_000_000

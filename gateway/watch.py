@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.relay import Exchange
+from gateway.exchange import Exchange
 from gateway.types import Receive
 
 #: An exchange still running this long (up to twice as long) gets its disconnect watcher.

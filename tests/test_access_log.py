@@ -9,7 +9,7 @@ import pytest
 
 from gateway import access_log
 from gateway.access_log import LOG_BATCH, LOG_FLUSH_DELAY, AccessLog
-from gateway.relay import Exchange
+from gateway.exchange import Exchange
 
 
 def test_access_log_lines_go_out_in_whole_line_batches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway import metrics
+from gateway.exchange import Exchange
 from gateway.metrics import LATENCY_BUCKETS, Metrics
-from gateway.relay import Exchange
 from gateway.usage import Usage, read_usage
 
 

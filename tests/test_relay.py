@@ -11,7 +11,8 @@ import pytest
 
 from gateway import errors
 from gateway.errors import GatewayError
-from gateway.relay import SSE_EXTRA_HEADERS, Exchange, _retry_after, fail, response_headers, send_error
+from gateway.exchange import Exchange
+from gateway.relay import SSE_EXTRA_HEADERS, _retry_after, fail, response_headers, send_error
 from gateway.types import Message
 
 Headers = list[tuple[bytes, bytes]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.relay import Exchange
+from gateway.exchange import Exchange
 from gateway.usage import Usage, exchange_usage, find_usage, read_usage
 
 

@@ -49,9 +49,10 @@ from gateway.app import Gateway
 from gateway.auth import KeyRing
 from gateway.client_headers import HeaderPass
 from gateway.errors import error_body, sse_error_event
+from gateway.exchange import Exchange
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
-from gateway.relay import Exchange, response_headers
+from gateway.relay import response_headers
 from gateway.upstream import DROP_REQUEST_HEADERS, _direct_head, _direct_request
 
 #: Events in the streamed benchmarks' response (a 1000-token answer, one event per token).

@@ -1,0 +1,95 @@
+"""One request's progress and figures, and the names of its states.
+
+An ``Exchange`` is shared by the stages that forward a request, the disconnect watcher, the
+timers and, at its end, the metrics and the access log. What was decided about the request
+travels separately, as ``forward.Outgoing``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from gateway.limits import KeyLimits
+
+#: What a forwarded request is waiting for: a connection, the response head, the first body
+#: piece (streams), or more of the body. Each has its own timeout (see ``upstream.map_error``).
+Phase = Literal["connect", "headers", "first_token", "body"]
+#: Why a response ended: ``done``; the client left (``client_gone``); the backend failed
+#: (``upstream_error``) or was too slow (``timeout``); or a bug in the gateway (``internal_error``).
+End = Literal["done", "client_gone", "upstream_error", "timeout", "internal_error"]
+#: The metrics' class of an upstream failure.
+ErrorClass = Literal["connect", "timeout", "reset"]
+#: Why the gateway cancelled a request itself.
+CancelledBy = Literal["disconnect", "timeout"]
+
+
+class Exchange:
+    """One request's progress and figures, shared with the disconnect watcher, the timer and the
+    metrics/access log written at its end."""
+
+    __slots__ = (
+        "active",
+        "cancelled_by",
+        "phase",
+        "started",
+        "sse",
+        "prev",
+        "last",
+        "status",
+        "t_start",
+        "t_upstream",
+        "t_first",
+        "t_last",
+        "t_end",
+        "chunks",
+        "nbytes",
+        "max_gap",
+        "end",
+        "error_class",
+        "request_id",
+        "key_id",
+        "backend",
+        "limits",
+        "extra_headers",
+    )
+
+    def __init__(self, t_start: float = 0.0) -> None:
+        #: True until the response is finished; the watcher cancels only an active exchange.
+        self.active = True
+        #: Set when the gateway cancelled the request itself.
+        self.cancelled_by: CancelledBy | None = None
+        #: What the request was waiting for.
+        self.phase: Phase = "connect"
+        self.started = False
+        self.sse = False
+        self.prev = b""
+        self.last = b""
+        self.status = 0
+        self.t_start = t_start
+        #: When the request went upstream; 0 if it never did.
+        self.t_upstream = 0.0
+        #: When the first body chunk came from the backend; 0 if none did.
+        self.t_first = 0.0
+        self.t_last = 0.0
+        self.t_end = 0.0
+        self.chunks = 0
+        self.nbytes = 0
+        #: The largest gap between two pieces of body arriving from the backend.
+        self.max_gap = 0.0
+        #: Why the response ended.
+        self.end: End = "done"
+        #: For upstream errors: what kind.
+        self.error_class: ErrorClass | None = None
+        self.request_id = b""
+        self.key_id = "-"
+        #: The backend's name (metrics and logs); "-" when the request never got to one.
+        self.backend = "-"
+        #: The client key's limits (a keys file), and headers to add to the response for them.
+        self.limits: KeyLimits | None = None
+        self.extra_headers: list[tuple[bytes, bytes]] = []
+
+    def tail(self) -> bytes:
+        """The last two bytes sent to the client."""
+        last = self.last
+        return last[-2:] if len(last) >= 2 else (self.prev + last)[-2:]
