@@ -45,7 +45,7 @@ from gateway.netio import AsyncioBackend
 from gateway.payload import peek, with_model
 from gateway.relay import Timeouts, send_error
 from gateway.topology import Topology, check_capability
-from gateway.types import Receive, Scope, Send
+from gateway.types import HTTPScope, Receive, Scope, Send
 from gateway.usage import read_usage
 from gateway.worker import build_topology, declared_backends
 
@@ -103,10 +103,9 @@ class Gateway:
     # -- ASGI entry ---------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
+        if scope["type"] == "http":
             await self._http(scope, receive, send)
-        elif kind == "lifespan":
+        elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         # websocket: not served; returning without accepting closes it.
 
@@ -198,7 +197,7 @@ class Gateway:
 
     # -- HTTP ---------------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _http(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
         """Dispatch one request, and the error boundary: every exception ends here."""
         ex = Exchange(perf_counter())
         path: str = scope["path"]
@@ -254,7 +253,7 @@ class Gateway:
         if self.access_log is not None:
             self.access_log.write(ex, method, path, name, model)
 
-    async def _forward(self, route: routes.Route, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> str:
+    async def _forward(self, route: routes.Route, scope: HTTPScope, receive: Receive, send: Send, ex: Exchange) -> str:
         """The forwarding stages, in order; returns the model label for metrics and logs."""
         client = self.header_pass(scope["headers"])
         ex.request_id = client.request_id
@@ -276,7 +275,7 @@ class Gateway:
         if body or scope["method"] not in _BODILESS:
             forwarded.append((b"content-length", str(len(body)).encode()))
         ex.backend = backend.name
-        raw_path: bytes = scope.get("raw_path") or b""
+        raw_path = scope.get("raw_path") or b""
         if not raw_path.startswith(b"/v1/"):
             # The client percent-encoded the /v1 prefix itself: forward the decoded path, re-encoded.
             raw_path = quote(scope["path"], safe="/:@!$&'()*+,;=-._~").encode()

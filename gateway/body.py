@@ -59,9 +59,9 @@ class BodyReader:
 
 async def _receive_body(receive: Receive, limit: int) -> bytes:
     message = await receive()
-    if message["type"] == "http.disconnect":
+    if message["type"] != "http.request":
         raise ClientGone
-    body: bytes = message.get("body", b"")
+    body = message.get("body", b"")
     if not message.get("more_body", False):
         if len(body) > limit:
             raise errors.too_large(limit)
@@ -70,7 +70,7 @@ async def _receive_body(receive: Receive, limit: int) -> bytes:
     size = len(body)
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
+        if message["type"] != "http.request":
             raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)

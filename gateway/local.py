@@ -11,7 +11,7 @@ from gateway import errors, probe, routes
 from gateway.auth import authorization_of
 from gateway.errors import JSON_HEADERS
 from gateway.exchange import Exchange
-from gateway.types import Scope, Send
+from gateway.types import HTTPScope, Send
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -24,7 +24,7 @@ def is_local(route: routes.Route, app: Gateway) -> bool:
     return not route.upstream or (route is routes.MODELS and app.topology.answers_models())
 
 
-async def answer(app: Gateway, route: routes.Route, method: str, scope: Scope, send: Send, ex: Exchange) -> None:
+async def answer(app: Gateway, route: routes.Route, method: str, scope: HTTPScope, send: Send, ex: Exchange) -> None:
     """Answer one local route (the request id is already set)."""
     headers = JSON_HEADERS
     if route is routes.HEALTH:
@@ -47,7 +47,7 @@ async def answer(app: Gateway, route: routes.Route, method: str, scope: Scope, s
     await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body, "more_body": False})
 
 
-def _authenticate(app: Gateway, scope: Scope, ex: Exchange) -> None:
+def _authenticate(app: Gateway, scope: HTTPScope, ex: Exchange) -> None:
     identity = app.keys.authenticate(*authorization_of(scope["headers"]))
     if identity is not None:
         ex.key_id = identity[0]

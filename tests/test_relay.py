@@ -13,7 +13,7 @@ from gateway import errors
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from gateway.relay import SSE_EXTRA_HEADERS, _retry_after, fail, response_headers, send_error
-from gateway.types import Message
+from gateway.types import SendMessage
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -22,10 +22,10 @@ class Sent:
     """The ASGI messages a coroutine sent."""
 
     def __init__(self) -> None:
-        self.messages: list[Message] = []
+        self.messages: list[dict[str, Any]] = []
 
-    async def __call__(self, message: Message) -> None:
-        self.messages.append(message)
+    async def __call__(self, message: SendMessage) -> None:
+        self.messages.append(dict(message))
 
     @property
     def types(self) -> list[str]:

@@ -22,7 +22,7 @@ import uvloop
 from gateway.app import Gateway
 from gateway.config import settings_from_strings
 from gateway.drain import CONTROL_ENV
-from gateway.types import Message
+from gateway.types import SendMessage as Message
 
 #: The client key the app benchmarks are configured with (client auth on, as in production).
 CLIENT_KEY = "sk-bench-0123456789abcdef0123456789abcdef"
