@@ -55,11 +55,11 @@ load *args:
 soak *args:
     {{ bin }}/python -m tools.soak {{ args }}
 
-# ruff check, ruff format --check and mypy --strict on the gateway package
+# ruff check, ruff format --check and mypy --strict over gateway, tests, bench and tools (pyproject.toml's [tool.mypy])
 lint:
     {{ bin }}/ruff check .
     {{ bin }}/ruff format --check .
-    {{ bin }}/mypy gateway
+    {{ bin }}/mypy
 
 # --- Docker Compose: write .env from a template, then start a profile ---------------------------
 

@@ -118,62 +118,14 @@ class Connection:
     async def _read_response(self, s: Sample, abort_after_events: int | None) -> None:
         reader = self._reader
         assert reader is not None
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, _, header_block = head.partition(b"\r\n")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ProtocolError(f"bad status line {status_line[:80]!r}")
-        s.status = int(parts[1])
-        length: int | None = None
-        chunked = False
-        close = False
-        for line in header_block.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
-            elif name == b"connection" and b"close" in value.lower():
-                close = True
-        tail = b""  # the last byte of the previous piece, for events split across reads
+        s.status, length, chunked, close = _parse_head(await reader.readuntil(b"\r\n\r\n"))
         last = b""
         if chunked:
-            while True:
-                size_line = await reader.readuntil(b"\r\n")
-                size = int(size_line.split(b";", 1)[0], 16)
-                if size == 0:
-                    await reader.readuntil(b"\r\n")
-                    break
-                data = await reader.readexactly(size + 2)
-                now = time.perf_counter()
-                if s.first_byte is None:
-                    s.first_byte = now
-                s.arrivals.append(now)
-                piece = data[:-2]
-                s.nbytes += size
-                s.events += (tail + piece).count(b"\n\n")
-                tail = piece[-1:]
-                last = piece
-                if abort_after_events is not None and s.events >= abort_after_events:
-                    s.aborted = True
-                    s.end = now
-                    self.close(abort=True)
-                    return
+            last = await self._read_chunked(reader, s, abort_after_events)
+            if s.aborted:
+                return
         elif length is not None:
-            remaining = length
-            while remaining:
-                data = await reader.read(min(remaining, 1 << 16))
-                if not data:
-                    raise ProtocolError("connection closed mid-body")
-                now = time.perf_counter()
-                if s.first_byte is None:
-                    s.first_byte = now
-                s.arrivals.append(now)
-                remaining -= len(data)
-                s.nbytes += len(data)
-                s.events += (tail + data).count(b"\n\n")
-                tail = data[-1:]
+            await _read_sized(reader, s, length)
         else:
             raise ProtocolError("response without content-length or chunked encoding")
         s.end = time.perf_counter()
@@ -181,6 +133,74 @@ class Connection:
             s.error = "error event"
         if close:
             self.close()
+
+    async def _read_chunked(self, reader: asyncio.StreamReader, s: Sample, abort_after_events: int | None) -> bytes:
+        """A chunked body into ``s``; its last chunk. Past ``abort_after_events`` the connection is
+        aborted and ``s.aborted`` set."""
+        tail = b""  # the last byte of the previous piece, for events split across reads
+        last = b""
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";", 1)[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return last
+            data = await reader.readexactly(size + 2)
+            now = time.perf_counter()
+            if s.first_byte is None:
+                s.first_byte = now
+            s.arrivals.append(now)
+            piece = data[:-2]
+            s.nbytes += size
+            s.events += (tail + piece).count(b"\n\n")
+            tail = piece[-1:]
+            last = piece
+            if abort_after_events is not None and s.events >= abort_after_events:
+                s.aborted = True
+                s.end = now
+                self.close(abort=True)
+                return last
+
+
+def _parse_head(head: bytes) -> tuple[int, int | None, bool, bool]:
+    """A response head's status, content-length, whether it is chunked and whether the server
+    closes the connection after it."""
+    status_line, _, header_block = head.partition(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        raise ProtocolError(f"bad status line {status_line[:80]!r}")
+    status = int(parts[1])
+    length: int | None = None
+    chunked = False
+    close = False
+    for line in header_block.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+        elif name == b"connection" and b"close" in value.lower():
+            close = True
+    return status, length, chunked, close
+
+
+async def _read_sized(reader: asyncio.StreamReader, s: Sample, length: int) -> None:
+    """A body of ``length`` bytes into ``s``."""
+    tail = b""  # the last byte of the previous piece, for events split across reads
+    remaining = length
+    while remaining:
+        data = await reader.read(min(remaining, 1 << 16))
+        if not data:
+            raise ProtocolError("connection closed mid-body")
+        now = time.perf_counter()
+        if s.first_byte is None:
+            s.first_byte = now
+        s.arrivals.append(now)
+        remaining -= len(data)
+        s.nbytes += len(data)
+        s.events += (tail + data).count(b"\n\n")
+        tail = data[-1:]
 
 
 def _closed_while_idle(exc: BaseException) -> bool:

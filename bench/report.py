@@ -265,11 +265,8 @@ def plot(results: list[dict[str, Any]], samples: dict[str, tuple[list[Sample], l
         direct, gateway = samples[r["scenario"]]
         stream = r["params"]["stream"]
         for label, ss, color in (("direct", direct, "tab:blue"), ("gateway", gateway, "tab:orange")):
-            vals = sorted(
-                (s.ttft if stream else s.latency) * 1000  # type: ignore[operator]
-                for s in ss
-                if (s.ttft if stream else s.latency) is not None and s.error is None
-            )
+            times = (s.ttft if stream else s.latency for s in ss if s.error is None)
+            vals = sorted(t * 1000 for t in times if t is not None)
             if vals:
                 ys = [(i + 1) / len(vals) for i in range(len(vals))]
                 ax.step(vals, ys, where="post", label=label, color=color)

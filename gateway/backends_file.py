@@ -56,15 +56,7 @@ class BackendsFile(Spec, frozen=True):
 def load_backends(path: str, environ: Mapping[str, str] | None = None) -> tuple[BackendsFile, dict[str, str]]:
     """The routes file, checked, and each backend's key (read from its ``api_key_env``)."""
     env = os.environ if environ is None else environ
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"GATEWAY_ROUTES={path!r}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"GATEWAY_ROUTES={path!r}: cannot read it: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _read_toml(path)
     try:
         spec = msgspec.convert(data, BackendsFile)
     except msgspec.ValidationError as exc:
@@ -77,44 +69,69 @@ def load_backends(path: str, environ: Mapping[str, str] | None = None) -> tuple[
         if b.name in seen_names:
             raise ConfigError(_bad(path, f"{at}.name", b.name, "a name no other backend has"))
         seen_names.add(b.name)
-        if b.kind not in PROFILES:
-            raise ConfigError(_bad(path, f"{at}.kind", b.kind, _ACCEPTED["kind"]))
-        for j, url in enumerate(b.urls):
-            if not valid_url(url):
-                raise ConfigError(_bad(path, f"{at}.urls[{j}]", url, "an http(s) URL such as http://host:8000/v1"))
-        if b.weights is not None and len(b.weights) != len(b.urls):
-            raise ConfigError(_bad(path, f"{at}.weights", b.weights, f"{len(b.urls)} weights, one per url"))
-        try:
-            apply_overrides(PROFILES[b.kind].capabilities, b.capabilities)
-        except CapabilityError as exc:
-            raise ConfigError(_bad(path, f"{at}.capabilities", b.capabilities, str(exc))) from None
+        _check_backend(path, at, b)
         if b.api_key_env:
-            if b.api_key_env not in env:
-                raise ConfigError(
-                    _bad(path, f"{at}.api_key_env", b.api_key_env, "a variable that is set in the environment")
-                )
-            keys[b.name] = env[b.api_key_env]
-        for j, model in enumerate(b.models):
-            if not model:
-                raise ConfigError(_bad(path, f"{at}.models[{j}]", model, "a non-empty model name"))
-            if model in owner:
-                raise ConfigError(
-                    _bad(path, f"{at}.models[{j}]", model, f"a model not already served by {owner[model]!r}")
-                )
-            owner[model] = b.name
-        for alias, model in b.aliases.items():
-            if model not in b.models:
-                raise ConfigError(
-                    _bad(path, f"{at}.aliases.{alias}", model, f"one of this backend's models {b.models}")
-                )
-    for i, b in enumerate(spec.backends):
+            keys[b.name] = _api_key(path, at, b.api_key_env, env)
+        _claim_models(path, at, b, owner)
+    _claim_aliases(path, spec.backends, owner)
+    return spec, keys
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"GATEWAY_ROUTES={path!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"GATEWAY_ROUTES={path!r}: cannot read it: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _check_backend(path: str, at: str, b: BackendSpec) -> None:
+    """One backend's kind, urls, weights and capability overrides."""
+    if b.kind not in PROFILES:
+        raise ConfigError(_bad(path, f"{at}.kind", b.kind, _ACCEPTED["kind"]))
+    for j, url in enumerate(b.urls):
+        if not valid_url(url):
+            raise ConfigError(_bad(path, f"{at}.urls[{j}]", url, "an http(s) URL such as http://host:8000/v1"))
+    if b.weights is not None and len(b.weights) != len(b.urls):
+        raise ConfigError(_bad(path, f"{at}.weights", b.weights, f"{len(b.urls)} weights, one per url"))
+    try:
+        apply_overrides(PROFILES[b.kind].capabilities, b.capabilities)
+    except CapabilityError as exc:
+        raise ConfigError(_bad(path, f"{at}.capabilities", b.capabilities, str(exc))) from None
+
+
+def _api_key(path: str, at: str, api_key_env: str, env: Mapping[str, str]) -> str:
+    if api_key_env not in env:
+        raise ConfigError(_bad(path, f"{at}.api_key_env", api_key_env, "a variable that is set in the environment"))
+    return env[api_key_env]
+
+
+def _claim_models(path: str, at: str, b: BackendSpec, owner: dict[str, str]) -> None:
+    """Record ``b`` as the owner of its models (each served by one backend only), and check that
+    its aliases name them."""
+    for j, model in enumerate(b.models):
+        if not model:
+            raise ConfigError(_bad(path, f"{at}.models[{j}]", model, "a non-empty model name"))
+        if model in owner:
+            raise ConfigError(_bad(path, f"{at}.models[{j}]", model, f"a model not already served by {owner[model]!r}"))
+        owner[model] = b.name
+    for alias, model in b.aliases.items():
+        if model not in b.models:
+            raise ConfigError(_bad(path, f"{at}.aliases.{alias}", model, f"one of this backend's models {b.models}"))
+
+
+def _claim_aliases(path: str, backends: list[BackendSpec], owner: dict[str, str]) -> None:
+    """Record each alias's backend, once every model is known: an alias is never also a model."""
+    for i, b in enumerate(backends):
         for alias in b.aliases:
             if alias in owner:
                 raise ConfigError(
                     _bad(path, f"backends[{i}].aliases", alias, "an alias that is not also a served model")
                 )
             owner[alias] = b.name
-    return spec, keys
 
 
 def _bad(path: str, key: str, value: Any, what: str) -> str:

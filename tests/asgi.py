@@ -10,6 +10,7 @@ import orjson
 
 from gateway.app import Gateway
 from gateway.config import settings_from_strings
+from gateway.types import Message, Scope
 
 
 @dataclass
@@ -44,12 +45,12 @@ async def call(
     raw_path: bytes | None = None,
 ) -> Result:
     parts = body if isinstance(body, list) else [body]
-    messages: list[dict[str, Any]] = [
+    messages: list[Message] = [
         {"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)
     ]
     forever = asyncio.Event()
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         if messages:
             return messages.pop(0)
         await forever.wait()
@@ -57,7 +58,7 @@ async def call(
 
     result = Result()
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
             assert result.status == 0, "response started twice"
             result.status = message["status"]
@@ -68,7 +69,7 @@ async def call(
             result.chunks.append(message.get("body", b""))
             result.finished = not message.get("more_body", False)
 
-    scope = {
+    scope: Scope = {
         "type": "http",
         "method": method,
         "path": path,
@@ -76,5 +77,5 @@ async def call(
         "query_string": query,
         "headers": headers or [],
     }
-    await app(scope, receive, send)  # type: ignore[arg-type]
+    await app(scope, receive, send)
     return result

@@ -7,7 +7,7 @@ import pytest
 
 from tests import rawhttp
 from tests.fakes import FakeBackend
-from tests.servers import ROOT, Gateway, clean_env, free_port
+from tests.servers import ROOT, Gateway, StartGateway, clean_env, free_port
 
 # Fixtures for the tests against the real llama.cpp server (they start nothing unless asked for).
 pytest_plugins = ("tests.llamacpp",)
@@ -43,7 +43,7 @@ def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def start_gateway(tmp_path: Path) -> Iterator[type[Gateway]]:
+def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
     """``start_gateway(**env)``: a gateway in this test's temporary directory (``.start()`` it, or
     enter it); every one still running at the end of the test is stopped."""
     started: list[Gateway] = []

@@ -21,11 +21,6 @@ import orjson
 from bench.procstat import descendants
 from gateway.sim.responses import completion_text
 
-# Re-exported from where they lived before tests/servers.py and tests/rawhttp.py: tests/tools/soak.py
-# imports them from here.
-from tests.rawhttp import Result, abort, fetch, request_bytes  # noqa: F401
-from tests.servers import SimProc  # noqa: F401
-
 # -- the gateway's processes ------------------------------------------------------------------------
 
 

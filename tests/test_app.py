@@ -4,34 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from gateway.types import Message
 from gateway.watch import WATCH_AFTER
 from tests.asgi import call, make_gateway
 from tests.fakes import Conn, FakeBackend, Req, sse_events
 from tests.servers import Gateway, ServerExited
 
+T = TypeVar("T")
 
-def run(coro):  # type: ignore[no-untyped-def]
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
 def test_lifespan_startup_failure_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GATEWAY_CONTROL_DIR", str(tmp_path / "missing"))
     app = make_gateway()
-    sent: list[dict[str, Any]] = []
-    inbox = [{"type": "lifespan.startup"}]
+    sent: list[Message] = []
+    inbox: list[Message] = [{"type": "lifespan.startup"}]
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return inbox.pop(0)
 
-    async def send(m: dict[str, Any]) -> None:
+    async def send(m: Message) -> None:
         sent.append(m)
 
-    run(app({"type": "lifespan"}, receive, send))  # type: ignore[arg-type]
+    run(app({"type": "lifespan"}, receive, send))
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "missing" in sent[0]["message"]
 
@@ -47,15 +51,15 @@ def test_worker_exits_rather_than_serving_without_its_pool(tmp_path: Path) -> No
 def test_lifespan_startup_and_shutdown() -> None:
     app = make_gateway()
     sent: list[str] = []
-    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    inbox: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return inbox.pop(0)
 
-    async def send(m: dict[str, Any]) -> None:
+    async def send(m: Message) -> None:
         sent.append(m["type"])
 
-    run(app({"type": "lifespan"}, receive, send))  # type: ignore[arg-type]
+    run(app({"type": "lifespan"}, receive, send))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
@@ -87,13 +91,16 @@ def test_body_in_pieces_and_disconnect_during_body() -> None:
             assert r.status == 200
             assert fb.requests[-1].body == b'{"model":"a","x":1}'
 
-            sent: list[dict[str, Any]] = []
-            inbox = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
+            sent: list[Message] = []
+            inbox: list[Message] = [
+                {"type": "http.request", "body": b"{", "more_body": True},
+                {"type": "http.disconnect"},
+            ]
 
-            async def receive() -> dict[str, Any]:
+            async def receive() -> Message:
                 return inbox.pop(0)
 
-            async def send(m: dict[str, Any]) -> None:
+            async def send(m: Message) -> None:
                 sent.append(m)
 
             scope = {
@@ -103,7 +110,7 @@ def test_body_in_pieces_and_disconnect_during_body() -> None:
                 "headers": [],
                 "query_string": b"",
             }
-            await app(scope, receive, send)  # type: ignore[arg-type]
+            await app(scope, receive, send)
             assert sent == []
             assert len(fb.requests) == 1
             await app.shutdown()
@@ -126,15 +133,15 @@ def test_disconnect_mid_stream_cancels_upstream_in_process() -> None:
             await app.startup()
             gone = asyncio.Event()
             chunks: list[bytes] = []
-            inbox = [{"type": "http.request", "body": b"{}", "more_body": False}]
+            inbox: list[Message] = [{"type": "http.request", "body": b"{}", "more_body": False}]
 
-            async def receive() -> dict[str, Any]:
+            async def receive() -> Message:
                 if inbox:
                     return inbox.pop(0)
                 await gone.wait()
                 return {"type": "http.disconnect"}
 
-            async def send(m: dict[str, Any]) -> None:
+            async def send(m: Message) -> None:
                 if m["type"] == "http.response.body":
                     chunks.append(m["body"])
                     if len(chunks) == 3:
@@ -147,7 +154,7 @@ def test_disconnect_mid_stream_cancels_upstream_in_process() -> None:
                 "headers": [],
                 "query_string": b"",
             }
-            await asyncio.wait_for(app(scope, receive, send), 5)  # type: ignore[arg-type]
+            await asyncio.wait_for(app(scope, receive, send), 5)
             assert 3 <= len(chunks) < 50
             assert (
                 app.topology.first.replicas[0].pool is not None
@@ -173,20 +180,20 @@ def test_disconnect_watcher_only_for_exchanges_that_outlive_a_tick() -> None:
             await asyncio.sleep(2)
         await conn.json(200, {"ok": True})
 
-    async def request(app: Any, body: bytes) -> tuple[list[float], list[dict[str, Any]]]:
+    async def request(app: Any, body: bytes) -> tuple[list[float], list[Message]]:
         """receive() call times (from the start) and what was sent; the client is gone once its
         body has been read."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        inbox = [{"type": "http.request", "body": body, "more_body": False}]
+        inbox: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
         calls: list[float] = []
-        sent: list[dict[str, Any]] = []
+        sent: list[Message] = []
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             calls.append(loop.time() - t0)
             return inbox.pop(0) if inbox else {"type": "http.disconnect"}
 
-        async def send(m: dict[str, Any]) -> None:
+        async def send(m: Message) -> None:
             sent.append(m)
 
         scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
@@ -239,13 +246,13 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
 
     app = make_gateway(GATEWAY_CLIENT_BODY_TIMEOUT="0.05")
 
-    async def never() -> dict[str, Any]:
+    async def never() -> Message:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    async def timed_out() -> tuple[int, str, int]:
+    async def timed_out() -> tuple[int, str | None, int]:
         try:
-            await app.read_body(never, None)  # type: ignore[arg-type]
+            await app.read_body(never, None)
         except GatewayError as err:
             task = asyncio.current_task()
             assert task is not None
@@ -255,7 +262,7 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
     assert run(timed_out()) == (408, "request_timeout", 0)
 
     async def cancelled_from_outside() -> str:
-        reader = asyncio.ensure_future(app.read_body(never, None))  # type: ignore[arg-type]
+        reader = asyncio.ensure_future(app.read_body(never, None))
         await asyncio.sleep(0.01)
         reader.cancel()
         try:
@@ -267,10 +274,10 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
     assert run(cancelled_from_outside()) == "cancelled"
 
     async def prompt_body() -> bytes:
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             return {"type": "http.request", "body": b"{}", "more_body": False}
 
-        body = await app.read_body(receive, b"2")  # type: ignore[arg-type]
+        body = await app.read_body(receive, b"2")
         await asyncio.sleep(0.1)  # past the timeout: its timer was cancelled with the read
         return body
 
@@ -290,7 +297,7 @@ def test_the_timers_go_on_the_loop_that_serves_the_request() -> None:
     run(start())
     assert app._loop is not None and app._loop.is_closed()
 
-    async def never() -> dict[str, Any]:
+    async def never() -> Message:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
@@ -298,7 +305,7 @@ def test_the_timers_go_on_the_loop_that_serves_the_request() -> None:
         from gateway.errors import GatewayError
 
         try:
-            await app.read_body(never, None)  # type: ignore[arg-type]
+            await app.read_body(never, None)
         except GatewayError as err:
             return err.status
         raise AssertionError("no timeout")
@@ -334,11 +341,11 @@ def test_the_last_body_piece_ends_the_response_where_its_end_is_known() -> None:
         messages: list[tuple[bytes, bool]] = []
         requests = [{"type": "http.request", "body": b"{}", "more_body": False}]
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             if message["type"] == "http.response.body":
                 messages.append((message.get("body", b""), message.get("more_body", False)))
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             if requests:
                 return requests.pop()
             await asyncio.Event().wait()
@@ -434,20 +441,20 @@ def test_lifespan_shutdown_failure_is_reported_with_its_traceback(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     app = make_gateway()
-    sent: list[dict[str, Any]] = []
-    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[Message] = []
+    inbox: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return inbox.pop(0)
 
-    async def send(m: dict[str, Any]) -> None:
+    async def send(m: Message) -> None:
         sent.append(m)
 
     async def broken_shutdown() -> None:
         raise RuntimeError("pool would not close")
 
     monkeypatch.setattr(app, "shutdown", broken_shutdown)
-    run(app({"type": "lifespan"}, receive, send))  # type: ignore[arg-type]
+    run(app({"type": "lifespan"}, receive, send))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
     assert "Traceback" in sent[1]["message"] and "pool would not close" in sent[1]["message"]
     assert "RuntimeError: pool would not close" in capfd.readouterr().err

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
 
@@ -92,6 +94,36 @@ def test_bad_values_name_variable_value_and_accepted(env: dict[str, str], fragme
     msg = str(info.value)
     assert fragment in msg
     assert "\n" not in msg
+
+
+def _literal_settings() -> list[tuple[str, tuple[str, ...]]]:
+    """(variable, accepted values) of every ``Settings`` field whose annotation is a ``Literal``."""
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    found = []
+    for name in Settings.__struct_fields__:
+        hint = hints[name]
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+        if typing.get_origin(base) is Literal:
+            found.append((name.upper(), typing.get_args(base)))
+    return found
+
+
+LITERAL_SETTINGS = _literal_settings()
+
+
+def test_the_literal_settings_are_found() -> None:
+    assert {"GATEWAY_LOG_LEVEL", "GATEWAY_LOG_FORMAT"} <= {name for name, _ in LITERAL_SETTINGS}
+
+
+@pytest.mark.parametrize(("env_name", "accepted"), LITERAL_SETTINGS, ids=[name for name, _ in LITERAL_SETTINGS])
+def test_literal_settings_refuse_values_outside_them(env_name: str, accepted: tuple[str, ...]) -> None:
+    """One line naming the variable, the value and every accepted value (e.g. GATEWAY_LOG_LEVEL=loud)."""
+    for value in accepted:
+        assert getattr(settings_from_strings({env_name: value}), env_name.lower()) == value
+    assert "loud" not in accepted
+    with pytest.raises(ConfigError) as info:
+        settings_from_strings({env_name: "loud"})
+    assert str(info.value) == f"invalid {env_name}='loud': expected one of {', '.join(accepted)}"
 
 
 def test_secrets_redacted() -> None:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests import rawhttp
-from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
+from tests.fakes import Conn, FakeBackend, Handler, Req, default_handler, sse_events
 from tests.servers import Gateway, StartGateway, free_port
 
 pytestmark = pytest.mark.slow
@@ -61,8 +61,8 @@ def second_request_ok(g: Gateway, backend: FakeBackend) -> None:
     ids=["waiting-for-headers", "mid-stream", "non-streamed"],
 )
 def test_client_disconnect_reaches_backend(
-    start_gateway: StartGateway, backend: FakeBackend, handler, wait_for
-) -> None:  # type: ignore[no-untyped-def]
+    start_gateway: StartGateway, backend: FakeBackend, handler: Handler, wait_for: bytes | None
+) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_POOL_SIZE="1").start()
     backend.handler = handler
     s = send_raw(g.port, b'{"stream":true}')

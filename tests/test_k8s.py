@@ -62,7 +62,7 @@ def _one(kind: str, name: str) -> Doc:
 
 
 def _container(deployment: Doc, name: str) -> Doc:
-    containers = deployment["spec"]["template"]["spec"]["containers"]
+    containers: list[Doc] = deployment["spec"]["template"]["spec"]["containers"]
     found = [c for c in containers if c["name"] == name]
     assert len(found) == 1, f"no container {name!r} in Deployment {deployment['metadata']['name']}"
     return found[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.llamacpp import (
     ALIAS,
@@ -39,9 +40,9 @@ _reason = unavailable_reason()
 if _reason is not None:
     pytest.skip(_reason, allow_module_level=True)
 
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 #: Far more than one slot's 512 tokens of context (the byte-level tokenizer: ~1 token a byte).
-TOO_LONG = [{"role": "user", "content": "hello world " * 400}]
+TOO_LONG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello world " * 400}]
 #: Greedy sampling on a prompt evaluated afresh each time: the same request gives the same text.
 SAME_TEXT = {"temperature": 0, "cache_prompt": False}
 
@@ -89,7 +90,7 @@ def both(
 
 def test_models_and_chat(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [ALIAS]
-    r = client.chat.completions.create(model="anything", messages=HI, max_tokens=7)  # type: ignore[arg-type]
+    r = client.chat.completions.create(model="anything", messages=HI, max_tokens=7)
     assert r.model == ALIAS
     assert r.choices[0].finish_reason == "length"
     assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.content
@@ -106,7 +107,7 @@ def test_completions(client: openai.OpenAI) -> None:
 def test_chat_stream_one_event_per_token(client: openai.OpenAI, n: int) -> None:
     stream = client.chat.completions.create(
         model=ALIAS,
-        messages=HI,  # type: ignore[arg-type]
+        messages=HI,
         max_tokens=n,
         stream=True,
         stream_options={"include_usage": True},
@@ -191,7 +192,7 @@ def test_embeddings(gw_embed: Gateway, llama_embed: LlamaServer) -> None:
         assert [len(d.embedding) for d in r.data] == [64, 64]
         assert r.data[0].embedding != r.data[1].embedding
         # Chat still works on a server started with --embeddings.
-        chat = c.chat.completions.create(model=ALIAS, messages=HI, max_tokens=3)  # type: ignore[arg-type]
+        chat = c.chat.completions.create(model=ALIAS, messages=HI, max_tokens=3)
         assert chat.usage is not None and chat.usage.completion_tokens == 3
     (status, _, raw), (d_status, _, d_raw) = both(
         gw_embed, llama_embed, "POST", "/v1/embeddings", {"model": ALIAS, "input": "same"}
@@ -229,7 +230,7 @@ def test_prompt_over_context_relayed_unchanged(gw: Gateway, llama: LlamaServer, 
 
 def test_prompt_over_context_through_client(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=ALIAS, messages=TOO_LONG, max_tokens=4)  # type: ignore[arg-type]
+        client.chat.completions.create(model=ALIAS, messages=TOO_LONG, max_tokens=4)
     assert "exceeds the available context size" in info.value.message
 
 
@@ -244,7 +245,7 @@ def test_wrong_backend_key_relayed(llama: LlamaServer, tmp_path: Path) -> None:
             openai.OpenAI(base_url=g.url + "/v1", api_key=CLIENT_KEY, max_retries=0) as c,
             pytest.raises(openai.AuthenticationError),
         ):
-            c.chat.completions.create(model=ALIAS, messages=HI)  # type: ignore[arg-type]
+            c.chat.completions.create(model=ALIAS, messages=HI)
         # /ready probes /health, which needs no key: the server is up, only the key is wrong.
         assert request(g.port, "GET", "/ready")[0] == 200
     finally:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import GatewayProc, free_port
 from tests.conftest import http_request as req
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
+from tests.servers import StartGateway
 
 CLIENT_KEY = "client-secret-key-123"
 BACKEND_KEY = "backend-secret-key-456"
@@ -65,7 +67,7 @@ def access_lines(g: GatewayProc) -> list[dict[str, object]]:
     return out
 
 
-def wait_for(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(pred: Callable[[], object], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -74,7 +76,7 @@ def wait_for(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def
     raise AssertionError("condition not met in time")
 
 
-def test_metrics_sum_across_workers_and_stay_bounded(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
+def test_metrics_sum_across_workers_and_stay_bounded(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(
         BACKEND_BASE_URL=backend.url, BACKEND_API_KEY=BACKEND_KEY, API_KEYS=CLIENT_KEY, GATEWAY_WORKERS="2"
     ).start()
@@ -138,7 +140,7 @@ def _ppid(pid: int) -> int:
     return int(raw[raw.rindex(")") + 2 :].split()[1])
 
 
-def test_access_log_completed_disconnected_failed(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
+def test_access_log_completed_disconnected_failed(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, API_KEYS=CLIENT_KEY, GATEWAY_READ_TIMEOUT="1").start()
     # Completed stream.
     h = {**auth(), "x-request-id": "req-done-1"}
@@ -202,7 +204,7 @@ def test_access_log_completed_disconnected_failed(start_gateway: type[GatewayPro
         assert line["key_id"] == __import__("hashlib").sha256(CLIENT_KEY.encode()).hexdigest()[:8]
         assert line["route"] == "chat" and line["backend"] == "vllm"
     assert (done["status"], done["end"], done["chunks"]) == (200, "done", 5)  # 3 tokens, usage, [DONE]
-    assert isinstance(done["ttft_ms"], float) and done["bytes"] > 0
+    assert isinstance(done["ttft_ms"], float) and isinstance(done["bytes"], int) and done["bytes"] > 0
     assert (gone["status"], gone["end"]) == (200, "client_gone")
     assert isinstance(gone["chunks"], int) and gone["chunks"] >= 3
     assert (failed["status"], failed["end"]) == (200, "upstream_error")
@@ -215,7 +217,7 @@ def test_access_log_completed_disconnected_failed(start_gateway: type[GatewayPro
     assert CLIENT_KEY not in g.output()
 
 
-def test_streams_without_usage_are_estimated(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
+def test_streams_without_usage_are_estimated(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_WORKERS="1").start()
     wait_for(lambda: len(backend.internal) >= 1)
 
@@ -236,7 +238,7 @@ def test_streams_without_usage_are_estimated(start_gateway: type[GatewayProc], b
     assert metric(text, "gateway_tokens_total", model="fake", type="output") == 0
 
 
-def test_not_supported_and_connect_errors_counted(start_gateway: type[GatewayProc]) -> None:
+def test_not_supported_and_connect_errors_counted(start_gateway: StartGateway) -> None:
     g = start_gateway(BACKEND_KIND="tgi", BACKEND_BASE_URL=f"http://127.0.0.1:{free_port()}/v1").start()
     assert req(g, "POST", "/v1/embeddings", b"{}")[0] == 501
     assert req(g, "POST", "/v1/chat/completions", b"{}")[0] == 502
@@ -247,15 +249,13 @@ def test_not_supported_and_connect_errors_counted(start_gateway: type[GatewayPro
 
 
 @pytest.mark.parametrize("require", ["true", "false"])
-def test_metrics_behind_a_key_when_configured(
-    start_gateway: type[GatewayProc], backend: FakeBackend, require: str
-) -> None:
+def test_metrics_behind_a_key_when_configured(start_gateway: StartGateway, backend: FakeBackend, require: str) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, API_KEYS=CLIENT_KEY, GATEWAY_METRICS_REQUIRE_KEY=require).start()
     assert req(g, "GET", "/metrics")[0] == (401 if require == "true" else 200)
     assert req(g, "GET", "/metrics", headers=auth())[0] == 200
 
 
-def test_metrics_and_access_log_can_be_off(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
+def test_metrics_and_access_log_can_be_off(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_METRICS="false", GATEWAY_ACCESS_LOG="false").start()
     assert req(g, "POST", "/v1/chat/completions", b"{}")[0] == 200
     assert req(g, "GET", "/metrics")[0] == 404
@@ -263,7 +263,7 @@ def test_metrics_and_access_log_can_be_off(start_gateway: type[GatewayProc], bac
     assert backend.internal == []  # no model listing either
 
 
-def test_traceparent_passes_through(start_gateway: type[GatewayProc], backend: FakeBackend) -> None:
+def test_traceparent_passes_through(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url).start()
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     assert req(g, "POST", "/v1/chat/completions", b"{}", {"traceparent": tp})[0] == 200

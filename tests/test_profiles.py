@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
-from gateway.profiles import CAPABILITIES, PROFILES, Support, apply_overrides
+from gateway.profiles import CAPABILITIES, PROFILES, Profile, Support, apply_overrides
 from tests.asgi import call, make_gateway
 from tests.fakes import FakeBackend
 
+T = TypeVar("T")
 
-def run(coro):  # type: ignore[no-untyped-def]
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
@@ -167,7 +171,7 @@ def test_readme_kinds_table_matches_profiles() -> None:
         assert probe == f"`GET {p.health_path}`"
         assert key == ("yes" if p.takes_key else "no")
 
-        def names(support: Support, p=p) -> str:  # type: ignore[no-untyped-def]
+        def names(support: Support, p: Profile = p) -> str:
             return ", ".join(c for c in CAPABILITIES if p.support(c) is support)
 
         assert unsupported == names(Support.UNSUPPORTED)

@@ -175,10 +175,11 @@ def test_passthrough_path_query_and_multipart(gw: Gateway, module_backend: FakeB
 
 def assert_openai_error(body: bytes, type_: str, code: str | None) -> dict[str, object]:
     err = orjson.loads(body)["error"]
+    assert isinstance(err, dict)
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == type_ and err["code"] == code
     assert isinstance(err["message"], str) and err["message"]
-    return err  # type: ignore[no-any-return]
+    return err
 
 
 def test_auth_errors(gw: Gateway, module_backend: FakeBackend) -> None:

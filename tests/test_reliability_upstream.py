@@ -108,8 +108,8 @@ def test_simulator_fault(gw: Gateway, sim: SimServer, name: str) -> None:
         if f.code is not None:
             assert err["code"] == f.code
     elif f.code is not None:
-        err = sse_error(r.body)
-        assert err is not None and err["code"] == f.code, r.body[-300:]
+        event = sse_error(r.body)
+        assert event is not None and event["code"] == f.code, r.body[-300:]
     else:  # the backend's own mid-stream error event and [DONE], unchanged
         assert b'"error"' in r.body and r.body.endswith(b"data: [DONE]\n\n")
     assert BACKEND_KEY not in r.body.decode("latin-1") + str(r.headers)
@@ -253,7 +253,7 @@ def test_truncated_or_malformed_response(start_gateway: StartGateway, backend: F
     connections = backend.connections
     backend.handler = default_handler
     ok = exchange(g.port, request_bytes("POST", "/v1/chat/completions", chat(False, 2)))
-    assert ok.status == 200 and ok.json()["choices"][0]["message"]["content"] == "hello"  # type: ignore[index]
+    assert ok.status == 200 and ok.json()["choices"][0]["message"]["content"] == "hello"
     assert backend.connections > connections  # the broken connection was not reused
 
 

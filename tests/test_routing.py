@@ -8,9 +8,9 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -19,11 +19,13 @@ from gateway.app import Gateway
 from gateway.backends_file import load_backends
 from gateway.config import ConfigError, settings_from_strings
 from tests.asgi import Result, call
-from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
+from tests.fakes import Conn, FakeBackend, Handler, Req, default_handler, sse_events
 from tests.servers import clean_env, free_port
 
+T = TypeVar("T")
 
-def run(coro):  # type: ignore[no-untyped-def]
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
@@ -186,7 +188,7 @@ def test_routing_by_model_and_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 # -- balancing -------------------------------------------------------------------------------------
 
 
-def _slow(delay: float):  # type: ignore[no-untyped-def]
+def _slow(delay: float) -> Handler:
     async def handler(req: Req, conn: Conn) -> None:
         if req.target.endswith("/chat/completions"):
             await asyncio.sleep(delay)
@@ -284,7 +286,7 @@ def test_retry_on_a_dead_replica_then_ejection_and_return() -> None:
 
 
 @contextlib.asynccontextmanager
-async def _serve_on(port: int):  # type: ignore[no-untyped-def]
+async def _serve_on(port: int) -> AsyncIterator[FakeBackend]:
     fb = FakeBackend(port=port)
     await asyncio.to_thread(fb.__enter__)
     try:
@@ -293,7 +295,7 @@ async def _serve_on(port: int):  # type: ignore[no-untyped-def]
         await asyncio.to_thread(fb.__exit__, None, None, None)
 
 
-def _status(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def _status(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Handler:
     async def handler(req: Req, conn: Conn) -> None:
         if req.target.endswith("/chat/completions"):
             await conn.json(status, body, headers=headers)

@@ -101,7 +101,8 @@ def test_chat_non_stream_through_openai_client(sim: SimServer) -> None:
     assert answer.choices[0].message.role == "assistant"
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage is not None and answer.usage.completion_tokens == sim.config.tokens
-    assert len(answer.choices[0].message.content.split()) == sim.config.tokens  # type: ignore[union-attr]
+    content = answer.choices[0].message.content
+    assert content is not None and len(content.split()) == sim.config.tokens
     assert limited.choices[0].finish_reason == "length"
     assert limited.usage is not None and limited.usage.completion_tokens == 3
 
@@ -277,8 +278,10 @@ def test_sglang_flat_error_through_client() -> None:
     with running(kind="sglang") as sim, client_for(sim) as client:
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="m", messages=[])
-        assert caught.value.body["object"] == "error"  # type: ignore[index]
-        assert caught.value.body["code"] == 400  # type: ignore[index]
+        body = caught.value.body
+        assert isinstance(body, dict)
+        assert body["object"] == "error"
+        assert body["code"] == 400
 
 
 def test_llamacpp_quirks() -> None:

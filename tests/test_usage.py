@@ -63,7 +63,8 @@ def test_read_usage_is_the_backends_else_a_streams_estimate() -> None:
     ended whole); nothing for other bodies or for answers that were not a success."""
     ex = _finished()
     ex.last = b'{"usage":{"prompt_tokens":7,"completion_tokens":3}}'
-    assert read_usage(ex) == Usage(7, 3) and read_usage(ex).total == 10  # type: ignore[union-attr]
+    usage = read_usage(ex)
+    assert usage == Usage(7, 3) and usage is not None and usage.total == 10
     stream = _finished(sse=True, chunks=9)
     stream.last = b'data: {"usage":{"prompt_tokens":2,"completion_tokens":5}}\n\ndata: [DONE]\n\n'
     assert read_usage(stream) == Usage(2, 5, estimated=False)

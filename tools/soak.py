@@ -32,7 +32,9 @@ import orjson
 from gateway.sim import new_event_loop
 from gateway.sim.responses import completion_text
 from tests.conftest import GatewayProc
-from tests.reliability import Meter, Result, SimProc, chat, check_stream, fetch, request_bytes, sse_error
+from tests.rawhttp import Result, fetch, request_bytes
+from tests.reliability import Meter, chat, check_stream, sse_error
+from tests.servers import SimProc
 
 #: (kind, weight) of the traffic mix.
 MIX = (("stream", 50), ("whole", 20), ("client_abort", 10), ("backend_reset", 8), ("backend_503", 6), ("bad_json", 6))

@@ -20,7 +20,7 @@ from gateway.sim import responses
 from gateway.sim.config import ConfigError, Fault, SimConfig, parse_fault
 from gateway.sim.engine import Scheduler, Ticker, Timing
 from gateway.sim.http import Canned, HttpConnection, Request
-from gateway.sim.kinds import WIRES, Loading
+from gateway.sim.kinds import WIRES, ContextError, Loading
 from gateway.sim.stats import METRICS_CONTENT_TYPE, SimStats, render_metrics
 
 RouteHandler = Callable[[HttpConnection, Request], Awaitable[None]]
@@ -77,6 +77,41 @@ def _non_negative(name: bytes, raw: bytes) -> float:
     if not math.isfinite(value) or value < 0:
         raise PlanError(f"header {name.decode()} must be a number >= 0, not {raw.decode(errors='replace')!r}")
     return value
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise PlanError("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise PlanError("The request body must be a JSON object.")
+    return body
+
+
+def _prompt_chars(body: dict[str, Any], kind: str) -> int:
+    """The length of a chat's ``messages`` or a completion's ``prompt`` (checked)."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise PlanError("`messages` must be a non-empty list.")
+        return responses.prompt_chars(messages)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str | list):
+        raise PlanError("`prompt` must be a string or a list.")
+    return responses.prompt_chars(prompt)
+
+
+def _length(body: dict[str, Any], kind: str, n_default: int) -> tuple[int, str]:
+    """Tokens to generate and the finish reason: the request's limit, or ``n_default`` and "stop"."""
+    limit = body.get("max_completion_tokens") if kind == "chat" else None
+    if limit is None:
+        limit = body.get("max_tokens")
+    if limit is None:
+        return n_default, "stop"
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+        return limit, "length"
+    raise PlanError("`max_tokens` must be an integer >= 1.")
 
 
 class SimApp:
@@ -338,12 +373,7 @@ class SimApp:
     # -- request checking ---------------------------------------------------------------------------
 
     def _plan(self, req: Request, kind: str) -> Plan:
-        try:
-            body = orjson.loads(req.body)
-        except orjson.JSONDecodeError:
-            raise PlanError("The request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise PlanError("The request body must be a JSON object.")
+        body = _json_object(req.body)
         wire = self.wire
         model = body.get("model")
         if not isinstance(model, str) or not model or model == wire.model_alias:
@@ -354,39 +384,26 @@ class SimApp:
             return self._embedding_plan(body, model, timing, fault)
         if not wire.echoes_model:
             model = self.config.model
-        if kind == "chat":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise PlanError("`messages` must be a non-empty list.")
-            chars = responses.prompt_chars(messages)
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str | list):
-                raise PlanError("`prompt` must be a string or a list.")
-            chars = responses.prompt_chars(prompt)
-        plan = Plan(kind, model, responses.estimate_tokens(chars), timing, fault)
+        plan = Plan(kind, model, responses.estimate_tokens(_prompt_chars(body, kind)), timing, fault)
         if wire.choices:
             plan.n = self._choices(body.get("n"))
         plan.stream = body.get("stream") is True
         options = body.get("stream_options")
         plan.include_usage = plan.stream and isinstance(options, dict) and options.get("include_usage") is True
-        limit = body.get("max_completion_tokens") if kind == "chat" else None
-        if limit is None:
-            limit = body.get("max_tokens")
-        if limit is None:
-            plan.n_tokens, plan.finish = n_default, "stop"
-        elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
-            plan.n_tokens, plan.finish = limit, "length"
-        else:
-            raise PlanError("`max_tokens` must be an integer >= 1.")
+        plan.n_tokens, plan.finish = _length(body, kind, n_default)
         if wire.context_error is not None:
-            n_ctx = self.config.ctx_size
-            if plan.prompt_tokens >= n_ctx:
-                raise PlanError("context exceeded", wire.context_error(plan.prompt_tokens, n_ctx))
-            if plan.n_tokens > n_ctx - plan.prompt_tokens:
-                # The sequence runs until its context is full.
-                plan.n_tokens, plan.finish = n_ctx - plan.prompt_tokens, "length"
+            self._fit_context(plan, wire.context_error)
         return plan
+
+    def _fit_context(self, plan: Plan, context_error: ContextError) -> None:
+        """The kind's context window (llama.cpp): a prompt that fills it is refused, a generation
+        stops where it is full."""
+        n_ctx = self.config.ctx_size
+        if plan.prompt_tokens >= n_ctx:
+            raise PlanError("context exceeded", context_error(plan.prompt_tokens, n_ctx))
+        if plan.n_tokens > n_ctx - plan.prompt_tokens:
+            # The sequence runs until its context is full.
+            plan.n_tokens, plan.finish = n_ctx - plan.prompt_tokens, "length"
 
     def _choices(self, n: object) -> int:
         """``n`` as llama.cpp checks it: one choice per slot at most."""
