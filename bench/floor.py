@@ -23,7 +23,7 @@ import orjson
 from gateway.sim.engine import Ticker
 from gateway.sim.kinds import WIRES
 from gateway.sim.responses import Elapsed
-from gateway.types import Receive, Scope, Send
+from gateway.types import HTTPScope, Receive, Scope, Send
 
 #: The simulator's vLLM answers: their bytes, SSE prefix and content types.
 _WIRE = WIRES["vllm"]
@@ -31,7 +31,7 @@ _JSON = [(b"content-type", _WIRE.json_type)]
 _NO_TIME = Elapsed(0.0, 0.0)
 
 
-def _header(scope: Scope, name: bytes, default: float) -> float:
+def _header(scope: HTTPScope, name: bytes, default: float) -> float:
     for key, value in scope["headers"]:
         if key == name:
             try:
@@ -45,7 +45,7 @@ async def _body(receive: Receive) -> bytes:
     parts = []
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
+        if message["type"] != "http.request":
             return b""
         parts.append(message.get("body", b""))
         if not message.get("more_body", False):

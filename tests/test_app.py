@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gateway.types import Message
+from gateway.types import ReceiveMessage
 from gateway.watch import WATCH_AFTER
-from tests.asgi import call, make_gateway
+from tests.asgi import Message, asgi, call, make_gateway
 from tests.fakes import Conn, FakeBackend, Req, sse_events
 from tests.servers import Gateway, ServerExited
 
@@ -35,7 +35,7 @@ def test_lifespan_startup_failure_is_reported(monkeypatch: pytest.MonkeyPatch, t
     async def send(m: Message) -> None:
         sent.append(m)
 
-    run(app({"type": "lifespan"}, receive, send))
+    run(asgi(app, {"type": "lifespan"}, receive, send))
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "missing" in sent[0]["message"]
 
@@ -59,7 +59,7 @@ def test_lifespan_startup_and_shutdown() -> None:
     async def send(m: Message) -> None:
         sent.append(m["type"])
 
-    run(app({"type": "lifespan"}, receive, send))
+    run(asgi(app, {"type": "lifespan"}, receive, send))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
@@ -110,7 +110,7 @@ def test_body_in_pieces_and_disconnect_during_body() -> None:
                 "headers": [],
                 "query_string": b"",
             }
-            await app(scope, receive, send)
+            await asgi(app, scope, receive, send)
             assert sent == []
             assert len(fb.requests) == 1
             await app.shutdown()
@@ -154,7 +154,7 @@ def test_disconnect_mid_stream_cancels_upstream_in_process() -> None:
                 "headers": [],
                 "query_string": b"",
             }
-            await asyncio.wait_for(app(scope, receive, send), 5)
+            await asyncio.wait_for(asgi(app, scope, receive, send), 5)
             assert 3 <= len(chunks) < 50
             assert (
                 app.topology.first.replicas[0].pool is not None
@@ -197,7 +197,7 @@ def test_disconnect_watcher_only_for_exchanges_that_outlive_a_tick() -> None:
             sent.append(m)
 
         scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
-        await asyncio.wait_for(app(scope, receive, send), 5)
+        await asyncio.wait_for(asgi(app, scope, receive, send), 5)
         return calls, sent
 
     with FakeBackend(handler=handler) as fb:
@@ -246,7 +246,7 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
 
     app = make_gateway(GATEWAY_CLIENT_BODY_TIMEOUT="0.05")
 
-    async def never() -> Message:
+    async def never() -> ReceiveMessage:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
@@ -274,7 +274,7 @@ def test_body_timeout_is_a_408_and_other_cancellations_pass_through() -> None:
     assert run(cancelled_from_outside()) == "cancelled"
 
     async def prompt_body() -> bytes:
-        async def receive() -> Message:
+        async def receive() -> ReceiveMessage:
             return {"type": "http.request", "body": b"{}", "more_body": False}
 
         body = await app.read_body(receive, b"2")
@@ -297,7 +297,7 @@ def test_the_timers_go_on_the_loop_that_serves_the_request() -> None:
     run(start())
     assert app._loop is not None and app._loop.is_closed()
 
-    async def never() -> Message:
+    async def never() -> ReceiveMessage:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
@@ -352,7 +352,7 @@ def test_the_last_body_piece_ends_the_response_where_its_end_is_known() -> None:
             raise AssertionError("unreachable")
 
         scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "query_string": b""}
-        await asyncio.wait_for(app(scope, receive, send), 5)
+        await asyncio.wait_for(asgi(app, scope, receive, send), 5)
         return messages
 
     async def go(fb: FakeBackend) -> list[list[tuple[bytes, bool]]]:
@@ -454,7 +454,7 @@ def test_lifespan_shutdown_failure_is_reported_with_its_traceback(
         raise RuntimeError("pool would not close")
 
     monkeypatch.setattr(app, "shutdown", broken_shutdown)
-    run(app({"type": "lifespan"}, receive, send))
+    run(asgi(app, {"type": "lifespan"}, receive, send))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
     assert "Traceback" in sent[1]["message"] and "pool would not close" in sent[1]["message"]
     assert "RuntimeError: pool would not close" in capfd.readouterr().err

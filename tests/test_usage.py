@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.exchange import Exchange
+from gateway.exchange import End, Exchange
 from gateway.usage import Usage, exchange_usage, find_usage, read_usage
 
 
@@ -51,7 +51,7 @@ def test_usage_of_the_last_two_pieces_is_that_of_both_joined() -> None:
     assert found > 0
 
 
-def _finished(status: int = 200, *, sse: bool = False, chunks: int = 0, end: str = "done") -> Exchange:
+def _finished(status: int = 200, *, sse: bool = False, chunks: int = 0, end: End = "done") -> Exchange:
     ex = Exchange(1.0)
     ex.status, ex.started, ex.sse, ex.chunks, ex.end = status, True, sse, chunks, end
     return ex
