@@ -95,20 +95,30 @@ class Settings(Spec, frozen=True, rename="upper"):
     gateway_pool_timeout: PositiveSeconds = 30.0
     #: How long an idle upstream connection is kept.
     gateway_keepalive: PositiveSeconds = 60.0
-    #: Longest time a client may take to send its request headers (Granian's header read timeout)
-    #: and, once they are in, its whole body (then 408).
+    #: Longest time a client may take to send its request headers (Granian's header read timeout:
+    #: hyper's one HTTP/1 timer, which also closes a connection that never sent a byte and an idle
+    #: keep-alive connection between requests).
     gateway_client_header_timeout: Annotated[
         float, Meta(ge=0.001, le=60, description="a number of seconds from 0.001 to 60")
     ] = 30.0
+    #: Largest request head (request line and fields) a client may send, answered 431 beyond: it
+    #: bounds the read buffer one connection can hold while its head trickles in (hyper's
+    #: ``max_buffer_size``; its own minimum is 8 KiB, its default 408 KiB).
+    gateway_client_max_header_bytes: Annotated[
+        int, Meta(ge=8192, le=1_048_576, description="a number of bytes from 8192 to 1048576")
+    ] = 64 * 1024
+    #: Once the head is in, longest time a client may take to send its whole body (then 408).
     gateway_client_body_timeout: Seconds = 120.0
     gateway_max_body_bytes: Annotated[int, Meta(ge=1024, description="a number of bytes >= 1024")] = 32 * 1024 * 1024
     #: On SIGTERM, how long in-flight requests may take to finish.
     gateway_drain_seconds: Seconds = 30.0
     gateway_tls_verify: Flag = True
     gateway_ca_bundle: Annotated[str, Meta(description="the path of a PEM file")] = ""
-    #: Granian's listen backlog and per-worker concurrent request cap.
+    #: Granian's listen backlog (the kernel caps it at net.core.somaxconn), and the client
+    #: connections each worker holds open at once (idle and half-sent ones included, not only
+    #: requests in progress); past it the worker stops accepting and new clients queue in the backlog.
     gateway_backlog: Annotated[int, Meta(ge=128, le=65535, description="an integer from 128 to 65535")] = 2048
-    gateway_backpressure: Count = 4096
+    gateway_backpressure: Count = 16384
     gateway_log_level: Annotated[LogLevel, Meta(description="one of " + ", ".join(typing.get_args(LogLevel)))] = "info"
     #: ``json`` lines, ``text``, or ``auto``: text on a terminal, JSON otherwise.
     gateway_log_format: Annotated[LogFormat, Meta(description="one of " + ", ".join(typing.get_args(LogFormat)))] = (

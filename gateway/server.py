@@ -10,6 +10,7 @@ session so a terminal's Ctrl-C reaches only the supervisor, which drains first.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -52,10 +53,55 @@ def run_granian(settings: Settings, target: str = "gateway.app:create_app", *, f
         websockets=False,
         backlog=settings.gateway_backlog,
         backpressure=settings.gateway_backpressure,
-        http1_settings=HTTP1Settings(header_read_timeout=max(1, int(settings.gateway_client_header_timeout * 1000))),
+        http1_settings=HTTP1Settings(
+            header_read_timeout=max(1, int(settings.gateway_client_header_timeout * 1000)),
+            max_buffer_size=settings.gateway_client_max_header_bytes,
+        ),
         log_level=LogLevels(settings.gateway_log_level),
         workers_kill_timeout=int(STOP_TIMEOUT),
     ).serve()
+
+
+#: Descriptors a worker holds besides its client and backend connections: its listening socket,
+#: the event loop's own, log and metrics files; generous, as running out fails accept() (EMFILE).
+FD_RESERVE = 256
+
+
+def files_needed(settings: Settings, replicas: int) -> int:
+    """Open files one worker needs at its limits: every client connection Granian lets it hold
+    (``GATEWAY_BACKPRESSURE``), every backend connection its pools may open (one pool of
+    ``GATEWAY_POOL_SIZE`` per replica), and ``FD_RESERVE``. The limit is per process, and each
+    worker is a process of its own, so this is also what each needs with several workers."""
+    return settings.gateway_backpressure + settings.gateway_pool_size * replicas + FD_RESERVE
+
+
+def nofile_plan(soft: int, hard: int, need: int) -> tuple[int | None, bool]:
+    """The soft open-file limit to set (None: leave it) and whether the hard limit falls short."""
+    if hard != resource.RLIM_INFINITY and hard < need:
+        return (hard if soft < hard else None), True
+    return (need if soft != resource.RLIM_INFINITY and soft < need else None), False
+
+
+def raise_nofile(settings: Settings, replicas: int) -> str | None:
+    """Raise this process's soft RLIMIT_NOFILE (Granian and its workers inherit it) to what a worker
+    needs, up to the hard limit. Often 1024 by default, it would cap a worker at ~1,000 client
+    connections whatever GATEWAY_BACKPRESSURE says, the rest failing accept() with EMFILE. (Granian
+    2.8 raises its own soft limit to the hard one too; this does not rely on it.) Returns the one
+    line to show when the hard limit is too low to hold that many, else None."""
+    need = files_needed(settings, replicas)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    new_soft, short = nofile_plan(soft, hard, need)
+    if new_soft is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+    if not short:
+        return None
+    upstream = need - settings.gateway_backpressure - FD_RESERVE
+    return (
+        f"gateway: warning: the open-file limit is {hard} (hard), below the {need} each worker needs for "
+        f"GATEWAY_BACKPRESSURE={settings.gateway_backpressure} client and {upstream} backend connections: "
+        f"a worker holds about {max(hard - upstream - FD_RESERVE, 0)} client connections, and accept() fails "
+        "beyond (raise it: ulimit -Hn, systemd LimitNOFILE=, docker --ulimit nofile=; or lower GATEWAY_BACKPRESSURE)"
+    )
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -151,6 +197,12 @@ class Supervisor:
 
 def serve(settings: Settings) -> int:
     """``gateway serve``: run until SIGTERM/SIGINT, drain, exit 0."""
+    from gateway.worker import declared_backends
+
+    replicas = sum(len(spec.urls) for spec in declared_backends(settings)[0])
+    warning = raise_nofile(settings, replicas)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     sup = Supervisor(settings)
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
