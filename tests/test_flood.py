@@ -88,8 +88,10 @@ class Flood:
                 self._poll.unregister(fd)
                 if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
                     self.connected += 1
-                    if self._raw:
-                        s.send(self._raw)
+                    if self._raw:  # whole, even past what the socket's buffer takes at once
+                        s.settimeout(5.0)
+                        s.sendall(self._raw)
+                        s.setblocking(False)
         return not self._pending
 
     def close(self) -> None:
@@ -256,3 +258,34 @@ def test_held_connections_are_closed_at_the_header_timeout(sim_proc: SimProc, tm
     )
     assert len(closed) == 2 * n + 20
     assert max(closed) < 3.0
+
+
+def test_a_head_held_unfinished_is_bounded(sim_proc: SimProc, tmp_path: Path) -> None:
+    """What one connection can hold while its head never ends is bounded by
+    GATEWAY_CLIENT_MAX_HEADER_BYTES (64 KiB): just under it, the worker holds the bytes (~80 KiB
+    each, against ~130 KiB with hyper's default 408 KiB bound, and up to 408 KiB there); past it,
+    431 and the connection closed."""
+    n = 1000
+    ensure_nofile(n + 1024)
+    start = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nx-pad: "
+    with gateway(tmp_path, sim_proc) as g:
+        assert g.proc is not None
+        meter = Meter(g.proc.pid)
+        real_requests(g.port, 5)
+        time.sleep(0.2)
+        rss0, fds0 = meter.rss(), meter.fds()
+        with sampling(meter), Flood(g.port, n, start + b"a" * (63 * 1024)):
+            assert held_connections(meter, fds0, n) >= n
+            time.sleep(0.5)
+            growth = meter.rss() - rss0
+            flooded = Timed.of(real_requests(g.port))
+        with Flood(g.port, 100, start + b"a" * (100 * 1024)) as over:
+            closed = closed_after(over.socks, within=5.0)
+    print(
+        f"\nRELIABILITY flood big heads: {n} unfinished heads of 63 KiB held, worker RSS +{growth / 2**20:.1f} MiB "
+        f"({growth / n / 1024:.1f} KiB each); real requests meanwhile {flooded}; 100 of 100 KiB: "
+        f"{len(closed)} closed after at most {max(closed, default=0) * 1000:.0f} ms"
+    )
+    assert flooded.ok == REAL
+    assert growth < n * 128 * 1024
+    assert len(closed) == 100 and max(closed) < 2.0
