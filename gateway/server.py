@@ -99,8 +99,9 @@ def raise_nofile(settings: Settings, replicas: int) -> str | None:
     return (
         f"gateway: warning: the open-file limit is {hard} (hard), below the {need} each worker needs for "
         f"GATEWAY_BACKPRESSURE={settings.gateway_backpressure} client and {upstream} backend connections: "
-        f"a worker holds about {max(hard - upstream - FD_RESERVE, 0)} client connections, and accept() fails "
-        "beyond (raise it: ulimit -Hn, systemd LimitNOFILE=, docker --ulimit nofile=; or lower GATEWAY_BACKPRESSURE)"
+        f"with its pools full a worker holds about {max(hard - upstream - FD_RESERVE, 0)} client connections, "
+        "accept() fails beyond (raise it: ulimit -Hn, systemd LimitNOFILE=, docker --ulimit nofile=; "
+        "or lower GATEWAY_BACKPRESSURE)"
     )
 
 
