@@ -24,16 +24,18 @@ from gateway.auth import KeyRing
 from gateway.balance import Backend, Replica
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, error_class, map_error
+from gateway.headers import DROP_REQUEST_HEADERS
 from gateway.limits import Limiter, SharedLimiter, load_keys
 from gateway.netio import AsyncioBackend
 from gateway.observe import AccessLog, Metrics, request_id, setup_logging, tokens_used
 from gateway.payload import peek, with_model
+from gateway.pool import Pool
 from gateway.profiles import PROFILES, Profile, Support, apply_overrides
 from gateway.relay import Exchange, Timeouts, fail, forward, send_error
 from gateway.routes_file import RoutesSpec, load_routes
+from gateway.target import Target, make_ssl_context
 from gateway.types import Receive, Scope, Send
-from gateway.upstream import DROP_REQUEST_HEADERS, Pool, Target, error_class, make_ssl_context, map_error
 
 log = logging.getLogger("gateway")
 

@@ -10,7 +10,8 @@ import httpcore
 import msgspec
 
 from gateway import __version__
-from gateway.upstream import Target, open_connection
+from gateway.connection import open_connection
+from gateway.target import Target
 
 #: Marks the gateway's own model listing (refreshed in the background for the metrics' labels).
 MODELS_USER_AGENT = f"gateway/{__version__} (model list)".encode()

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import upstream
-from gateway.upstream import Connection, request_headers
+from gateway import connection
+from gateway.connection import Connection, request_headers
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 ORIGIN = httpcore.Origin(b"http", b"127.0.0.1", 8000)
@@ -261,7 +261,7 @@ def test_sized_bodies_match_h11(body: bytes, after: bytes, cut_short: int, cuts:
 def test_the_installed_h11_takes_the_fast_paths(head: bytes, reader: str) -> None:
     # If a new h11 moved the internals _dechunk and _sized take over from, bodies would silently
     # go back to h11's slower framing: make that a failing test, not a quiet regression.
-    assert upstream.FAST_CHUNKED
+    assert connection.FAST_CHUNKED
 
     async def kind() -> str:
         conn = Connection(origin=ORIGIN, stream=Reads([head]), keepalive_expiry=None)
