@@ -1,22 +1,15 @@
-"""One HTTP/1.1 connection to a backend: ``gateway.h1`` driven over a network stream, with h11
-(through httpcore's connection) as the fallback for everything ``h1`` does not take.
+"""One HTTP/1.1 connection to a backend: ``gateway.h1`` driven over httpcore's network stream,
+with h11 (through httpcore's connection) as the fallback for all that ``h1`` does not take.
 
-This is the one module that touches private state of h11 and httpcore (h11's receive buffer,
-body readers, header list and size limit; httpcore's connection state, stream and expiry). They
-are pinned to a minor version in pyproject.toml; ``DIRECT`` turns False (and h11 reads every
-answer, slower but the same) if a later h11 moved what is used here.
-
-Why not h11 for every exchange: its events and state transitions were over half of the app's
-own time per non-streamed request, and its two ``next_event()`` calls per chunk most of the
-per-chunk cost. For a plain request, and an answer framed by one Content-Length or by chunked
-coding, ``exchange`` writes the request and reads the head with ``h1``, and the body is decoded
-by ``h1``'s decoders; any other answer is handed to h11 with the request replayed into its state.
+The one module that touches private state of h11 and httpcore (h11's receive buffer, body
+readers, header list and size limit; httpcore's connection state, stream and expiry), pinned to
+their minor versions in pyproject.toml. h11 per exchange was over half of the app's own time per
+non-streamed request and most of the per-chunk cost: plain exchanges go past it (``DIRECT``).
 """
 
 from __future__ import annotations
 
-import socket
-import ssl
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -26,7 +19,6 @@ from httpcore import AsyncHTTP11Connection
 
 from gateway import h1
 from gateway.netio import Stream as NetStream
-from gateway.target import Target
 
 try:  # h11's body readers: the body is taken over from them before they have read anything
     from h11._readers import ChunkedReader, ContentLengthReader
@@ -38,7 +30,6 @@ except ImportError:  # pragma: no cover - a later h11 that moved it; then h11 ch
     H11Headers = None  # type: ignore[assignment,misc]
 from httpcore._async.http11 import HTTPConnectionState
 
-NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 _IDLE, _NEW, _ACTIVE = HTTPConnectionState.IDLE, HTTPConnectionState.NEW, HTTPConnectionState.ACTIVE
 
 
@@ -46,15 +37,12 @@ def _h11_internals_known() -> bool:
     """Whether this h11 has the receive buffer, readers and limit used here."""
     if ChunkedReader is None:
         return False
-    probe = h11.Connection(h11.CLIENT)
-    reader = ChunkedReader()
-    sized = ContentLengthReader(1)
+    probe, chunked, sized = h11.Connection(h11.CLIENT), ChunkedReader(), ContentLengthReader(1)
     return (
-        hasattr(probe, "_reader")
-        and hasattr(getattr(probe, "_receive_buffer", None), "maybe_extract_at_most")
-        and all(hasattr(reader, a) for a in ("_bytes_in_chunk", "_bytes_to_discard", "_reading_trailer"))
+        all(hasattr(probe, a) for a in ("_reader", "_max_incomplete_event_size", "_receive_buffer"))
+        and all(hasattr(chunked, a) for a in ("_bytes_in_chunk", "_bytes_to_discard", "_reading_trailer"))
         and all(hasattr(sized, a) for a in ("_length", "_remaining"))
-        and hasattr(probe, "_max_incomplete_event_size")
+        and hasattr(probe._receive_buffer, "maybe_extract_at_most")
     )
 
 
@@ -81,19 +69,6 @@ def _disconnected() -> httpcore.RemoteProtocolError:
     return httpcore.RemoteProtocolError("Server disconnected without sending a response.")
 
 
-class _NoLock:
-    __slots__ = ()
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
-
-
 class Connection(AsyncHTTP11Connection):
     """One backend connection, used by one request at a time.
 
@@ -107,7 +82,7 @@ class Connection(AsyncHTTP11Connection):
         super().__init__(origin=origin, stream=stream, keepalive_expiry=keepalive_expiry)
         # The pool hands a connection to one request at a time, so httpcore's state lock (an
         # anyio lock, several task look-ups per request) guards nothing here.
-        self._state_lock = _NO_LOCK  # type: ignore[assignment]
+        self._state_lock = contextlib.nullcontext()  # type: ignore[assignment]
         #: The piece of the body just handed out was its last (known only where the framing says
         #: so before the read that would end it: a Content-Length body on the direct path).
         self.body_complete = False
@@ -154,14 +129,10 @@ class Connection(AsyncHTTP11Connection):
         timeout: float | None,  # noqa: ASYNC109 - per read and write, as httpcore's are
     ) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Send one request and read its response head: the status and the raw headers. The body
-        follows; then ``close_response()``, as with an httpcore response.
-
-        What ``handle_async_request`` does for the gateway's requests (same bytes, same state,
-        same exceptions), without building an ``httpcore.Request`` and URL, four trace contexts
-        and a regex per header name and value: the head and body go out in one write. A request
-        h11 would send as plain bytes takes ``_direct_exchange``; any other goes through h11's
-        events. A ``WriteError`` is passed over to read the answer, as httpcore does: a server
-        may answer and close before reading the whole request.
+        follows; then ``close_response()``. Same bytes, state and exceptions as httpcore's
+        ``handle_async_request``, in one write and without its per-request objects. A
+        ``WriteError`` is passed over to read the answer, as httpcore does: a server may answer
+        and close before reading the whole request.
         """
         state = self._state
         if state is not _IDLE and state is not _NEW:
@@ -189,7 +160,7 @@ class Connection(AsyncHTTP11Connection):
         try:
             return await self._h11_exchange(method, target, headers, body, timeout, valid)
         except BaseException:
-            await self._response_closed()  # no await inside can be interrupted: see _NoLock, netio
+            await self._response_closed()  # no await inside can be interrupted: no lock, see netio
             raise
 
     def body_in_hand(self) -> bytes | None:
@@ -449,17 +420,3 @@ class Connection(AsyncHTTP11Connection):
         buffer = self._h11_state._receive_buffer
         taken = buffer.maybe_extract_at_most(len(buffer))
         return bytes(taken) if taken else b""
-
-
-async def open_connection(
-    target: Target,
-    ssl_context: ssl.SSLContext | None,
-    connect_timeout: float,
-    keepalive: float | None,
-    network: httpcore.AsyncNetworkBackend,
-) -> Connection:
-    """A new HTTP/1.1 connection with TCP_NODELAY set; httpcore's exceptions on failure."""
-    stream = await network.connect_tcp(target.host, target.port, timeout=connect_timeout, socket_options=NODELAY)
-    if ssl_context is not None:
-        stream = await stream.start_tls(ssl_context, server_hostname=target.host, timeout=connect_timeout)
-    return Connection(origin=target.origin, stream=stream, keepalive_expiry=keepalive)

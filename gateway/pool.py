@@ -12,14 +12,31 @@ into the client's answer.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 import httpcore
 
-from gateway.connection import Connection, open_connection
+from gateway.connection import Connection
 from gateway.handover import HandOver
 from gateway.netio import AsyncioBackend
 from gateway.target import Target
+
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+async def open_connection(
+    target: Target,
+    ssl_context: ssl.SSLContext | None,
+    connect_timeout: float,
+    keepalive: float | None,
+    network: httpcore.AsyncNetworkBackend,
+) -> Connection:
+    """A new HTTP/1.1 connection with TCP_NODELAY set; httpcore's exceptions on failure."""
+    stream = await network.connect_tcp(target.host, target.port, timeout=connect_timeout, socket_options=NODELAY)
+    if ssl_context is not None:
+        stream = await stream.start_tls(ssl_context, server_hostname=target.host, timeout=connect_timeout)
+    return Connection(origin=target.origin, stream=stream, keepalive_expiry=keepalive)
 
 
 class PoolTimeout(httpcore.PoolTimeout):

@@ -10,7 +10,7 @@ import httpcore
 import msgspec
 
 from gateway import __version__
-from gateway.connection import open_connection
+from gateway.pool import open_connection
 from gateway.target import Target
 
 #: Marks the gateway's own model listing (refreshed in the background for the metrics' labels).
