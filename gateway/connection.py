@@ -75,7 +75,8 @@ class Connection(AsyncHTTP11Connection):
     The relay's interface: ``exchange`` (send a request, get the response head), then the body by
     ``body_in_hand`` or ``iter_body`` (``body_complete`` says a piece was the last), then
     ``close_response``; ``reusable`` and ``request_sent`` for the pool and the resend rule.
-    httpcore's own ``handle_async_request`` works too (the probes use it).
+    httpcore's ``handle_async_request`` works too, but its error paths need anyio (not a
+    dependency): the gateway itself does not call it.
     """
 
     def __init__(self, origin: httpcore.Origin, stream: httpcore.AsyncNetworkStream, keepalive_expiry: float | None):
