@@ -18,6 +18,7 @@ import httpcore
 from httpcore import AsyncHTTP11Connection
 
 from gateway import h1
+from gateway.h1 import fields_valid, parse_head, plain_request, request_bytes
 from gateway.netio import Stream as NetStream
 
 try:  # h11's body readers: the body is taken over from them before they have read anything
@@ -55,7 +56,7 @@ DIRECT = FAST_CHUNKED and H11Headers is not None
 def request_headers(headers: list[tuple[bytes, bytes]]) -> H11Headers | None:
     """``headers`` as h11's header list when ``h1.fields_valid`` passes them, else None (h11 then
     checks them field by field and refuses them exactly as before)."""
-    if H11Headers is None or not h1.fields_valid(headers):  # H11Headers is None: see the import
+    if H11Headers is None or not fields_valid(headers):  # H11Headers is None: see the import
         return None
     return _h11_fields(headers)
 
@@ -146,11 +147,11 @@ class Connection(AsyncHTTP11Connection):
         stream = self._network_stream
         if isinstance(stream, NetStream):
             stream.written = 0
-        valid = h1.fields_valid(headers)
+        valid = fields_valid(headers)
         if (
             DIRECT
             and valid
-            and h1.plain_request(method, target, headers, body)
+            and plain_request(method, target, headers, body)
             and not self._h11_state._receive_buffer  # bytes already here are h11's to read (never via the pool)
         ):
             try:
@@ -234,14 +235,14 @@ class Connection(AsyncHTTP11Connection):
         self._direct = True
         self._sent = (method, target, headers, body)
         try:
-            await self._network_stream.write(h1.request_bytes(method, target, headers, body), timeout=timeout)
+            await self._network_stream.write(request_bytes(method, target, headers, body), timeout=timeout)
         except httpcore.WriteError:
             pass  # read the answer anyway, as httpcore does
         received = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
         if not received:
             raise _disconnected()
         end = received.find(b"\r\n\r\n")
-        head = h1.parse_head(received, end) if end >= 0 else None
+        head = parse_head(received, end) if end >= 0 else None
         if head is None:  # h11 reads this one: a head in several reads, or one that needs h11
             self._to_h11(received)
             return await self._h11_head(timeout)
@@ -280,6 +281,7 @@ class Connection(AsyncHTTP11Connection):
             data = self._take_h11_buffer()
         feed = decoder.feed
         read = self._network_stream.read
+        size = self.READ_NUM_BYTES
         timeout = first_timeout
         while True:
             if data:
@@ -299,7 +301,7 @@ class Connection(AsyncHTTP11Connection):
                     reader._remaining = decoder.left
                 yield piece
                 timeout = idle_timeout
-            data = await read(self.READ_NUM_BYTES, timeout)
+            data = await read(size, timeout)
             if not data:
                 raise httpcore.RemoteProtocolError(str(decoder.eof_error()))
 
@@ -316,6 +318,7 @@ class Connection(AsyncHTTP11Connection):
         self._decoder = decoder = h1.ChunkedBody(state._max_incomplete_event_size)
         feed = decoder.feed
         read = self._network_stream.read
+        size = self.READ_NUM_BYTES
         timeout = first_timeout
         while True:
             if data:
@@ -325,7 +328,7 @@ class Connection(AsyncHTTP11Connection):
                     timeout = idle_timeout
                 if decoder.finished:
                     break
-            data = await read(self.READ_NUM_BYTES, timeout)
+            data = await read(size, timeout)
             if not data:
                 raise httpcore.RemoteProtocolError(str(decoder.eof_error()))
         if decoder.error is not None:

@@ -262,7 +262,8 @@ class ChunkedBody:
                     return data[start:-2]
         return self._frame(data)
 
-    def _frame(self, data: bytes) -> bytes:  # noqa: C901 - one state machine, kept in one loop for speed
+    def _frame(self, data: bytes) -> bytes:
+        """The general case: any mix of partial and whole chunks, in one pass over ``data``."""
         match = _CHUNK_LINE.match
         state = self.state
         left = self._left
@@ -293,21 +294,11 @@ class ChunkedBody:
                 break  # this piece is used up: the next size line comes with the next one
             found = match(data, pos)
             if found is None:
-                if data.find(b"\r\n", pos) >= 0:
-                    self._fail(ProtocolError(f"illegal chunk header: {data[pos : pos + 40]!r}"))
-                elif size - pos > self.limit:
-                    self._fail(_line_too_long())
-                else:
-                    self._line, self._seen = [data[pos:]], size - pos
+                self._no_size_line(data, pos)
                 break
             left = int(found[1], 16)
-            if not left:  # the last chunk
-                self.finished = True
-                self.tail = data[pos:]
-                if data[found.end() : found.end() + 2] == b"\r\n":  # no trailers: the message ends here
-                    self.state, self.extra = _DONE, data[found.end() + 2 :]
-                else:
-                    self.state = _LAST
+            if not left:
+                self._last_chunk(data, pos, found.end())
                 return pieces[0] if len(pieces) == 1 else b"".join(pieces)
             pos = found.end()
             self.chunks += 1
@@ -319,6 +310,24 @@ class ChunkedBody:
         if not pieces:
             return b""
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _no_size_line(self, data: bytes, pos: int) -> None:
+        """No whole size line at ``pos``: a broken one, one too long, or one still coming."""
+        if data.find(b"\r\n", pos) >= 0:
+            self._fail(ProtocolError(f"illegal chunk header: {data[pos : pos + 40]!r}"))
+        elif len(data) - pos > self.limit:
+            self._fail(_line_too_long())
+        else:
+            self._line, self._seen = [data[pos:]], len(data) - pos
+
+    def _last_chunk(self, data: bytes, pos: int, end: int) -> None:
+        """The last chunk's line is ``data[pos:end]``: the message ends, unless trailers follow."""
+        self.finished = True
+        self.tail = data[pos:]
+        if data[end : end + 2] == b"\r\n":  # no trailers: the message ends here
+            self.state, self.extra = _DONE, data[end + 2 :]
+        else:
+            self.state = _LAST
 
     def _fail(self, error: ProtocolError) -> None:
         self.state = _ERROR
