@@ -7,7 +7,13 @@ import asyncio
 
 import pytest
 
+from gateway.balance import Backend, Replica
+from gateway.errors import GatewayError
 from gateway.handover import HandOver
+from gateway.pool import Pool
+from gateway.profiles import PROFILES
+from gateway.target import Target
+from tests.memnet import MemoryNetwork
 
 
 def _never(thing: object) -> None:
@@ -134,3 +140,58 @@ def test_fail_all_ends_every_wait_with_its_own_exception() -> None:
     errors = asyncio.run(run())
     assert [type(e) for e in errors] == [ConnectionAbortedError] * 3
     assert len({id(e) for e in errors}) == 3  # a fresh one each: no traceback shared across tasks
+
+
+# -- the same queue under admission (``Backend.admit`` / ``leave``) ---------------------------
+
+
+def _backend(max_inflight: int, queue_size: int, queue_timeout: float = 5.0) -> Backend:
+    target = Target("http://backend:8000/v1", PROFILES["vllm"], "")
+    pool = Pool(target, size=1, connect_timeout=1.0, pool_timeout=1.0, keepalive=5.0, network=MemoryNetwork([]))
+    replica = Replica(target, pool, None, 1)
+    return Backend(
+        "vllm",
+        PROFILES["vllm"],
+        {},
+        [replica],
+        max_inflight=max_inflight,
+        queue_size=queue_size,
+        queue_timeout=queue_timeout,
+    )
+
+
+def test_admission_hands_a_slot_on_when_its_waiter_is_cancelled() -> None:
+    async def run() -> None:
+        backend = _backend(max_inflight=1, queue_size=2)
+        await backend.admit(draining=False)
+        first = asyncio.create_task(backend.admit(draining=False))
+        second = asyncio.create_task(backend.admit(draining=False))
+        await asyncio.sleep(0)
+        with pytest.raises(GatewayError) as full:
+            await backend.admit(draining=False)  # the queue is full
+        assert full.value.code == "overloaded"
+        backend.leave()  # the slot goes to the first waiter...
+        first.cancel()  # ...which gives up before it runs: the second gets it
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await second
+        assert backend.inflight == 1
+        backend.leave()
+        assert backend.inflight == 0
+
+    asyncio.run(run())
+
+
+def test_admission_timing_out_is_overloaded_and_leaks_nothing() -> None:
+    async def run() -> None:
+        backend = _backend(max_inflight=1, queue_size=1, queue_timeout=0.01)
+        await backend.admit(draining=False)
+        with pytest.raises(GatewayError) as info:
+            await backend.admit(draining=False)
+        assert (info.value.status, info.value.code) == (429, "overloaded")
+        backend.leave()
+        assert backend.inflight == 0
+        await backend.admit(draining=False)
+        assert backend.inflight == 1
+
+    asyncio.run(run())
