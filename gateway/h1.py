@@ -159,6 +159,7 @@ _LAST, _DONE, _ERROR = BodyState.LAST, BodyState.DONE, BodyState.ERROR
 #: One chunk-size line (RFC 9112 7.1), as h11 accepts it: up to 20 hex digits, extensions
 #: skipped, trailing blanks tolerated.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*\r\n")
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 def _line_too_long() -> ProtocolError:
@@ -252,11 +253,12 @@ class ChunkedBody:
             data = self._rest + data
             self._rest = b""
         elif self.state is _SIZE:
-            # The paced stream's shape: one whole chunk per read.
-            size_line = _CHUNK_LINE.match(data)
-            if size_line is not None:
-                start = size_line.end()
-                n = int(size_line[1], 16)
+            # The paced stream's shape: one whole chunk per read, its size line bare hex digits
+            # (what _CHUNK_LINE accepts, minus extensions and blanks: those take _frame).
+            end = data.find(b"\r\n", 0, 22)
+            if end > 0 and not data[:end].strip(_HEX_DIGITS):
+                n = int(data[:end], 16)
+                start = end + 2
                 if n and len(data) == start + n + 2 and data[-2] == 13 and data[-1] == 10:
                     self.chunks += 1
                     return data[start:-2]

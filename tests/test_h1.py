@@ -105,8 +105,9 @@ def test_a_sized_body_cut_short_says_what_h11_says() -> None:
 
 def test_one_whole_chunk_per_piece() -> None:
     body = ChunkedBody(LIMIT)
-    assert feed_all(body, [b"5\r\nhello\r\n", b"3;x=1\r\nabc\r\n"]) == [b"hello", b"abc"]
-    assert (body.state, body.chunks, body.finished) == (BodyState.SIZE, 2, False)
+    pieces = [b"5\r\nhello\r\n", b"3;x=1\r\nabc\r\n", b"0A\r\n0123456789\r\n", b"2 \r\nhi\r\n"]
+    assert feed_all(body, pieces) == [b"hello", b"abc", b"0123456789", b"hi"]
+    assert (body.state, body.chunks, body.finished) == (BodyState.SIZE, 4, False)
     assert body.feed(b"0\r\n\r\nnext") == b""
     assert (body.state, body.finished, body.extra, body.tail) == (BodyState.DONE, True, b"next", b"0\r\n\r\nnext")
 

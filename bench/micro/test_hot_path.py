@@ -48,7 +48,7 @@ from gateway import routes
 from gateway.app import Gateway
 from gateway.auth import KeyRing
 from gateway.errors import error_body, sse_error_event
-from gateway.h1 import parse_head, plain_request
+from gateway.h1 import ChunkedBody, parse_head, plain_request
 from gateway.headers import DROP_REQUEST_HEADERS, response_headers
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
@@ -246,6 +246,13 @@ def test_direct_request(benchmark: BenchmarkFixture) -> None:
     headers = [(b"host", b"backend.bench:8000"), *client_headers(len(SMALL_BODY))[1:]]
     headers = [(n, v) for n, v in headers if n not in DROP_REQUEST_HEADERS or n in (b"host", b"content-length")]
     assert benchmark(plain_request, b"POST", b"/v1/chat/completions", headers, SMALL_BODY)
+
+
+def test_chunked_feed(benchmark: BenchmarkFixture) -> None:
+    """``h1.ChunkedBody.feed`` on a paced stream's read: one whole HTTP chunk (one SSE event)."""
+    event = sse_events(2)[0]
+    body = ChunkedBody(100 * 1024)
+    assert benchmark(body.feed, b"%x\r\n%s\r\n" % (len(event), event)) == event
 
 
 @pytest.mark.parametrize("kind", list(UPSTREAM_HEADERS))
