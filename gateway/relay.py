@@ -119,6 +119,8 @@ class Timeouts:
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 #: A retried answer is kept (to relay it if every attempt fails) up to this size.
 _KEEP_LIMIT = 64 * 1024
+#: A retried answer, read to relay it if every attempt fails: status, headers, body.
+_Kept = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 async def forward(
@@ -167,10 +169,6 @@ async def forward(
         if answer is None:
             return
         kept = answer
-
-
-#: A retried answer, read to relay it if every attempt fails: status, headers, body.
-_Kept = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 async def _on_replica(
