@@ -53,14 +53,6 @@ FAST_CHUNKED = _h11_internals_known()
 DIRECT = FAST_CHUNKED and H11Headers is not None
 
 
-def request_headers(headers: list[tuple[bytes, bytes]]) -> H11Headers | None:
-    """``headers`` as h11's header list when ``h1.fields_valid`` passes them, else None (h11 then
-    checks them field by field and refuses them exactly as before)."""
-    if H11Headers is None or not fields_valid(headers):  # H11Headers is None: see the import
-        return None
-    return _h11_fields(headers)
-
-
 def _h11_fields(headers: list[tuple[bytes, bytes]]) -> H11Headers:
     """h11's own header list for headers that ``fields_valid`` passed (h11 checks none again)."""
     return H11Headers([(n, n, v) for n, v in headers])
