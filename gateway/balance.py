@@ -224,7 +224,7 @@ class Backend:
 
     def leave(self) -> None:
         """A request is done: its slot goes to the first queued one, else it is freed."""
-        if not self._queue.hand(None):
+        if not (self._queue.waiters and self._queue.hand(None)):
             self.inflight -= 1
 
     def _pass_on(self, _slot: None) -> None:

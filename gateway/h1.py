@@ -175,13 +175,15 @@ class SizedBody:
 
     __slots__ = ("length", "left", "state", "finished", "extra", "chunks")
 
-    def __init__(self, length: int, left: int | None = None) -> None:
+    def __init__(self, length: int, left: int = -1) -> None:
+        if left < 0:
+            left = length
         self.length = length
         #: Bytes of the body still to come.
-        self.left = length if left is None else left
-        self.state = _DATA if self.left else _DONE
+        self.left = left
+        self.state = _DATA if left else _DONE
         #: The body has ended (state DONE): checked once per piece, so a plain attribute.
-        self.finished = not self.left
+        self.finished = not left
         self.extra = b""
         #: Pieces fed that held body bytes.
         self.chunks = 0

@@ -20,17 +20,19 @@ T = TypeVar("T")
 class HandOver(Generic[T]):
     """Waiters in arrival order; ``hand`` gives one thing to the first that still waits."""
 
-    __slots__ = ("_waiters",)
+    __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self._waiters: collections.deque[asyncio.Future[T]] = collections.deque()
+        #: The waiters' futures, oldest first. Read-only outside this class: ``if queue.waiters``
+        #: is the hot paths' check for anyone waiting (cheaper than a call to ``hand``).
+        self.waiters: collections.deque[asyncio.Future[T]] = collections.deque()
 
     def __len__(self) -> int:
         """Waiters now queued."""
-        return len(self._waiters)
+        return len(self.waiters)
 
     def __repr__(self) -> str:
-        return f"<HandOver waiting={len(self._waiters)}>"
+        return f"<HandOver waiting={len(self.waiters)}>"
 
     async def wait(self, timeout: float | None, give_back: Callable[[T], None]) -> T:  # noqa: ASYNC109
         """Wait up to ``timeout`` seconds (None: for ever) for something handed over.
@@ -40,7 +42,7 @@ class HandOver(Generic[T]):
         that thing goes to ``give_back`` before the exception propagates: never leaked.
         """
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self.waiters.append(fut)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
@@ -51,14 +53,14 @@ class HandOver(Generic[T]):
             else:
                 fut.cancel()
                 try:  # still queued unless a hand-over popped it
-                    self._waiters.remove(fut)
+                    self.waiters.remove(fut)
                 except ValueError:
                     pass
             raise
 
     def hand(self, thing: T) -> bool:
         """Give ``thing`` to the first waiter still waiting; False (kept by the caller) if none."""
-        waiters = self._waiters
+        waiters = self.waiters
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
@@ -68,7 +70,7 @@ class HandOver(Generic[T]):
 
     def fail_all(self, error: Callable[[], BaseException]) -> None:
         """End every wait with a fresh exception from ``error`` (a shutting-down pool)."""
-        waiters = self._waiters
+        waiters = self.waiters
         while waiters:
             fut = waiters.popleft()
             if not fut.done():

@@ -85,7 +85,7 @@ class Pool:
         self._open = 0
         self._active = 0
         #: Waiters for a connection, or (None) for a free slot to open one in.
-        self._waiters: HandOver[Connection | None] = HandOver()
+        self._queue: HandOver[Connection | None] = HandOver()
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -105,12 +105,12 @@ class Pool:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._queue)
 
     def __repr__(self) -> str:
         return (
             f"<Pool {self._target.display} [Connections: {self._open} open, {self._active} active, "
-            f"{len(self._idle)} idle, size {self._size} | Waiting: {len(self._waiters)}]>"
+            f"{len(self._idle)} idle, size {self._size} | Waiting: {len(self._queue)}]>"
         )
 
     # -- acquire / release --------------------------------------------------------------------
@@ -132,7 +132,7 @@ class Pool:
             return conn, True
         if self._open >= self._size:
             try:
-                handed = await self._waiters.wait(self._pool_timeout, self._pass_on)
+                handed = await self._queue.wait(self._pool_timeout, self._pass_on)
             except TimeoutError:
                 raise PoolTimeout(self._pool_timeout) from None
             if handed is not None:
@@ -168,7 +168,7 @@ class Pool:
             self._put_back(handed)
 
     def _put_back(self, conn: Connection) -> None:
-        if not self._waiters.hand(conn):
+        if not (self._queue.waiters and self._queue.hand(conn)):
             self._idle.append(conn)
 
     def _discard(self, conn: Connection) -> None:
@@ -183,7 +183,7 @@ class Pool:
 
     def _wake_one(self) -> None:
         """Hand a free slot to the first live waiter, which then opens a connection."""
-        if self._open < self._size and self._waiters.hand(None):
+        if self._open < self._size and self._queue.waiters and self._queue.hand(None):
             self._open += 1
 
     async def aclose(self) -> None:
@@ -193,4 +193,4 @@ class Pool:
         for conn in idle:
             self._open -= 1
             await conn.aclose()
-        self._waiters.fail_all(PoolClosed)
+        self._queue.fail_all(PoolClosed)
