@@ -177,7 +177,6 @@ class Connection(AsyncHTTP11Connection):
         A chunked or Content-Length body is decoded by ``h1`` (also when h11 read the head: its
         state is then kept exactly where its own reading would leave it); any other by h11.
         """
-        self._decoder, self._counted = None, 0
         if self._direct:
             if self._length == h1.CHUNKED:
                 return self._dechunk(first_timeout, idle_timeout)

@@ -171,7 +171,8 @@ def _malformed_footer(got: bytes) -> ProtocolError:
 
 
 class SizedBody:
-    """A body framed by a Content-Length: every byte fed is body up to that length."""
+    """A body framed by a Content-Length: every byte fed is body up to that length. ``left``:
+    the bytes still to come when the body was started elsewhere (by h11); by default all."""
 
     __slots__ = ("length", "left", "state", "finished", "extra", "chunks")
 
