@@ -124,9 +124,14 @@ class Connection(AsyncHTTP11Connection):
     ) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Send one request and read its response head: the status and the raw headers. The body
         follows; then ``close_response()``. Same bytes, state and exceptions as httpcore's
-        ``handle_async_request``, in one write and without its per-request objects. A
-        ``WriteError`` is passed over to read the answer, as httpcore does: a server may answer
-        and close before reading the whole request.
+        ``handle_async_request``, in one write and without its per-request objects.
+
+        A plain request (``h1.plain_request``) goes out as the bytes h11 would write, and a head
+        that h11 would read to the same status and fields (``h1.parse_head``), whole in the first
+        read, is read here; any other answer is handed to h11 with the request replayed into its
+        state, so it is read, framed and refused exactly as on h11's own path. A ``WriteError`` is
+        passed over to read the answer, as httpcore does: a server may answer and close before
+        reading the whole request.
         """
         state = self._state
         if state is not _IDLE and state is not _NEW:
@@ -140,22 +145,35 @@ class Connection(AsyncHTTP11Connection):
         if isinstance(stream, NetStream):
             stream.written = 0
         valid = fields_valid(headers)
-        if (
+        if not (
             DIRECT
             and valid
             and plain_request(method, target, headers, body)
             and not self._h11_state._receive_buffer  # bytes already here are h11's to read (never via the pool)
         ):
-            try:
-                return await self._direct_exchange(method, target, headers, body, timeout)
-            except BaseException:
-                await self.close_response()  # not read to the end: closed
-                raise
-        try:
             return await self._h11_exchange(method, target, headers, body, timeout, valid)
+        self._direct = True
+        self._sent = (method, target, headers, body)
+        try:
+            try:
+                await stream.write(request_bytes(method, target, headers, body), timeout=timeout)
+            except httpcore.WriteError:
+                pass  # read the answer anyway, as httpcore does
+            received = await stream.read(self.READ_NUM_BYTES, timeout=timeout)
+            if not received:
+                raise _disconnected()
+            end = received.find(b"\r\n\r\n")
+            head = parse_head(received, end) if end >= 0 else None
+            if head is None:  # h11 reads this one: a head in several reads, or one that needs h11
+                self._to_h11(received)
+                return await self._h11_head(timeout)
         except BaseException:
-            await self._response_closed()  # no await inside can be interrupted: no lock, see netio
+            await self.close_response()  # not read to the end: closed
             raise
+        status, raw, self._length = head
+        self._head = received[: end + 4]
+        self._rest = received[end + 4 :]
+        return status, raw
 
     def body_in_hand(self) -> bytes | None:
         """The whole body when it came in the read that brought the head (a Content-Length body on
@@ -210,37 +228,6 @@ class Connection(AsyncHTTP11Connection):
         await self._response_closed()
 
     # -- the direct path ----------------------------------------------------------------------
-
-    async def _direct_exchange(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        timeout: float | None,  # noqa: ASYNC109
-    ) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """``exchange`` without h11's state machine: the bytes h11 would write, and a response head
-        that h11 would read to the same status and fields (``h1.parse_head``), whole in the first
-        read. Anything else read back is handed to h11 with the request replayed into its state,
-        so it is read, framed and refused exactly as on h11's own path."""
-        self._direct = True
-        self._sent = (method, target, headers, body)
-        try:
-            await self._network_stream.write(request_bytes(method, target, headers, body), timeout=timeout)
-        except httpcore.WriteError:
-            pass  # read the answer anyway, as httpcore does
-        received = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
-        if not received:
-            raise _disconnected()
-        end = received.find(b"\r\n\r\n")
-        head = parse_head(received, end) if end >= 0 else None
-        if head is None:  # h11 reads this one: a head in several reads, or one that needs h11
-            self._to_h11(received)
-            return await self._h11_head(timeout)
-        status, raw, self._length = head
-        self._head = received[: end + 4]
-        self._rest = received[end + 4 :]
-        return status, raw
 
     def _to_h11(self, received: bytes) -> None:
         """Hand the exchange over to h11: the request sent replayed into its state, then the
@@ -344,33 +331,38 @@ class Connection(AsyncHTTP11Connection):
         timeout: float | None,  # noqa: ASYNC109
         valid: bool,
     ) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """``exchange`` through h11's events, which check and refuse what h11 refuses."""
+        """``exchange`` through h11's events, which check and refuse what h11 refuses; the
+        connection is closed on any failure."""
         fields = _h11_fields(headers) if valid and H11Headers is not None else None
         h11_state = self._h11_state
         try:
-            event = (
-                h11.Request(method=method, target=target, headers=headers)
-                if fields is None
-                else h11.Request(method=method, target=target, headers=fields, _parsed=True)
-            )
-            data = h11_state.send(event) or b""
-            if body:
-                data += h11_state.send(h11.Data(data=body)) or b""
-            data += h11_state.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError as exc:
-            raise httpcore.LocalProtocolError(exc) from exc
-        try:
-            await self._network_stream.write(data, timeout=timeout)
-        except httpcore.WriteError:
-            pass
-        if not h11_state.trailing_data[0]:
-            # Nothing buffered (the pool reuses no connection with bytes left over): h11's first
-            # answer would be NEED_DATA, so read first.
-            received = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
-            if not received:
-                raise _disconnected()
-            h11_state.receive_data(received)
-        return await self._h11_head(timeout)
+            try:
+                event = (
+                    h11.Request(method=method, target=target, headers=headers)
+                    if fields is None
+                    else h11.Request(method=method, target=target, headers=fields, _parsed=True)
+                )
+                data = h11_state.send(event) or b""
+                if body:
+                    data += h11_state.send(h11.Data(data=body)) or b""
+                data += h11_state.send(h11.EndOfMessage()) or b""
+            except h11.LocalProtocolError as exc:
+                raise httpcore.LocalProtocolError(exc) from exc
+            try:
+                await self._network_stream.write(data, timeout=timeout)
+            except httpcore.WriteError:
+                pass
+            if not h11_state.trailing_data[0]:
+                # Nothing buffered (the pool reuses no connection with bytes left over): h11's first
+                # answer would be NEED_DATA, so read first.
+                received = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
+                if not received:
+                    raise _disconnected()
+                h11_state.receive_data(received)
+            return await self._h11_head(timeout)
+        except BaseException:
+            await self._response_closed()  # no await inside can be interrupted: no lock, see netio
+            raise
 
     async def _receive_event(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:  # noqa: ASYNC109
         # httpcore's own enters ``map_exceptions`` (a contextlib manager) per event; a plain try
