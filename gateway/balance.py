@@ -11,7 +11,6 @@ replica is out, traffic goes to them anyway (fail-open) and /ready says so.
 from __future__ import annotations
 
 import asyncio
-import collections
 import random
 import ssl
 import time
@@ -22,8 +21,10 @@ from typing import Any
 import httpcore
 
 from gateway import errors, probe
+from gateway.handover import HandOver
+from gateway.pool import Pool
 from gateway.profiles import Profile, Support
-from gateway.upstream import Pool, Target
+from gateway.target import Target
 
 
 class Replica:
@@ -104,7 +105,8 @@ class Backend:
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self.inflight = 0
-        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: Requests waiting for a slot under ``max_inflight``.
+        self._queue: HandOver[None] = HandOver()
 
     # -- picking a replica ----------------------------------------------------------------------
 
@@ -214,29 +216,16 @@ class Backend:
             raise errors.draining()
         if len(self._queue) >= self.queue_size:
             raise errors.overloaded(self.name)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(fut)
         try:
-            async with asyncio.timeout(self.queue_timeout):
-                await fut
-        except BaseException as exc:
-            if fut.done() and not fut.cancelled():
-                self.leave()  # the slot was handed over as we gave up: pass it on
-            else:
-                fut.cancel()
-                try:
-                    self._queue.remove(fut)
-                except ValueError:
-                    pass
-            if isinstance(exc, TimeoutError):
-                raise errors.overloaded(self.name) from None
-            raise
+            await self._queue.wait(self.queue_timeout, self._pass_on)
+        except TimeoutError:
+            raise errors.overloaded(self.name) from None
         # The slot was handed over by leave(): inflight already counts it.
 
     def leave(self) -> None:
-        while self._queue:
-            fut = self._queue.popleft()
-            if not fut.done():
-                fut.set_result(None)  # hand the slot over
-                return
-        self.inflight -= 1
+        """A request is done: its slot goes to the first queued one, else it is freed."""
+        if not (self._queue.waiters and self._queue.hand(None)):
+            self.inflight -= 1
+
+    def _pass_on(self, _slot: None) -> None:
+        self.leave()  # a slot handed over as its waiter gave up

@@ -8,8 +8,8 @@ credentials and those the gateway sets itself (``DROP_REQUEST_HEADERS``).
 
 from __future__ import annotations
 
+from gateway.headers import DROP_REQUEST_HEADERS
 from gateway.request_id import request_id
-from gateway.upstream import DROP_REQUEST_HEADERS
 
 Headers = list[tuple[bytes, bytes]]
 

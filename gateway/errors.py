@@ -5,7 +5,15 @@ Upstream errors are never rewritten: they are relayed as the backend sent them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import httpcore
 import orjson
+
+from gateway.pool import PoolClosed, PoolTimeout
+
+if TYPE_CHECKING:
+    from gateway.exchange import ErrorClass, Phase
 
 JSON_HEADERS: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
 
@@ -173,3 +181,53 @@ def request_timeout(seconds: float) -> GatewayError:
 def internal_error() -> GatewayError:
     """A bug in the gateway (its traceback is logged): never blamed on the backend."""
     return GatewayError(500, "api_error", "internal_error", "The gateway failed to handle the request; see its log.")
+
+
+# -- the upstream boundary: the one place where httpcore's and the OS's errors become the client's
+
+
+#: Which timeout a read that timed out ran into, by phase (the error's code stays
+#: backend_timeout; its message names the setting).
+_PHASE_TIMEOUTS = {
+    "connect": "no connection within GATEWAY_CONNECT_TIMEOUT",
+    "headers": "no response headers within GATEWAY_HEADER_TIMEOUT (default: GATEWAY_READ_TIMEOUT)",
+    "first_token": "no first token within GATEWAY_TTFT_TIMEOUT (default: GATEWAY_READ_TIMEOUT)",
+    "body": "silent for longer than GATEWAY_IDLE_TIMEOUT (default: GATEWAY_READ_TIMEOUT)",
+}
+
+
+def map_error(exc: Exception, phase: Phase) -> GatewayError:
+    """httpcore's exceptions (the pool's included), mapped once at this boundary to the gateway's
+    errors; ``phase`` is what the request was waiting for."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, PoolTimeout):
+        return pool_exhausted(exc.wait)
+    if isinstance(exc, PoolClosed):
+        return backend_unavailable("the gateway is shutting down")
+    if isinstance(exc, (httpcore.ConnectTimeout, httpcore.PoolTimeout)):
+        return backend_timeout(_PHASE_TIMEOUTS["connect"])
+    if isinstance(exc, httpcore.TimeoutException):
+        return backend_timeout(_PHASE_TIMEOUTS.get(phase, _PHASE_TIMEOUTS["body"]))
+    if isinstance(exc, httpcore.ConnectError):
+        return backend_unavailable(f"connection failed ({exc or type(exc).__name__})")
+    if isinstance(exc, httpcore.LocalProtocolError):
+        # h11's message quotes the refused value, which may be a header the gateway adds itself.
+        return GatewayError(
+            400,
+            "invalid_request_error",
+            "invalid_request",
+            "The request cannot be forwarded: a header or the path holds characters HTTP does not allow.",
+        )
+    if isinstance(exc, (httpcore.NetworkError, httpcore.RemoteProtocolError)):
+        return backend_unavailable(f"connection lost while waiting for {phase} ({exc or type(exc).__name__})")
+    return backend_unavailable(f"{type(exc).__name__} while waiting for {phase}")
+
+
+def error_class(exc: BaseException) -> ErrorClass:
+    """connect, timeout or reset: the metrics' class of an upstream failure."""
+    if isinstance(exc, httpcore.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpcore.ConnectError):
+        return "connect"
+    return "reset"

@@ -12,17 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import cast
 
 import httpcore
 
 from gateway import errors
 from gateway.balance import Backend
-from gateway.errors import GatewayError
-from gateway.exchange import ErrorClass, Exchange
+from gateway.errors import GatewayError, error_class, map_error
+from gateway.exchange import Exchange
+from gateway.pool import PoolClosed, PoolTimeout
 from gateway.relay import Timeouts, fail, forward
 from gateway.types import Receive, Send
-from gateway.upstream import error_class, map_error
 from gateway.watch import DisconnectWatch
 
 log = logging.getLogger("gateway")
@@ -117,8 +116,10 @@ class Forwarder:
                 ex.end = "client_gone"
         except GatewayError as err:
             await fail(send, ex, err)
+        except (PoolTimeout, PoolClosed) as exc:  # the gateway's own pool: full, or shut down
+            await fail(send, ex, map_error(exc, ex.phase))
         except BACKEND_ERRORS as exc:  # the one place backend failures become gateway errors
-            ex.error_class = cast(ErrorClass, error_class(exc))
+            ex.error_class = error_class(exc)
             ex.end = "timeout" if ex.error_class == "timeout" else "upstream_error"
             log.warning("upstream %s failed waiting for %s: %r", out.backend.name, ex.phase, exc)
             await fail(send, ex, map_error(exc, ex.phase))

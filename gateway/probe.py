@@ -10,7 +10,8 @@ import httpcore
 import msgspec
 
 from gateway import __version__
-from gateway.upstream import Target, open_connection
+from gateway.pool import open_connection
+from gateway.target import Target
 
 #: Marks the gateway's own model listing (refreshed in the background for the metrics' labels).
 MODELS_USER_AGENT = f"gateway/{__version__} (model list)".encode()
@@ -37,26 +38,10 @@ async def probe(
     backend_status: int | None = None
     detail: str | None = None
     try:
-        conn = await open_connection(target, ssl_context, timeout, None, network)
-        try:
-            request = httpcore.Request(
-                b"GET",
-                target.url(target.root_path + health_path.encode()),
-                headers=[(b"host", target.host_header), (b"accept", b"*/*"), *target.auth_headers],
-                extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
-            )
-            response = await conn.handle_async_request(request)
-            try:
-                seen = 0
-                async for chunk in response.stream:  # type: ignore[union-attr]
-                    seen += len(chunk)
-                    if seen > _MAX_BODY:
-                        break
-            finally:
-                await response.aclose()
-            backend_status = response.status
-        finally:
-            await conn.aclose()
+        headers = [(b"host", target.host_header), (b"accept", b"*/*"), *target.auth_headers]
+        backend_status, _ = await _get(
+            target, target.root_path + health_path.encode(), headers, ssl_context, network, timeout, _MAX_BODY
+        )
     except httpcore.TimeoutException:
         detail = f"no answer within {timeout:g} s"
     except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
@@ -82,6 +67,35 @@ async def probe(
     return (200 if status == "ready" else 503), body
 
 
+async def _get(
+    target: Target,
+    path: bytes,
+    headers: list[tuple[bytes, bytes]],
+    ssl_context: ssl.SSLContext | None,
+    network: httpcore.AsyncNetworkBackend,
+    timeout: float,  # noqa: ASYNC109 - applied per connect/read/write, not as a cancel scope
+    limit: int,
+) -> tuple[int, bytes | None]:
+    """GET ``path`` on a fresh connection, closed afterwards: the status, and the body (None
+    when it is longer than ``limit``: not read further). httpcore's exceptions on failure."""
+    conn = await open_connection(target, ssl_context, timeout, None, network)
+    try:
+        status, _ = await conn.exchange(b"GET", path, headers, b"", timeout)
+        parts: list[bytes] = []
+        seen = 0
+        try:
+            async for chunk in conn.iter_body(timeout, timeout):
+                parts.append(chunk)
+                seen += len(chunk)
+                if seen > limit:
+                    return status, None
+        finally:
+            await conn.close_response()
+    finally:
+        await conn.aclose()
+    return status, b"".join(parts)
+
+
 class _Model(msgspec.Struct):
     id: str
 
@@ -102,33 +116,17 @@ async def list_models(
 ) -> set[str]:
     """The model ids the backend lists at ``/v1/models``; empty when it cannot be asked."""
     try:
-        conn = await open_connection(target, ssl_context, timeout, None, network)
-        try:
-            request = httpcore.Request(
-                b"GET",
-                target.url(target.base_path + b"/models"),
-                headers=[
-                    (b"host", target.host_header),
-                    (b"accept", b"application/json"),
-                    (b"user-agent", MODELS_USER_AGENT),
-                    *target.auth_headers,
-                ],
-                extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
-            )
-            response = await conn.handle_async_request(request)
-            try:
-                parts, seen = [], 0
-                async for chunk in response.stream:  # type: ignore[union-attr]
-                    parts.append(chunk)
-                    seen += len(chunk)
-                    if seen > 4 * 1024 * 1024:
-                        return set()
-            finally:
-                await response.aclose()
-        finally:
-            await conn.aclose()
-        if response.status != 200:
+        headers = [
+            (b"host", target.host_header),
+            (b"accept", b"application/json"),
+            (b"user-agent", MODELS_USER_AGENT),
+            *target.auth_headers,
+        ]
+        status, body = await _get(
+            target, target.base_path + b"/models", headers, ssl_context, network, timeout, 4 * 1024 * 1024
+        )
+        if status != 200 or body is None:
             return set()
-        return {m.id for m in _models_decoder.decode(b"".join(parts)).data}
+        return {m.id for m in _models_decoder.decode(body).data}
     except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, OSError, msgspec.MsgspecError):
         return set()

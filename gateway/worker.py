@@ -9,9 +9,10 @@ import httpcore
 from gateway.backends_file import BackendSpec, load_backends
 from gateway.balance import Backend, Replica
 from gateway.config import Settings
+from gateway.pool import Pool
 from gateway.profiles import PROFILES
+from gateway.target import Target, make_ssl_context
 from gateway.topology import Topology, settings_backend
-from gateway.upstream import Pool, Target, make_ssl_context
 
 
 def declared_backends(settings: Settings) -> tuple[list[BackendSpec], dict[str, str], bool]:

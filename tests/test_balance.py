@@ -14,8 +14,9 @@ from typing import cast
 import pytest
 
 from gateway.balance import Backend, Replica
+from gateway.pool import Pool
 from gateway.profiles import PROFILES
-from gateway.upstream import Pool, Target
+from gateway.target import Target
 
 VLLM = PROFILES["vllm"]
 

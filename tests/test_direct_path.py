@@ -1,10 +1,10 @@
 """``Connection.exchange``'s direct path, checked against h11's own path on the same connection.
 
 For the requests and responses that need nothing of h11's state machine, ``exchange`` writes the
-request and reads the response head itself (``_direct_request``, ``_direct_head``), and the body
+request and reads the response head itself (``h1.plain_request``, ``h1.parse_head``), and the body
 readers frame the body without h11; anything else is handed to h11 with the request replayed
 into its state. The oracle is the same ``Connection`` with the direct path switched off
-(``upstream.DIRECT``): for every request and every response (valid, unusual or broken, split into
+(``connection.DIRECT``): for every request and every response (valid, unusual or broken, split into
 reads at arbitrary points) both must write the same bytes, report the same status and fields,
 yield the same body bytes by the same read, fail on the same inputs with the same exception, and
 leave the connection reusable in exactly the same cases.
@@ -21,8 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import upstream
-from gateway.upstream import Connection, _direct_head, _direct_request
+from gateway import connection
+from gateway.connection import Connection
+from gateway.h1 import parse_head as _direct_head
+from gateway.h1 import plain_request as _direct_request
 
 ORIGIN = httpcore.Origin(b"http", b"127.0.0.1", 8000)
 CHECK = settings(
@@ -121,7 +123,7 @@ def compare(
 ) -> Outcome:
     ours = asyncio.run(_run(parts, method, target, headers, body))
     with monkeypatch.context() as m:
-        m.setattr(upstream, "DIRECT", False)
+        m.setattr(connection, "DIRECT", False)
         h11s = asyncio.run(_run(parts, method, target, headers, body))
     assert not h11s.direct
     fields = ("writes", "status", "fields", "pieces", "error", "reusable", "chunks")
@@ -422,7 +424,7 @@ def test_bytes_left_from_the_last_answer_are_read_as_h11_reads_them(monkeypatch:
         return statuses
 
     ours = asyncio.run(run())
-    monkeypatch.setattr(upstream, "DIRECT", False)
+    monkeypatch.setattr(connection, "DIRECT", False)
     assert ours == asyncio.run(run()) == [200, 201]
 
 
@@ -436,7 +438,7 @@ def test_a_body_read_by_h11_is_never_said_complete_early(monkeypatch: pytest.Mon
         conn = Connection(origin=ORIGIN, stream=stream, keepalive_expiry=60.0)
         seen = []
         for direct in (True, False):
-            monkeypatch.setattr(upstream, "DIRECT", direct)
+            monkeypatch.setattr(connection, "DIRECT", direct)
             await conn.exchange(b"POST", b"/v1/x", REQUEST, BODY, None)
             seen.append([conn.body_complete async for _ in conn.iter_body(None, None)])
             await conn.close_response()

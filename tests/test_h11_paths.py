@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 import h11
 import httpcore
 import pytest
+from h11._headers import Headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import upstream
-from gateway.upstream import Connection, request_headers
+from gateway import connection
+from gateway.connection import Connection
+from gateway.h1 import fields_valid
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 ORIGIN = httpcore.Origin(b"http", b"127.0.0.1", 8000)
@@ -264,7 +266,7 @@ def test_sized_bodies_match_h11(body: bytes, after: bytes, cut_short: int, cuts:
 def test_the_installed_h11_takes_the_fast_paths(head: bytes, reader: str) -> None:
     # If a new h11 moved the internals _dechunk and _sized take over from, bodies would silently
     # go back to h11's slower framing: make that a failing test, not a quiet regression.
-    assert upstream.FAST_CHUNKED
+    assert connection.FAST_CHUNKED
 
     async def kind() -> str:
         conn = Connection(origin=ORIGIN, stream=Reads([head]), keepalive_expiry=None)
@@ -280,6 +282,13 @@ def test_the_installed_h11_takes_the_fast_paths(head: bytes, reader: str) -> Non
 
 
 # -- request_headers -----------------------------------------------------------------------------
+
+
+def request_headers(headers: list[tuple[bytes, bytes]]) -> Headers | None:
+    """``headers`` as h11's header list when ``h1.fields_valid`` passes them (as
+    ``Connection.exchange`` builds it), else None (h11 then checks them field by field)."""
+    return Headers([(n, n, v) for n, v in headers]) if fields_valid(headers) else None
+
 
 NAME = st.one_of(
     st.sampled_from([b"content-type", b"x-api-key", b"host", b"user-agent", b"content-length", b"accept"]),

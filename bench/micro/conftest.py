@@ -1,20 +1,17 @@
-"""An in-memory upstream for the micro-benchmarks, and the event loop and app fixtures they share.
+"""The micro-benchmarks' pre-built backend answers, client requests, event loop and app fixtures.
 
-``MemoryNetwork`` is an httpcore network backend whose connections never touch a socket: every
-``read()`` hands httpcore the next piece of a pre-built HTTP/1.1 response (one SSE event per piece,
-as a backend that flushes each token would send it), and every ``write()`` (the request) rewinds
-it. A response read to the end leaves the connection idle, so the gateway's pool reuses it.
+The upstream is in memory (``tests.memnet.MemoryNetwork``): every read hands the gateway the next
+piece of a pre-built HTTP/1.1 response (one SSE event per piece, as a backend that flushes each
+token would send it), and every write (the request) rewinds it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
 import orjson
 import pytest
 import uvloop
@@ -23,77 +20,13 @@ from gateway.app import Gateway
 from gateway.config import settings_from_strings
 from gateway.drain import CONTROL_ENV
 from gateway.types import SendMessage as Message
+from tests.memnet import MemoryNetwork, MemoryStream
+
+__all__ = ["MemoryNetwork", "MemoryStream"]
 
 #: The client key the app benchmarks are configured with (client auth on, as in production).
 CLIENT_KEY = "sk-bench-0123456789abcdef0123456789abcdef"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-
-
-# -- the in-memory upstream ---------------------------------------------------------------------
-
-
-class MemoryStream(httpcore.AsyncNetworkStream):
-    """One keep-alive connection that answers every request with the same pieces."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = pieces
-        self._next = len(pieces)  # nothing to read until a request was written
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        i = self._next
-        if i >= len(self._pieces):
-            return b""  # EOF: only reached if httpcore reads past the end of a response
-        self._next = i + 1
-        return self._pieces[i]
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        # httpcore writes the whole request before it reads: any write starts a new response.
-        self._next = 0
-
-    async def aclose(self) -> None:
-        return None
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise NotImplementedError("the in-memory upstream is plain HTTP")
-
-    def get_extra_info(self, info: str) -> Any:
-        # False: an idle connection never looks closed by the server (httpcore's has_expired).
-        return False if info == "is_readable" else None
-
-
-class MemoryNetwork(httpcore.AsyncNetworkBackend):
-    """Hands out ``MemoryStream`` connections; ``connects`` counts them (1 means keep-alive works)."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self.pieces = pieces
-        self.connects = 0
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        self.connects += 1
-        return MemoryStream(self.pieces)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise NotImplementedError("the in-memory upstream is TCP only")
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 # -- pre-built backend responses (shaped like vLLM's, served by uvicorn) --------------------------

@@ -50,10 +50,10 @@ from gateway.auth import KeyRing
 from gateway.client_headers import HeaderPass
 from gateway.errors import error_body, sse_error_event
 from gateway.exchange import Exchange
+from gateway.h1 import ChunkedBody, parse_head, plain_request
+from gateway.headers import DROP_REQUEST_HEADERS, response_headers
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
-from gateway.relay import response_headers
-from gateway.upstream import DROP_REQUEST_HEADERS, _direct_head, _direct_request
 
 #: Events in the streamed benchmarks' response (a 1000-token answer, one event per token).
 STREAM_EVENTS = 1000
@@ -217,18 +217,25 @@ UPSTREAM_HEADS = {
 
 @pytest.mark.parametrize("kind", list(UPSTREAM_HEADS))
 def test_direct_head(benchmark: BenchmarkFixture, kind: str) -> None:
-    """The response head read without h11 (``upstream._direct_head``): status, fields, framing."""
+    """The response head read without h11 (``h1.parse_head``): status, fields, framing."""
     head = UPSTREAM_HEADS[kind]
-    status, fields, length = benchmark(_direct_head, head, len(head) - 4)
+    status, fields, length = benchmark(parse_head, head, len(head) - 4)
     assert status == 200 and fields == UPSTREAM_HEADERS[kind]
     assert length == (-1 if kind == "sse" else 1234)
 
 
 def test_direct_request(benchmark: BenchmarkFixture) -> None:
-    """Whether a request goes out without h11 (``upstream._direct_request``), per request."""
+    """Whether a request goes out without h11 (``h1.plain_request``), per request."""
     headers = [(b"host", b"backend.bench:8000"), *client_headers(len(SMALL_BODY))[1:]]
     headers = [(n, v) for n, v in headers if n not in DROP_REQUEST_HEADERS or n in (b"host", b"content-length")]
-    assert benchmark(_direct_request, b"POST", b"/v1/chat/completions", headers, SMALL_BODY)
+    assert benchmark(plain_request, b"POST", b"/v1/chat/completions", headers, SMALL_BODY)
+
+
+def test_chunked_feed(benchmark: BenchmarkFixture) -> None:
+    """``h1.ChunkedBody.feed`` on a paced stream's read: one whole HTTP chunk (one SSE event)."""
+    event = sse_events(2)[0]
+    body = ChunkedBody(100 * 1024)
+    assert benchmark(body.feed, b"%x\r\n%s\r\n" % (len(event), event)) == event
 
 
 @pytest.mark.parametrize("kind", list(UPSTREAM_HEADERS))

@@ -1,0 +1,158 @@
+"""``gateway.h1`` alone: the sans-IO engine fed bytes, no connection, no loop.
+
+Its agreement with h11 on every input is checked through the connection in
+``tests/test_direct_path.py`` and ``tests/test_h11_paths.py``; here are its states and edges.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import h1
+from gateway.h1 import BodyState, ChunkedBody, SizedBody
+
+LIMIT = 100 * 1024
+
+
+def feed_all(decoder: ChunkedBody | SizedBody, pieces: list[bytes]) -> list[bytes]:
+    out = []
+    for piece in pieces:
+        out.append(decoder.feed(piece))
+        if decoder.finished:
+            break
+    return out
+
+
+# -- the request ---------------------------------------------------------------------------------
+
+
+def test_request_bytes_put_host_first_and_keep_the_rest_in_order() -> None:
+    headers = [(b"x-a", b"1"), (b"host", b"h:1"), (b"content-length", b"2")]
+    assert h1.plain_request(b"POST", b"/v1/x", headers, b"{}")
+    assert h1.request_bytes(b"POST", b"/v1/x", headers, b"{}") == (
+        b"POST /v1/x HTTP/1.1\r\nhost: h:1\r\nx-a: 1\r\ncontent-length: 2\r\n\r\n{}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "valid"),
+    [
+        ([(b"host", b"h"), (b"content-type", b"application/json")], True),
+        ([(b"host", b"h"), (b"X-Upper", b"v")], False),  # h11 checks it itself
+        ([(b"host", b"h"), (b"x-a", b"1\r\nx-b: 2")], False),
+        ([(b"host", b"h"), (b"x-a", b" padded")], False),
+        ([(b"host", b"h"), (b"transfer-encoding", b"chunked")], False),
+        ([(b"host", b"h"), (b"content-length", b"1"), (b"content-length", b"1")], False),
+        ([(b"host", b"h"), (b"content-length", b"+1")], False),
+    ],
+)
+def test_fields_valid(headers: list[tuple[bytes, bytes]], valid: bool) -> None:
+    assert h1.fields_valid(headers) is valid
+
+
+# -- the response head -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "parsed"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n", (200, [(b"content-length", b"12")], 12)),
+        (b"HTTP/1.1 404\r\nTransfer-Encoding: Chunked\r\n\r\n", (404, [(b"Transfer-Encoding", b"chunked")], -1)),
+        (
+            b"HTTP/1.1 200 OK\r\nx:\t v \t\r\ncontent-length: 0\r\n\r\n",
+            (200, [(b"x", b"v"), (b"content-length", b"0")], 0),
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n", None),  # read until close: h11's
+        (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 101 Switching\r\ncontent-length: 0\r\n\r\n", None),
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\nbad line\r\ncontent-length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\ncontent-length: 0\r\n\r\n", None),
+    ],
+)
+def test_parse_head(head: bytes, parsed: tuple[int, list[tuple[bytes, bytes]], int] | None) -> None:
+    assert h1.parse_head(head, head.find(b"\r\n\r\n")) == parsed
+
+
+# -- a sized body ----------------------------------------------------------------------------------
+
+
+def test_sized_body_in_pieces_and_past_its_end() -> None:
+    body = SizedBody(5)
+    assert (body.state, body.finished) == (BodyState.DATA, False)
+    assert body.feed(b"ab") == b"ab" and body.left == 3
+    assert body.feed(b"cdeHTTP") == b"cde"
+    assert (body.state, body.finished, body.extra, body.chunks) == (BodyState.DONE, True, b"HTTP", 2)
+
+
+def test_an_empty_sized_body_is_done_before_any_byte() -> None:
+    body = SizedBody(0)
+    assert (body.state, body.finished) == (BodyState.DONE, True)
+
+
+def test_a_sized_body_cut_short_says_what_h11_says() -> None:
+    body = SizedBody(10, left=10)
+    body.feed(b"abc")
+    assert str(body.eof_error()) == (
+        "peer closed connection without sending complete message body (received 3 bytes, expected 10)"
+    )
+
+
+# -- a chunked body --------------------------------------------------------------------------------
+
+
+def test_one_whole_chunk_per_piece() -> None:
+    body = ChunkedBody(LIMIT)
+    pieces = [b"5\r\nhello\r\n", b"3;x=1\r\nabc\r\n", b"0A\r\n0123456789\r\n", b"2 \r\nhi\r\n"]
+    assert feed_all(body, pieces) == [b"hello", b"abc", b"0123456789", b"hi"]
+    assert (body.state, body.chunks, body.finished) == (BodyState.SIZE, 4, False)
+    assert body.feed(b"0\r\n\r\nnext") == b""
+    assert (body.state, body.finished, body.extra, body.tail) == (BodyState.DONE, True, b"next", b"0\r\n\r\nnext")
+
+
+def test_data_is_handed_out_as_it_arrives_through_every_state() -> None:
+    body = ChunkedBody(LIMIT)
+    assert (body.feed(b"a\r\n0123"), body.state) == (b"0123", BodyState.DATA)
+    assert (body.feed(b"456789"), body.state) == (b"456789", BodyState.CRLF)
+    assert (body.feed(b"\r"), body.state) == (b"", BodyState.CRLF)
+    assert (body.feed(b"\n2\r\nab\r\n2\r"), body.state) == (b"ab", BodyState.SIZE)
+    assert body.feed(b"\ncd\r\n0\r\nx-usage: 1\r\n") == b"cd"
+    assert (body.state, body.finished, body.tail, body.chunks) == (BodyState.LAST, True, b"0\r\nx-usage: 1\r\n", 3)
+
+
+def test_data_before_a_framing_error_is_returned_first() -> None:
+    body = ChunkedBody(LIMIT)
+    assert body.feed(b"2\r\nokXY") == b"ok"
+    assert (body.state, body.finished) == (BodyState.ERROR, True)
+    assert str(body.error) == "malformed chunk footer: b'XY' (expected b'\\r\\n')"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "message"),
+    [
+        ([b"g\r\n"], "illegal chunk header: b'g\\r\\n'"),
+        ([b"+5\r\nhello\r\n"], "illegal chunk header: b'+5\\r\\nhello\\r\\n'"),
+        ([b"5;" + b"x" * (LIMIT + 1)], "chunk header too long"),
+        ([b"5;", *[b"x" * 1024] * 101], "chunk header too long"),  # gathered across pieces
+    ],
+)
+def test_framing_errors(pieces: list[bytes], message: str) -> None:
+    body = ChunkedBody(LIMIT)
+    assert b"".join(feed_all(body, pieces)) == b""
+    assert body.state is BodyState.ERROR and str(body.error) == message
+
+
+def test_a_size_line_split_finely_is_gathered_until_its_line_feed() -> None:
+    body = ChunkedBody(LIMIT)
+    line = b"5;" + b"e" * 3000 + b"\r\n"
+    pieces = [line[i : i + 7] for i in range(0, len(line), 7)]
+    assert b"".join(feed_all(body, [*pieces, b"hello\r\n"])) == b"hello"
+    assert body.state is BodyState.SIZE and body.chunks == 1
+
+
+def test_a_chunked_body_cut_short_says_what_h11_says() -> None:
+    assert str(ChunkedBody.eof_error()) == (
+        "peer closed connection without sending complete message body (incomplete chunked read)"
+    )
