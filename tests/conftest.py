@@ -5,24 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import rawhttp
 from tests.fakes import FakeBackend
-from tests.servers import ROOT, Gateway, StartGateway, clean_env, free_port
+from tests.servers import Gateway, StartGateway
 
 # Fixtures for the tests against the real llama.cpp server (they start nothing unless asked for).
 pytest_plugins = ("tests.llamacpp",)
-
-# The names test modules imported from here before tests/servers.py and tests/rawhttp.py existed.
-GatewayProc = Gateway
-__all__ = ["ROOT", "GatewayProc", "clean_env", "free_port", "http_request"]
-
-
-def http_request(
-    g: Gateway, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One request on its own connection: status, lower-cased headers, body."""
-    r = rawhttp.request(g.port, method, path, body, headers)
-    return r.status, r.headers, r.body
 
 
 @pytest.fixture

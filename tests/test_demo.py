@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from tests.conftest import clean_env, free_port
+from tests.servers import clean_env, free_port
 
 
 def port_closed(port: int) -> bool:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,12 @@ from hypothesis import strategies as st
 
 from gateway.app import Gateway
 from gateway.config import settings_from_strings
+from gateway.netio import SocketOption
+from tests import servers
 from tests.asgi import Result, call
-from tests.conftest import GatewayProc
 from tests.fakes import Conn, FakeBackend, Req
 from tests.reliability import worker_pids
+from tests.servers import StartGateway
 
 CLIENT_KEY = "ck-fuzz-client-0123"
 BACKEND_KEY = "sk-fuzz-backend-4567"
@@ -154,11 +157,20 @@ class MemoryBackend(httpcore.AsyncNetworkBackend):
             return 200, b'{"object":"list","data":[{"id":"known-model","object":"model"}]}'
         return 200, b'{"ok":true}'
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, **kw: Any) -> MemoryStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         self.connections += 1
         return MemoryStream(self)
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None, **kw: Any) -> MemoryStream:
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[SocketOption] | None = None
+    ) -> httpcore.AsyncNetworkStream:
         raise httpcore.ConnectError("no unix sockets here")
 
     async def sleep(self, seconds: float) -> None:
@@ -586,7 +598,7 @@ class Served:
     """``gateway serve`` in front of a backend that echoes what it got (its own key left out).
     A plain class: hypothesis prints it in one line when a case fails."""
 
-    def __init__(self, gateway: GatewayProc, backend: FakeBackend) -> None:
+    def __init__(self, gateway: servers.Gateway, backend: FakeBackend) -> None:
         self.gateway = gateway
         self.backend = backend
         self.port = gateway.port
@@ -601,7 +613,9 @@ def served(module_tmp: Path) -> Iterator[Served]:
         await conn.send(head if req.method == "HEAD" else head + body)  # a HEAD answer has no body
 
     with FakeBackend(handler=echo) as fb:
-        g = GatewayProc(module_tmp, BACKEND_BASE_URL=fb.url, BACKEND_API_KEY=BACKEND_KEY, GATEWAY_ACCESS_LOG="false")
+        g = servers.Gateway(
+            module_tmp, BACKEND_BASE_URL=fb.url, BACKEND_API_KEY=BACKEND_KEY, GATEWAY_ACCESS_LOG="false"
+        )
         g.start()
         try:
             yield Served(g, fb)
@@ -757,13 +771,13 @@ def test_client_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPat
     from gateway import auth
 
     calls: list[tuple[int, int]] = []
-    real = auth.hmac.compare_digest
+    real = hmac.compare_digest
 
     def counting(a: bytes, b: bytes) -> bool:
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)
     ring = auth.KeyRing(["key-one", "key-two", "key-three"])
     presented = [
         b"Bearer key-one",
@@ -808,7 +822,7 @@ def leaky_backend() -> Iterator[FakeBackend]:
 LOADING = False
 
 
-def test_keys_never_reach_clients_or_logs(start_gateway: type[GatewayProc], leaky_backend: FakeBackend) -> None:
+def test_keys_never_reach_clients_or_logs(start_gateway: StartGateway, leaky_backend: FakeBackend) -> None:
     """Every kind of answer (success, each gateway error, each upstream failure, /ready in every
     state, /metrics) is free of both keys, and the log holds no key, not even a wrong one tried."""
     global LOADING
@@ -864,7 +878,7 @@ def test_backend_key_that_cannot_be_a_header_is_refused_at_start(tmp_path: Path)
     import subprocess
     import sys
 
-    from tests.conftest import clean_env
+    from tests.servers import clean_env
 
     secret = "sk-first-line\nsk-second-line"
     proc = subprocess.run(

@@ -14,10 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import GatewayProc, free_port
-from tests.conftest import http_request as req
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
-from tests.servers import StartGateway
+from tests.servers import Gateway, StartGateway, free_port
 
 CLIENT_KEY = "client-secret-key-123"
 BACKEND_KEY = "backend-secret-key-456"
@@ -38,18 +36,18 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def scrape_when(g: GatewayProc, name: str, value: float, **labels: str) -> str:
+def scrape_when(g: Gateway, name: str, value: float, **labels: str) -> str:
     """Scrape until one series shows ``value``: a request's metrics are recorded just after its
     response went out and written out by its worker within a second (``metrics.FLUSH_INTERVAL``),
     possibly another worker than the one answering the scrape."""
     return scrape_until(g, [(name, value, labels)])
 
 
-def scrape_until(g: GatewayProc, expected: list[tuple[str, float, dict[str, str]]]) -> str:
+def scrape_until(g: Gateway, expected: list[tuple[str, float, dict[str, str]]]) -> str:
     """Scrape until every (name, value, labels) series holds, or 5 s passed."""
     deadline = time.monotonic() + 5
     while True:
-        text = req(g, "GET", "/metrics")[2].decode()
+        text = g.request("GET", "/metrics").body.decode()
         if all(metric(text, n, **lb) == v for n, v, lb in expected) or time.monotonic() > deadline:
             return text
         time.sleep(0.05)
@@ -59,7 +57,7 @@ def series_count(text: str, name: str) -> int:
     return sum(1 for line in text.splitlines() if line.startswith(name + "{"))
 
 
-def access_lines(g: GatewayProc) -> list[dict[str, object]]:
+def access_lines(g: Gateway) -> list[dict[str, object]]:
     out = []
     for line in g.output().splitlines():
         if line.startswith('{"time"') and '"request_id"' in line:
@@ -83,16 +81,16 @@ def test_metrics_sum_across_workers_and_stay_bounded(start_gateway: StartGateway
     # Both workers up and each has listed the backend's models (the label bound).
     wait_for(lambda: len(backend.internal) >= 2)
     for _ in range(20):
-        assert req(g, "POST", "/v1/chat/completions", b'{"model":"fake"}', auth())[0] == 200
+        assert g.request("POST", "/v1/chat/completions", b'{"model":"fake"}', auth()).status == 200
     for _ in range(6):
         body = b'{"model":"fake","stream":true,"stream_options":{"include_usage":true},"max_tokens":4}'
-        assert req(g, "POST", "/v1/chat/completions", body, auth())[0] == 200
+        assert g.request("POST", "/v1/chat/completions", body, auth()).status == 200
     for i in range(40):  # client-chosen model names must not become series
-        assert req(g, "POST", "/v1/chat/completions", b'{"model":"junk-%d"}' % i, auth())[0] == 200
+        assert g.request("POST", "/v1/chat/completions", b'{"model":"junk-%d"}' % i, auth()).status == 200
     for _ in range(3):
-        assert req(g, "GET", "/nope", headers=auth())[0] == 404
-    assert req(g, "GET", "/v1/models", headers={"authorization": "Bearer wrong"})[0] == 401
-    status, headers, _ = req(g, "GET", "/metrics")
+        assert g.request("GET", "/nope", headers=auth()).status == 404
+    assert g.request("GET", "/v1/models", headers={"authorization": "Bearer wrong"}).status == 401
+    status, headers, _ = g.request("GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     # Both workers' figures: each writes all of its own at once, within a second.
     text = scrape_until(
@@ -144,7 +142,7 @@ def test_access_log_completed_disconnected_failed(start_gateway: StartGateway, b
     g = start_gateway(BACKEND_BASE_URL=backend.url, API_KEYS=CLIENT_KEY, GATEWAY_READ_TIMEOUT="1").start()
     # Completed stream.
     h = {**auth(), "x-request-id": "req-done-1"}
-    status, headers, _ = req(g, "POST", "/v1/chat/completions", b'{"model":"fake","stream":true,"max_tokens":3}', h)
+    status, headers, _ = g.request("POST", "/v1/chat/completions", b'{"model":"fake","stream":true,"max_tokens":3}', h)
     assert status == 200 and headers["x-request-id"] == "req-done-1"
     assert backend.requests[-1].header("x-request-id") == "req-done-1"
 
@@ -177,7 +175,7 @@ def test_access_log_completed_disconnected_failed(start_gateway: StartGateway, b
         c.reset()
 
     backend.handler = resets
-    status, _, body_out = req(g, "POST", "/v1/chat/completions", b"{}", {**auth(), "x-request-id": "req-fail-3"})
+    status, _, body_out = g.request("POST", "/v1/chat/completions", b"{}", {**auth(), "x-request-id": "req-fail-3"})
     assert status == 200 and b'"backend_unavailable"' in body_out
 
     # Timed out before headers.
@@ -185,7 +183,7 @@ def test_access_log_completed_disconnected_failed(start_gateway: StartGateway, b
         await asyncio.sleep(30)
 
     backend.handler = silent
-    status, headers, _ = req(g, "POST", "/v1/chat/completions", b"{}", {**auth(), "x-request-id": "bad id!"})
+    status, headers, _ = g.request("POST", "/v1/chat/completions", b"{}", {**auth(), "x-request-id": "bad id!"})
     assert status == 504
     generated = headers["x-request-id"]
     assert generated != "bad id!" and len(generated) == 24
@@ -232,7 +230,7 @@ def test_streams_without_usage_are_estimated(start_gateway: StartGateway, backen
         await c.end_chunked()
 
     backend.handler = no_usage
-    assert req(g, "POST", "/v1/chat/completions", b'{"model":"fake","stream":true}')[0] == 200
+    assert g.request("POST", "/v1/chat/completions", b'{"model":"fake","stream":true}').status == 200
     text = scrape_when(g, "gateway_tokens_estimated_total", 6, model="fake", type="output")
     assert metric(text, "gateway_tokens_estimated_total", model="fake", type="output") == 6
     assert metric(text, "gateway_tokens_total", model="fake", type="output") == 0
@@ -240,8 +238,8 @@ def test_streams_without_usage_are_estimated(start_gateway: StartGateway, backen
 
 def test_not_supported_and_connect_errors_counted(start_gateway: StartGateway) -> None:
     g = start_gateway(BACKEND_KIND="tgi", BACKEND_BASE_URL=f"http://127.0.0.1:{free_port()}/v1").start()
-    assert req(g, "POST", "/v1/embeddings", b"{}")[0] == 501
-    assert req(g, "POST", "/v1/chat/completions", b"{}")[0] == 502
+    assert g.request("POST", "/v1/embeddings", b"{}").status == 501
+    assert g.request("POST", "/v1/chat/completions", b"{}").status == 502
     text = scrape_when(g, "gateway_requests_total", 1, route="chat", status="502")
     assert metric(text, "gateway_not_supported_total", route="embeddings", backend="tgi") == 1
     assert metric(text, "gateway_upstream_errors_total", backend="tgi", **{"class": "connect"}) == 1
@@ -251,14 +249,14 @@ def test_not_supported_and_connect_errors_counted(start_gateway: StartGateway) -
 @pytest.mark.parametrize("require", ["true", "false"])
 def test_metrics_behind_a_key_when_configured(start_gateway: StartGateway, backend: FakeBackend, require: str) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, API_KEYS=CLIENT_KEY, GATEWAY_METRICS_REQUIRE_KEY=require).start()
-    assert req(g, "GET", "/metrics")[0] == (401 if require == "true" else 200)
-    assert req(g, "GET", "/metrics", headers=auth())[0] == 200
+    assert g.request("GET", "/metrics").status == (401 if require == "true" else 200)
+    assert g.request("GET", "/metrics", headers=auth()).status == 200
 
 
 def test_metrics_and_access_log_can_be_off(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url, GATEWAY_METRICS="false", GATEWAY_ACCESS_LOG="false").start()
-    assert req(g, "POST", "/v1/chat/completions", b"{}")[0] == 200
-    assert req(g, "GET", "/metrics")[0] == 404
+    assert g.request("POST", "/v1/chat/completions", b"{}").status == 200
+    assert g.request("GET", "/metrics").status == 404
     assert access_lines(g) == []
     assert backend.internal == []  # no model listing either
 
@@ -266,7 +264,7 @@ def test_metrics_and_access_log_can_be_off(start_gateway: StartGateway, backend:
 def test_traceparent_passes_through(start_gateway: StartGateway, backend: FakeBackend) -> None:
     g = start_gateway(BACKEND_BASE_URL=backend.url).start()
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    assert req(g, "POST", "/v1/chat/completions", b"{}", {"traceparent": tp})[0] == 200
+    assert g.request("POST", "/v1/chat/completions", b"{}", {"traceparent": tp}).status == 200
     sent = backend.requests[-1]
     assert sent.header("traceparent") == tp
     assert sent.header("x-request-id") is not None

@@ -31,10 +31,9 @@ import orjson
 
 from gateway.sim import new_event_loop
 from gateway.sim.responses import completion_text
-from tests.conftest import GatewayProc
 from tests.rawhttp import Result, fetch, request_bytes
 from tests.reliability import Meter, chat, check_stream, sse_error
-from tests.servers import SimProc
+from tests.servers import Gateway, SimProc
 
 #: (kind, weight) of the traffic mix.
 MIX = (("stream", 50), ("whole", 20), ("client_abort", 10), ("backend_reset", 8), ("backend_503", 6), ("bad_json", 6))
@@ -134,7 +133,7 @@ async def _client(port: int, seed: int, deadline: float, report: Report) -> None
                 report.examples.append(f"{kind}: {problem}")
 
 
-def _gateway_in_flight(g: GatewayProc) -> float:
+def _gateway_in_flight(g: Gateway) -> float:
     import urllib.request
 
     with urllib.request.urlopen(g.url + "/metrics", timeout=5) as resp:  # noqa: S310 - loopback
@@ -144,7 +143,7 @@ def _gateway_in_flight(g: GatewayProc) -> float:
     return 0.0
 
 
-async def _drive(g: GatewayProc, sim: SimProc, meter: Meter, report: Report, interval: float) -> None:
+async def _drive(g: Gateway, sim: SimProc, meter: Meter, report: Report, interval: float) -> None:
     start = time.monotonic()
     deadline = start + report.seconds
     clients = [asyncio.ensure_future(_client(g.port, seed, deadline, report)) for seed in range(report.concurrency)]
@@ -192,7 +191,7 @@ def soak(seconds: float, concurrency: int = 24, interval: float = 2.0, warmup: f
     """Run one soak and judge it (``report.problems``)."""
     report = Report(seconds=seconds, concurrency=concurrency, warmup=warmup if warmup is not None else seconds / 5)
     with SimProc(*SIM_ARGS) as sim, tempfile.TemporaryDirectory() as tmp:
-        g = GatewayProc(Path(tmp), BACKEND_BASE_URL=sim.base_url, GATEWAY_ACCESS_LOG="false").start()
+        g = Gateway(Path(tmp), BACKEND_BASE_URL=sim.base_url, GATEWAY_ACCESS_LOG="false").start()
         try:
             assert g.proc is not None
             meter = Meter(g.proc.pid)

@@ -19,7 +19,7 @@ import uvloop
 from gateway.app import Gateway
 from gateway.config import settings_from_strings
 from gateway.drain import CONTROL_ENV
-from gateway.types import SendMessage as Message
+from tests.asgi import Message, asgi
 from tests.memnet import MemoryNetwork, MemoryStream
 
 __all__ = ["MemoryNetwork", "MemoryStream"]
@@ -171,7 +171,7 @@ class AppRequest:
             await asyncio.get_running_loop().create_future()
             raise AssertionError("unreachable")
 
-        await self.app(self.scope, receive, send)
+        await asgi(self.app, self.scope, receive, send)
 
     async def check(self) -> Seen:
         """Run once, recording what the client would see (used before timing)."""

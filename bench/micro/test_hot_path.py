@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httpcore
 import orjson
@@ -54,6 +54,7 @@ from gateway.h1 import ChunkedBody, parse_head, plain_request
 from gateway.headers import DROP_REQUEST_HEADERS, response_headers
 from gateway.payload import peek, with_model
 from gateway.profiles import Support
+from gateway.types import HTTPScope
 
 #: Events in the streamed benchmarks' response (a 1000-token answer, one event per token).
 STREAM_EVENTS = 1000
@@ -158,7 +159,7 @@ def test_request_headers_app(benchmark: BenchmarkFixture, gateway_on: Callable[[
     app = gateway_on(MemoryNetwork([]))
     app.keys = KeyRing([])
     app.read_body.timeout = 0.0  # its timer needs a running loop, which this synchronous drive has not
-    scope = AppRequest(app, "/v1/chat/completions", SMALL_BODY).scope
+    scope = cast(HTTPScope, AppRequest(app, "/v1/chat/completions", SMALL_BODY).scope)
 
     def prefix() -> None:
         coro = app._forward(routes.CHAT, scope, _receive_stop, _never_send, Exchange())
@@ -279,7 +280,9 @@ def test_loop_floor(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop
     async def nothing() -> None:
         return None
 
-    benchmark.pedantic(lambda: loop.run_until_complete(nothing()), rounds=2000, warmup_rounds=100)
+    benchmark.pedantic(  # type: ignore[no-untyped-call]  # pytest-benchmark's has no annotations
+        lambda: loop.run_until_complete(nothing()), rounds=2000, warmup_rounds=100
+    )
 
 
 def test_app_stream(
@@ -298,7 +301,9 @@ def test_app_stream(
     assert seen.messages == STREAM_EVENTS + 1  # one per event, then the empty final message
     assert seen.body_bytes == sum(map(len, events))
 
-    benchmark.pedantic(lambda: loop.run_until_complete(request.run()), rounds=40, warmup_rounds=3)
+    benchmark.pedantic(  # type: ignore[no-untyped-call]  # pytest-benchmark's has no annotations
+        lambda: loop.run_until_complete(request.run()), rounds=40, warmup_rounds=3
+    )
     _per_chunk(benchmark, STREAM_EVENTS)
     _assert_kept_alive(app, network)
 
@@ -317,7 +322,9 @@ def test_app_json(
     seen = loop.run_until_complete(request.check())
     assert seen.status == 200 and seen.finished and seen.body_bytes == len(body)
 
-    benchmark.pedantic(lambda: loop.run_until_complete(request.run()), rounds=2000, warmup_rounds=100)
+    benchmark.pedantic(  # type: ignore[no-untyped-call]  # pytest-benchmark's has no annotations
+        lambda: loop.run_until_complete(request.run()), rounds=2000, warmup_rounds=100
+    )
     _assert_kept_alive(app, network)
 
 
@@ -367,8 +374,12 @@ def test_httpcore_baseline(
 
     assert loop.run_until_complete(exchange()) == sum(map(len, events))
     if stream:
-        benchmark.pedantic(lambda: loop.run_until_complete(exchange()), rounds=40, warmup_rounds=3)
+        benchmark.pedantic(  # type: ignore[no-untyped-call]  # pytest-benchmark's has no annotations
+            lambda: loop.run_until_complete(exchange()), rounds=40, warmup_rounds=3
+        )
         _per_chunk(benchmark, STREAM_EVENTS)
     else:
-        benchmark.pedantic(lambda: loop.run_until_complete(exchange()), rounds=2000, warmup_rounds=100)
+        benchmark.pedantic(  # type: ignore[no-untyped-call]  # pytest-benchmark's has no annotations
+            lambda: loop.run_until_complete(exchange()), rounds=2000, warmup_rounds=100
+        )
     _assert_kept_alive(app, network)
