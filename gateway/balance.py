@@ -23,6 +23,7 @@ import httpcore
 from gateway import errors, probe
 from gateway.handover import HandOver
 from gateway.pool import Pool
+from gateway.probe import ReplicaState
 from gateway.profiles import Profile, Support
 from gateway.target import Target
 
@@ -54,13 +55,22 @@ class Replica:
         self.ejected_until = 0.0
         #: A trial request is in flight after a cool-off: no other traffic until it answers.
         self.trial = False
-        #: From the active probe: ready, loading or unreachable.
-        self.state = "ready"
+        #: From the active probe.
+        self.state: ReplicaState = "ready"
         self.latency_ms: float | None = None
         self.detail: str | None = None
 
     def usable(self, now: float) -> bool:
+        """In the rotation: ready, not cooling off, and no trial request of it pending."""
         return self.state == "ready" and self.ejected_until <= now and not self.trial
+
+    def due_trial(self, now: float) -> bool:
+        """Its cool-off is over and it has not answered since: one trial request decides."""
+        return self.state == "ready" and 0.0 < self.ejected_until <= now and not self.trial
+
+    def undecided(self) -> None:
+        """A trial request ended with no verdict (its client left, say): the next one is the trial."""
+        self.trial = False
 
     def report(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -122,15 +132,14 @@ class Backend:
             return single
         now = time.monotonic()
         untried = [r for r in self.replicas if not tried or r not in tried]
+        for r in untried:
+            if r.due_trial(now):  # half-open: the first request after a cool-off is its trial
+                r.trial = True
+                return r
         pool = [r for r in untried if r.usable(now)]
         if sticky is not None and pool:
             return max(pool, key=lambda r: zlib.crc32(r.target.base_url.encode() + sticky))
         if not pool:
-            # Half-open: one trial request to a replica whose cool-off is over.
-            for r in untried:
-                if r.state == "ready" and r.ejected_until and r.ejected_until <= now and not r.trial:
-                    r.trial = True
-                    return r
             pool = untried or self.replicas  # fail-open: try anyway rather than refuse all
         if len(pool) == 1:
             return pool[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import Any
+from typing import Any, Literal
 
 import httpcore
 import msgspec
@@ -13,6 +13,8 @@ from gateway import __version__
 from gateway.pool import open_connection
 from gateway.target import Target
 
+#: What a health probe found: up, loading its model (503), or down (refused, timed out, other 5xx).
+ReplicaState = Literal["ready", "loading", "unreachable"]
 #: Marks the gateway's own model listing (refreshed in the background for the metrics' labels).
 MODELS_USER_AGENT = f"gateway/{__version__} (model list)".encode()
 #: A health answer larger than this is not read further: the status is what matters.
@@ -47,6 +49,7 @@ async def probe(
     except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    status: ReplicaState
     if backend_status is None:
         status = "unreachable"
     elif backend_status == 503:

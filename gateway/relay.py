@@ -95,6 +95,8 @@ async def forward(
             raise
         finally:
             replica.inflight -= 1
+            if replica.trial:  # its trial got no verdict (the client left, say)
+                replica.undecided()
         if answer is None:
             return
         kept = answer

@@ -190,11 +190,6 @@ def test_back_in_rotation_after_the_cool_off_and_one_more_failure_ejects_it_agai
     assert a.usable(time.monotonic())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: a replica whose cool-off is over is simply usable again, so Backend.pick's "
-    "half-open branch (one trial request, no other traffic until it answers) is never reached",
-)
 def test_half_open_one_trial_request_after_the_cool_off() -> None:
     a, b_ = replica(1), replica(2)
     b = backend(a, b_, eject_after=1, eject_seconds=0.05)
@@ -204,6 +199,36 @@ def test_half_open_one_trial_request_after_the_cool_off() -> None:
     assert b.pick() is a  # the trial
     b_.state = "ready"
     assert all(b.pick() is b_ for _ in range(20))  # nothing more for a until its trial answers
+
+
+def test_the_trial_comes_first_even_while_other_replicas_are_usable() -> None:
+    """The half-open state does not wait for the others to fail: the first request after the
+    cool-off is the trial; a success puts the replica back, a failure ejects it again."""
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_, eject_after=3, eject_seconds=0.05)
+    for _ in range(3):
+        b.failed(a)
+    assert picks(b, 20) == {b_.target.base_url: 20}  # cooling off
+    time.sleep(0.06)
+    assert b.pick() is a and a.trial
+    assert picks(b, 20) == {b_.target.base_url: 20}  # one trial at a time
+    b.failed(a)  # the trial failed: out again at once
+    assert not a.trial and a.ejected_until > time.monotonic()
+    time.sleep(0.06)
+    assert b.pick() is a
+    b.succeeded(a)
+    assert a.usable(time.monotonic()) and a.ejected_until == 0.0
+    assert len(picks(b, 200)) == 2  # back in the rotation
+
+
+def test_a_trial_without_a_verdict_leaves_the_next_request_as_the_trial() -> None:
+    a, b_ = replica(1), replica(2)
+    b = backend(a, b_, eject_after=1, eject_seconds=0.01)
+    b.failed(a)
+    time.sleep(0.02)
+    assert b.pick() is a
+    a.undecided()  # the relay: the trial request ended without an answer either way
+    assert b.pick() is a and a.trial
 
 
 def test_a_429_cools_the_replica_off_for_its_retry_after() -> None:
