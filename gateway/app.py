@@ -36,8 +36,8 @@ from gateway.client_headers import HeaderPass, given_request_id
 from gateway.config import Settings, load_settings
 from gateway.drain import CONTROL_ENV, WorkerDrain
 from gateway.errors import GatewayError
-from gateway.exchange import Exchange
-from gateway.forward import Forwarder, Outgoing
+from gateway.exchange import Exchange, Outgoing
+from gateway.forward import Forwarder
 from gateway.limits import KeyLimits, Limiter, SharedLimiter, load_keys
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics

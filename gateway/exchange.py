@@ -1,8 +1,9 @@
-"""One request's progress and figures, and the names of its states.
+"""One forwarded request: what was decided about it (``Outgoing``), and its progress and figures
+(``Exchange``), with the names of its states.
 
-An ``Exchange`` is shared by the stages that forward a request, the disconnect watcher, the
-timers and, at its end, the metrics and the access log. What was decided about the request
-travels separately, as ``forward.Outgoing``.
+``Outgoing`` is built once, by the stages that decide where a request goes and what is sent, and
+read by the relay. An ``Exchange`` is shared by the stages, the relay, the disconnect watcher, the
+timers and, at the request's end, the metrics and the access log.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from gateway.balance import Backend
     from gateway.limits import KeyLimits
 
 #: What a forwarded request is waiting for: a connection, the response head, the first body
@@ -93,3 +95,30 @@ class Exchange:
         """The last two bytes sent to the client."""
         last = self.last
         return last[-2:] if len(last) >= 2 else (self.prev + last)[-2:]
+
+
+class Outgoing:
+    """A request as it goes upstream: decided once, read by the relay."""
+
+    __slots__ = ("backend", "method", "path", "query", "headers", "body", "sticky")
+
+    def __init__(
+        self,
+        backend: Backend,
+        method: bytes,
+        path: bytes,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        sticky: bytes | None,
+    ) -> None:
+        self.backend = backend
+        self.method = method
+        #: The client's raw path (``/v1/...``) without its query; each replica maps it to its base.
+        self.path = path
+        self.query = query
+        #: The client's headers as forwarded (the replica adds Host and its key in front).
+        self.headers = headers
+        self.body = body
+        #: The value that keeps a client on one replica (GATEWAY_STICKY), if any.
+        self.sticky = sticky

@@ -1,7 +1,7 @@
 """The forwarding stage: one decided request sent upstream, with the backend-error boundary.
 
-``Outgoing`` is what the earlier stages decided about a request (where it goes and what is sent),
-built once. ``Forwarder.run`` sends it through the relay while watching for the client leaving
+``exchange.Outgoing`` is what the earlier stages decided about a request (where it goes and what
+is sent), built once. ``Forwarder.run`` sends it through the relay while watching for the client leaving
 and for the total timeout; it is the one place where httpcore's and the OS's exceptions become
 the gateway's backend errors. Any other exception is a bug in the gateway: it propagates to the
 application's boundary (``app.py``), which logs it with its traceback and answers 500.
@@ -16,9 +16,8 @@ from collections.abc import Callable
 import httpcore
 
 from gateway import errors
-from gateway.balance import Backend
 from gateway.errors import GatewayError, error_class, map_error
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, Outgoing
 from gateway.pool import PoolClosed, PoolTimeout
 from gateway.relay import Timeouts, fail, forward
 from gateway.types import Receive, Send
@@ -35,33 +34,6 @@ BACKEND_ERRORS: tuple[type[Exception], ...] = (
     httpcore.UnsupportedProtocol,
     OSError,
 )
-
-
-class Outgoing:
-    """A request as it goes upstream: decided once, read by the relay."""
-
-    __slots__ = ("backend", "method", "path", "query", "headers", "body", "sticky")
-
-    def __init__(
-        self,
-        backend: Backend,
-        method: bytes,
-        path: bytes,
-        query: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        sticky: bytes | None,
-    ) -> None:
-        self.backend = backend
-        self.method = method
-        #: The client's raw path (``/v1/...``) without its query; each replica maps it to its base.
-        self.path = path
-        self.query = query
-        #: The client's headers as forwarded (the replica adds Host and its key in front).
-        self.headers = headers
-        self.body = body
-        #: The value that keeps a client on one replica (GATEWAY_STICKY), if any.
-        self.sticky = sticky
 
 
 class Forwarder:
@@ -92,19 +64,7 @@ class Forwarder:
         total = self.total_timeout
         timer = loop.call_later(total, _expire, ex, task) if total else None
         try:
-            await forward(
-                out.backend,
-                out.method,
-                out.path,
-                out.query,
-                out.headers,
-                out.body,
-                self.timeouts,
-                self.retries,
-                send,
-                ex,
-                out.sticky,
-            )
+            await forward(out, self.timeouts, self.retries, send, ex)
         except asyncio.CancelledError:
             if ex.cancelled_by is None:
                 raise

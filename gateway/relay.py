@@ -20,8 +20,8 @@ from gateway.headers import response_headers
 from gateway.types import Send
 
 if TYPE_CHECKING:
-    from gateway.balance import Backend, Replica
-from gateway.exchange import Exchange
+    from gateway.balance import Replica
+from gateway.exchange import Exchange, Outgoing
 
 log = logging.getLogger("gateway")
 
@@ -52,39 +52,23 @@ _KEEP_LIMIT = 64 * 1024
 _Kept = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
-async def forward(
-    backend: Backend,
-    method: bytes,
-    path: bytes,
-    query: bytes,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes,
-    timeouts: Timeouts,
-    retries: int,
-    send: Send,
-    ex: Exchange,
-    sticky: bytes | None = None,
-) -> None:
-    """Forward one request to one of the backend's replicas and relay the response.
+async def forward(out: Outgoing, timeouts: Timeouts, retries: int, send: Send, ex: Exchange) -> None:
+    """Forward one request to one of its backend's replicas and relay the response.
 
     Connect failures and 429/502/503/504 answers are retried on another replica, up to
     ``retries`` more times, only while nothing has been sent to the client; when the budget is
     spent the last answer is relayed unchanged. httpcore's exceptions propagate.
     """
+    backend = out.backend
     tried: list[Replica] = []
     kept: _Kept | None = None
     while True:
-        replica = backend.pick(tried, sticky)
+        replica = backend.pick(tried, out.sticky)
         tried.append(replica)
         may_retry = len(tried) <= retries and len(tried) < len(backend.replicas)
-        target = replica.target
-        upstream_target = target.upstream_target(path, query)
-        all_headers = [*target.static_headers, *headers]
         replica.inflight += 1
         try:
-            answer = await _on_replica(
-                backend, replica, (method, upstream_target, all_headers, body), timeouts, may_retry, send, ex
-            )
+            answer = await _on_replica(out, replica, timeouts, may_retry, send, ex)
         except (httpcore.ConnectError, httpcore.ConnectTimeout):
             backend.failed(replica)
             if may_retry:
@@ -103,18 +87,15 @@ async def forward(
 
 
 async def _on_replica(
-    backend: Backend,
-    replica: Replica,
-    request: tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes],
-    timeouts: Timeouts,
-    may_retry: bool,
-    send: Send,
-    ex: Exchange,
+    out: Outgoing, replica: Replica, timeouts: Timeouts, may_retry: bool, send: Send, ex: Exchange
 ) -> _Kept | None:
     """The request on one replica: a connection from its pool (released here, whatever happens),
     the response relayed (None), or read and kept when it may be retried on another replica.
     A reused connection the backend had closed while idle is replaced (up to twice)."""
-    method, target, headers, body = request
+    backend, method, body = out.backend, out.method, out.body
+    target = replica.target
+    path = target.upstream_target(out.path, out.query)
+    headers = [*target.static_headers, *out.headers]
     pool = replica.pool
     attempts = 0
     while True:
@@ -124,7 +105,7 @@ async def _on_replica(
             ex.phase = "headers"
             ex.t_upstream = perf_counter()
             try:
-                status, raw_headers = await conn.exchange(method, target, headers, body, timeouts.header)
+                status, raw_headers = await conn.exchange(method, path, headers, body, timeouts.header)
             except _STALE:
                 attempts += 1
                 # The backend had closed the idle connection: send again on another one, unless the

@@ -417,7 +417,7 @@ def test_a_bug_after_the_response_started_closes_the_connection(monkeypatch: pyt
     import gateway.forward
 
     async def broken_midway(*args: Any) -> None:
-        send, ex = args[8], args[9]
+        send, ex = args[3], args[4]
         await send({"type": "http.response.start", "status": 200, "headers": []})
         ex.started = True
         await send({"type": "http.response.body", "body": b"part", "more_body": True})
