@@ -41,18 +41,10 @@ class KeyRing:
             raise errors.unauthorized()
         return identity
 
-    def check(self, authorization: bytes | None) -> bool:
-        """True when ``authorization`` is ``Bearer <one of the keys>`` (scheme case-insensitive)."""
-        return not self._digests or self.verify(authorization) is not None
-
-    def verify(self, authorization: bytes | None) -> str | None:
-        """The key id (see ``key_id``) of a valid ``Bearer`` key, else None."""
-        found = self.identify(authorization)
-        return None if found is None else found[0]
-
     def identify(self, authorization: bytes | None) -> tuple[str, KeyLimits | None] | None:
-        """For a valid ``Bearer`` key: what logs show for it (a keys-file name, else the key id)
-        and its limits; None for an invalid one."""
+        """For a valid ``Bearer`` key: what logs show for it (a keys-file name, else the first 8
+        hex digits of the key's SHA-256: safe to log, never the key) and its limits; None for an
+        invalid one."""
         if authorization is None or authorization[:7].lower() != b"bearer ":
             return None
         digest = hashlib.sha256(authorization[7:].strip()).digest()
@@ -70,8 +62,3 @@ def authorization_of(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, 
     does not see."""
     values = [v for n, v in headers if n == b"authorization"]
     return (values[-1] if values else None), len(values)
-
-
-def key_id(key: bytes) -> str:
-    """The first 8 hex digits of a key's SHA-256: safe to log, never the key itself."""
-    return hashlib.sha256(key).hexdigest()[:8]

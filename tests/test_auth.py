@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import hashlib
 
-from gateway.auth import KeyRing, key_id
+import pytest
+
+from gateway.auth import KeyRing
+from gateway.errors import GatewayError
 
 
 def test_keyring() -> None:
     ring = KeyRing(["k1", "k2"])
     assert ring.enabled
-    assert ring.check(b"Bearer k1") and ring.check(b"bearer k2") and ring.check(b"BEARER k1 ")
+    k1_id = hashlib.sha256(b"k1").hexdigest()[:8]
+    assert ring.identify(b"Bearer k1") == ring.identify(b"BEARER k1 ") == (k1_id, None)
+    assert ring.identify(b"bearer k2") is not None
     for bad in (None, b"", b"k1", b"Bearer", b"Bearer k3", b"Basic k1", b"Bearer k1k1", b"Bearerk1"):
-        assert not ring.check(bad)
+        assert ring.identify(bad) is None
+        with pytest.raises(GatewayError) as refused:
+            ring.authenticate(bad)
+        assert refused.value.status == 401
+    assert ring.authenticate(b"Bearer k1") == (k1_id, None)
+    with pytest.raises(GatewayError):  # two Authorization headers, even with a good key
+        ring.authenticate(b"Bearer k1", count=2)
     off = KeyRing([])
-    assert not off.enabled and off.check(None)
-    assert key_id(b"k1") == hashlib.sha256(b"k1").hexdigest()[:8]
+    assert not off.enabled and off.authenticate(None) is None and off.authenticate(b"x", count=2) is None
     assert "k1" not in repr(ring._digests)  # only digests are held

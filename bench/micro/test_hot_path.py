@@ -108,7 +108,7 @@ def test_auth_check(benchmark: BenchmarkFixture, n_keys: int, outcome: str) -> N
     # A hit on the last key, a miss of the same length: the check is meant to cost the same.
     presented = keys[-1] if outcome == "hit" else keys[-1][:-1] + "y"
     header = b"Bearer " + presented.encode()
-    assert benchmark(ring.check, header) is (outcome == "hit")
+    assert (benchmark(ring.identify, header) is not None) is (outcome == "hit")
 
 
 ROUTE_PATHS = {
