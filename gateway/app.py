@@ -212,7 +212,7 @@ class Gateway:
                 raise errors.method_not_allowed(method, path, route.methods)
             if method in routes.REFUSED_METHODS:
                 raise errors.method_not_allowed(method, path, ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"))
-            if local.is_local(route, self):
+            if not route.upstream or (route is routes.MODELS and self.topology.answers_models):
                 ex.request_id = given_request_id(scope["headers"])
                 await local.answer(self, route, method, scope, send, ex)
             elif self.draining:
@@ -269,7 +269,7 @@ class Gateway:
         body = await self.read_body(receive, client.content_length)
         model = "none"
         if route.json_body:
-            backend, body, model = self._route_by_model(route, body)
+            backend, body, model = self._route_by_model(route, body, backend)
         assert backend is not None
         forwarded = client.forwarded
         if body or scope["method"] not in _BODILESS:
@@ -307,12 +307,14 @@ class Gateway:
         shared = self.shared
         ex.extra_headers = await shared.admit(limits) if shared is not None else self.limiter.admit(limits)
 
-    def _route_by_model(self, route: routes.Route, body: bytes) -> tuple[Backend, bytes, str]:
-        """The routing stage for JSON bodies: the backend for the body's model, the body to send
-        (the model rewritten for an alias or filled in), and the model's metrics label."""
+    def _route_by_model(self, route: routes.Route, body: bytes, known: Backend | None) -> tuple[Backend, bytes, str]:
+        """The routing stage for JSON bodies: the backend for the body's model (its capability
+        checked, unless it was ``known`` and checked before the body), the body to send (the model
+        rewritten for an alias or filled in), and the model's metrics label."""
         peeked = peek(body)
         backend, served = self.topology.route_model(peeked.model)
-        check_capability(backend, route.capability)
+        if backend is not known:
+            check_capability(backend, route.capability)
         if served is not None and served != peeked.model:  # an alias, or the MODEL_NAME fill-in
             body = with_model(body, served)
         if peeked.wants_tools:

@@ -1,5 +1,5 @@
 """The endpoints the gateway answers itself: /health, /ready, /metrics and, when the topology
-declares its models, /v1/models."""
+has a model table (``Topology.answers_models``), /v1/models."""
 
 from __future__ import annotations
 
@@ -17,11 +17,6 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 _HEALTH_BODY = b'{"status":"ok"}'
-
-
-def is_local(route: routes.Route, app: Gateway) -> bool:
-    """Whether the gateway answers ``route`` itself rather than forwarding it."""
-    return not route.upstream or (route is routes.MODELS and app.topology.answers_models())
 
 
 async def answer(app: Gateway, route: routes.Route, method: str, scope: HTTPScope, send: Send, ex: Exchange) -> None:

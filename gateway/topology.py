@@ -32,7 +32,7 @@ def settings_backend(settings: Settings) -> BackendSpec:
 class Topology:
     """A worker's backends, its model table, and the routing decisions made from them."""
 
-    __slots__ = ("backends", "by_model", "any_model", "model_name", "_only")
+    __slots__ = ("backends", "by_model", "any_model", "answers_models", "model_name", "_only")
 
     def __init__(self, backends: list[Backend], *, any_model: Backend | None, model_name: str = "") -> None:
         self.backends = backends
@@ -45,6 +45,9 @@ class Topology:
                 self.by_model[alias] = (backend, model)
         #: The backend that takes models the table does not name (settings without a backends file).
         self.any_model = any_model
+        #: Whether ``GET /v1/models`` is the gateway's to answer (from the table); otherwise the
+        #: one backend that serves any model answers it.
+        self.answers_models = any_model is None
         #: ``MODEL_NAME``: filled into requests that name no model.
         self.model_name = model_name
         self._only = backends[0] if len(backends) == 1 else None
@@ -79,11 +82,6 @@ class Topology:
         if self.any_model is None:
             raise errors.missing_model()
         return self.any_model, None
-
-    def answers_models(self) -> bool:
-        """Whether ``GET /v1/models`` is the gateway's to answer (from the table); otherwise the
-        one backend that serves any model answers it."""
-        return self.any_model is None
 
     def model_list(self) -> bytes:
         data = [

@@ -53,7 +53,7 @@ def test_settings_become_one_backend_that_serves_any_model() -> None:
     assert t.by_model == {} and t.replicas == 2
     assert t.route_model("anything") == (only, "anything")
     assert t.route_model(None) == (only, "dflt")  # MODEL_NAME filled in
-    assert not t.answers_models()
+    assert not t.answers_models
     spec = settings_backend(settings_from_strings({"BACKEND_KIND": "tgi", "BACKEND_CAPABILITIES": "+embeddings"}))
     assert spec.name == "tgi" and spec.models == [] and spec.capabilities == "+embeddings"
 
@@ -66,7 +66,7 @@ def test_settings_without_model_name_send_a_modelless_request_as_it_is() -> None
 def test_a_backends_file_routes_by_its_table(tmp_path: Path) -> None:
     t = topology(GATEWAY_ROUTES=backends_file(tmp_path, *TWO))
     chat, embed = t.backends
-    assert t.any_model is None and t.answers_models()
+    assert t.any_model is None and t.answers_models
     assert t.route_model("m1") == (chat, "m1")
     assert t.route_model("a1") == (chat, "m1")  # an alias is rewritten to its model
     assert t.route_model("e1") == (embed, "e1")
