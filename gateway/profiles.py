@@ -31,6 +31,24 @@ CAPABILITIES: tuple[str, ...] = ("chat", "completions", "embeddings", "responses
 S, U, D = Support.SUPPORTED, Support.UNSUPPORTED, Support.DEPENDS
 
 
+class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where a kind's engine reports its own load on its Prometheus ``/metrics``: for each figure,
+    the metric names accepted, newest spelling first (engines renamed some). An empty tuple: the
+    engine does not report that figure."""
+
+    #: Sequences being decoded now (a gauge).
+    running: tuple[str, ...] = ()
+    #: Requests queued for a batch slot (a gauge).
+    waiting: tuple[str, ...] = ()
+    #: Share of the KV cache in use, 0 to 1 (a gauge).
+    kv_usage: tuple[str, ...] = ()
+    #: Prefix-cache lookups and hits, in tokens (counters).
+    prefix_queries: tuple[str, ...] = ()
+    prefix_hits: tuple[str, ...] = ()
+    #: What the engine must be started with to serve them, if anything (for the README).
+    needs: str = ""
+
+
 class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One backend kind."""
 
@@ -50,6 +68,9 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: For a kind run on the Docker host rather than in compose: the command that starts it
     #: (README's launch steps; ``{port}`` is the port of its env template's URL).
     host_start: str | None = None
+    #: The engine's own load metrics, for load-aware balancing; None: it serves none (balancing
+    #: then relies on the gateway's own in-flight counts).
+    engine_metrics: EngineMetrics | None = None
 
     def support(self, capability: str) -> Support:
         return self.capabilities.get(capability, Support.SUPPORTED)
