@@ -3,6 +3,7 @@
     python -m bench                                  # built-in simulator (the default)
     python -m bench --smoke                          # a few seconds, for the test suite
     python -m bench --backend-kind vllm --backend-url http://gpu-host:8000/v1 --model Qwen/Qwen2.5-0.5B-Instruct
+    python -m bench --routing                        # balancing policies on simulated replicas (bench.routing)
 
 See bench/README.md for what each figure means.
 """
@@ -74,10 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         "settings, on the gateway's CPU) to show what the gateway costs above its server (simulator only)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--routing",
+        action="store_true",
+        help="instead, the routing benchmark: GATEWAY_BALANCE policies on simulated replicas, open loop "
+        "(its own flags: python -m bench --routing --help)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--routing" in argv:
+        from bench import routing
+
+        return routing.main([a for a in argv if a != "--routing"])
     args = build_parser().parse_args(argv)
     if (args.backend_kind is None) != (args.backend_url is None):
         print("bench: --backend-kind and --backend-url go together", file=sys.stderr)
