@@ -231,3 +231,54 @@ def test_side_figures_count_failures_once_each() -> None:
     assert (fig["requests"], fig["errors"]) == (8, 4)
     assert fig["error_examples"] == ["reset", "status 200", "status 502"]
     assert fig["throughput_rps"] == 4.0  # the three good ones and the abort
+
+
+@pytest.mark.slow
+def test_bench_routing_smoke(tmp_path: Path) -> None:
+    """``bench --routing --smoke``: every policy ran every workload on two replicas, and the
+    figures come from what the replicas, the gateway and the clients measured."""
+    proc = _python_m("bench", "--routing", "--smoke", "--quiet", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_file,) = tmp_path.glob("routing-*.json")
+    (png_file,) = tmp_path.glob("routing-*.png")
+    assert png_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = orjson.loads(json_file.read_bytes())
+    env = doc["environment"]
+    assert env["args"]["routing"]["replicas"] == 2 and env["cores"]
+    answer_tokens = env["args"]["routing"]["shape"]["answer_tokens"]
+    assert [(r["policy"], r["workload"]) for r in doc["runs"]] == [
+        (p, w) for p in ("p2c", "prefix") for w in ("shared", "control", "skewed")
+    ]
+    for run in doc["runs"]:
+        _check_routing_run(run, env, answer_tokens)
+    assert set(doc["summary"]) == {"shared", "control", "skewed"}
+    knee = doc["knee"]
+    # The threshold is twice the unloaded TTFT the first policy measured, and the sweep judged by it.
+    unloaded = knee["sweeps"]["p2c"]["unloaded"]
+    assert unloaded["requests"] > 0 and unloaded["ttft_ms"]["p50"] > 0
+    assert knee["threshold_ms"] == round(2 * unloaded["ttft_ms"]["p50"], 3)
+    for sweep in knee["sweeps"].values():
+        assert sweep["steps"] and all(
+            s["under_threshold"] == (s["ttft_ms"]["p90"] < knee["threshold_ms"]) for s in sweep["steps"]
+        )
+    assert set(doc["goals"]) == {"shared", "control", "skewed"}
+    assert "workload policy" in proc.stdout and "goals:" in proc.stdout
+
+
+def _check_routing_run(run: dict[str, Any], env: dict[str, Any], answer_tokens: int) -> None:
+    assert run["errors"] == 0, run["error_examples"]
+    assert run["requests"] > 0 and 0 < run["ttft_ms"]["p50"] <= run["ttft_ms"]["p90"] <= run["ttft_ms"]["p99"]
+    # The replicas' own counters saw exactly the requests sent, and generated their answers.
+    assert sum(r["requests"] for r in run["replicas"]) == run["requests"]
+    assert abs(sum(r["share"] for r in run["replicas"]) - 1) < 0.01
+    assert run["output_tokens_per_s"] == pytest.approx(run["throughput_rps"] * answer_tokens, rel=0.05)
+    assert all(r["waiting_peak"] is not None and r["waiting_peak"] >= 0 for r in run["replicas"])
+    assert run["gateway_cpu_per_request_us"] >= 0
+    if env["sim_engine_model"]:
+        assert 0 <= run["prefix_cache_hit_rate"] <= 1 and run["prefix_cache_queries"] > 0
+    else:
+        assert run["prefix_cache_hit_rate"] is None
+    if run["decisions"] is not None:  # read from the gateway's own counter, by reason
+        assert all(isinstance(n, int) and n >= 0 for n in run["decisions"].values())
+        if run["policy"] == "prefix" and env["gateway_knows_balance"]:
+            assert sum(run["decisions"].values()) > 0
