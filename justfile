@@ -34,7 +34,7 @@ test-fast *args:
 coverage *args:
     {{ bin }}/python -m pytest -m "not slow" --cov --cov-report=term {{ args }}
 
-# End-to-end benchmark, direct vs through the gateway (default: the simulator; flags: --help)
+# End-to-end benchmark, direct vs through the gateway (default: the simulator; flags: --help); --routing: the balancing policies on simulated replicas
 bench *args:
     {{ bin }}/python -m bench {{ args }}
 

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,12 +55,14 @@ class Plan:
     rate: float | None = None  # requests/s for the workloads; None: the sweep's knee
     requests: int = 600  # per workload run
     seconds: float = 30.0  # of arrivals per workload run
-    sweep_start: float | None = None  # requests/s; None: 1 per replica
+    sweep_start: float | None = None  # requests/s; None: 2 per replica
     sweep_factor: float = 1.5
-    sweep_steps: int = 8
-    sweep_requests: int = 300
-    sweep_seconds: float = 15.0
+    sweep_steps: int = 10
+    sweep_requests: int = 600
+    sweep_seconds: float = 10.0
     unloaded_requests: int = 12
+    #: Each replica's KV cache in blocks (``gateway sim --kv-blocks``); None: ``kv_blocks_for``.
+    kv_blocks: int | None = None
     rounds: int = 1
     sample_s: float = 0.1  # waiting-queue sampling interval
 
@@ -76,6 +79,26 @@ SMOKE = Plan(
     sweep_seconds=1.0,
     unloaded_requests=3,
 )
+
+
+#: The simulator's tokens per KV block (vLLM's default block size), and characters per token.
+BLOCK_TOKENS = 16
+CHARS_PER_TOKEN = 4
+#: What one replica's cache holds of the workload's prefixes, in replicas' worth (see kv_blocks_for).
+CACHE_REPLICAS = 1.5
+
+
+def kv_blocks_for(shape: Shape, replicas: int) -> int:
+    """A replica's KV cache for the benchmark: ``CACHE_REPLICAS / replicas`` of the blocks that
+    every group's system prompt and every user's history (at half its longest) take. The cluster's
+    caches hold the whole working set when each prefix lives on one replica, but no replica holds
+    it all: the regime of many long prompts, where routing decides whether the caches add up.
+    With a cache that holds everything (the simulator's H100 default, ``--kv-blocks 26000``),
+    every policy ends up hitting once warm and routing can only save the first misses."""
+    history_chars = shape.max_turns / 2 * (shape.user_chars + shape.answer_tokens * CHARS_PER_TOKEN)
+    chars = shape.groups * shape.system_chars + shape.groups * shape.users_per_group * history_chars
+    blocks = chars / CHARS_PER_TOKEN / BLOCK_TOKENS
+    return max(64, int(blocks * CACHE_REPLICAS / replicas))
 
 
 @dataclass
@@ -114,7 +137,9 @@ def cluster(
         for i in range(plan.replicas):
             port = free_port()
             argv = [sys.executable, "-m", "gateway.sim", "--kind", "vllm", "--host", "127.0.0.1", "--port", str(port)]
-            argv += ["--seed", str(plan.seed + i), *(["--engine"] if engine else [])]
+            argv += ["--seed", str(plan.seed + i)]
+            if engine:
+                argv += ["--engine", "--kv-blocks", str(plan.kv_blocks or kv_blocks_for(plan.shape, plan.replicas))]
             stack.enter_context(_running(argv, port, cpus[1], logs / f"sim-{i}.log"))
             ports.append(port)
         url = ",".join(f"http://127.0.0.1:{p}/v1" for p in ports)
@@ -280,7 +305,7 @@ class Bench:
         reaches the threshold (``threshold_ms``, or twice this policy's unloaded TTFT p50 when
         ``None``) or a request fails: the knee is the highest rate that stayed under."""
         plan = self.plan
-        rate = plan.sweep_start or float(plan.replicas)
+        rate = plan.sweep_start or 2.0 * plan.replicas
         steps: list[dict[str, Any]] = []
         knee = unloaded = None
         for i in range(plan.sweep_steps):
@@ -314,7 +339,7 @@ async def run(bench: Bench) -> dict[str, Any]:
     unloaded = sweeps[plan.policies[0]]["unloaded"]
     reference = None if unloaded is None else unloaded["ttft_ms"]["p50"]
     first_knee = sweeps[plan.policies[0]]["knee_rps"]
-    rate = plan.rate or first_knee or plan.sweep_start or float(plan.replicas)
+    rate = plan.rate or first_knee or plan.sweep_start or 2.0 * plan.replicas
     runs = []
     for rnd in range(plan.rounds):
         order = plan.policies if rnd % 2 == 0 else tuple(reversed(plan.policies))
@@ -353,8 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, help="requests per workload run (bounded by --seconds too)")
     p.add_argument("--seconds", type=float, help="arrivals per workload run last at most this long")
     p.add_argument("--rounds", type=int, default=1, help="rounds of every workload per policy (order alternates)")
-    p.add_argument("--sweep-start", type=float, help="first rate of the sweep (default: 1/s per replica)")
+    p.add_argument("--sweep-start", type=float, help="first rate of the sweep (default: 2/s per replica)")
     p.add_argument("--sweep-steps", type=int, help="most rates tried per policy")
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        help="each replica's KV cache in blocks of 16 tokens (default: 1.5/N of the workload's prefixes; "
+        "the simulator's own default, 26000, holds everything)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and PNG (default bench/results)")
     add_gateway_env(p, "extra gateway setting (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -370,6 +401,7 @@ def plan_of(args: argparse.Namespace) -> Plan:
         "seconds": args.seconds,
         "sweep_start": args.sweep_start,
         "sweep_steps": args.sweep_steps,
+        "kv_blocks": args.kv_blocks,
     }
     policies = tuple(x for x in args.policies.split(",") if x)
     workloads = tuple(x for x in args.workloads.split(",") if x)
@@ -398,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _main(args: argparse.Namespace, plan: Plan, loop_name: str) -> int:
+    # SIGTERM cancels the run, so every replica and gateway is stopped on the way out.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     cpus = pin_loadgen()
     logs = Path(tempfile.mkdtemp(prefix="bench-routing-"))
 
@@ -406,6 +442,8 @@ async def _main(args: argparse.Namespace, plan: Plan, loop_name: str) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     engine, balance = sim_has_engine(), gateway_knows_balance()
+    if plan.kv_blocks is None:
+        plan = replace(plan, kv_blocks=kv_blocks_for(plan.shape, plan.replicas))
     progress(f"simulator engine model: {'on' if engine else 'absent'}; GATEWAY_BALANCE known: {balance}; logs {logs}")
     bench = Bench(plan, cpus, logs, engine, dict(args.gateway_env), progress)
     figures = await run(bench)
@@ -420,3 +458,7 @@ async def _main(args: argparse.Namespace, plan: Plan, loop_name: str) -> int:
     print(f"\nresults: {json_path} and {png_path}")
     errors = sum(r["errors"] for r in doc["runs"])
     return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
