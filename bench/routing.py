@@ -181,6 +181,8 @@ async def _send(pool: list[Connection], port: int, raw: bytes) -> Sample:
         return Sample(start=time.perf_counter(), error=f"{type(exc).__name__}: {exc}")
     if s.ok:
         pool.append(conn)
+    else:
+        conn.close(abort=True)
     return s
 
 
@@ -300,8 +302,8 @@ class Bench:
         self.progress(f"{policy} {workload} at {rate:.2f}/s: {n} requests, ttft p90 {p90} ms, hit rate {hits}")
         return fig
 
-    async def sweep(self, policy: str, threshold_ms: float | None) -> dict[str, Any]:
-        """The unloaded reference, then rates from the start up by the factor until TTFT p90
+    async def sweep(self, policy: str, threshold_ms: float | None, workload: str = "shared") -> dict[str, Any]:
+        """On ``workload``: the unloaded reference, then rates from the start up by the factor until TTFT p90
         reaches the threshold (``threshold_ms``, or twice this policy's unloaded TTFT p50 when
         ``None``) or a request fails: the knee is the highest rate that stayed under."""
         plan = self.plan
@@ -309,7 +311,7 @@ class Bench:
         steps: list[dict[str, Any]] = []
         knee = unloaded = None
         for i in range(plan.sweep_steps):
-            fig = await self.step(policy, "shared", rate, plan.sweep_requests, plan.sweep_seconds, unloaded=i == 0)
+            fig = await self.step(policy, workload, rate, plan.sweep_requests, plan.sweep_seconds, unloaded=i == 0)
             fig.pop("ttft_values_ms")
             if i == 0:
                 unloaded = fig.pop("unloaded")
@@ -327,41 +329,64 @@ class Bench:
         return {"unloaded": unloaded, "threshold_ms": threshold_ms, "steps": steps, "knee_rps": knee_rps}
 
 
-async def run(bench: Bench) -> dict[str, Any]:
-    """The sweep per policy (the first policy's unloaded TTFT sets the threshold for all), then
-    every workload per policy and round at one rate: the JSON document's figures."""
+async def _sweeps(bench: Bench) -> dict[str, Any]:
+    """The sweep on ``shared`` per policy (the first policy's unloaded TTFT sets the threshold for
+    all), and the first policy's on ``control`` (which runs at its own knee: without a cache hit
+    it costs more prefill, so the shared workload's knee would overload it)."""
     plan = bench.plan
+    first = plan.policies[0]
     sweeps: dict[str, dict[str, Any]] = {}
-    threshold = None
     for policy in plan.policies:
-        sweeps[policy] = await bench.sweep(policy, threshold)
-        threshold = sweeps[plan.policies[0]]["threshold_ms"]
-    unloaded = sweeps[plan.policies[0]]["unloaded"]
-    reference = None if unloaded is None else unloaded["ttft_ms"]["p50"]
-    first_knee = sweeps[plan.policies[0]]["knee_rps"]
-    rate = plan.rate or first_knee or plan.sweep_start or 2.0 * plan.replicas
+        sweeps[policy] = await bench.sweep(policy, sweeps[first]["threshold_ms"] if sweeps else None)
+    control = None
+    if "control" in plan.workloads and plan.rate is None:
+        control = await bench.sweep(first, sweeps[first]["threshold_ms"], "control")
+    unloaded = sweeps[first]["unloaded"]
+    return {
+        "reference_policy": first,
+        "unloaded_ttft_p50_ms": None if unloaded is None else unloaded["ttft_ms"]["p50"],
+        "threshold_ms": sweeps[first]["threshold_ms"],
+        "sweeps": sweeps,
+        "control_sweep": control,
+    }
+
+
+def _rates(plan: Plan, knee: dict[str, Any]) -> dict[str, Any]:
+    """Each workload's rate: ``--rate``, else the first policy's knee on ``shared`` (for
+    ``skewed`` too) or on ``control``; the sweep's start where no step stayed under."""
+    start = plan.sweep_start or 2.0 * plan.replicas
+    shared = knee["sweeps"][plan.policies[0]]["knee_rps"]
+    control = None if knee["control_sweep"] is None else knee["control_sweep"]["knee_rps"]
+    rates = {w: plan.rate or (control if w == "control" else shared) or start for w in plan.workloads}
+    source = {
+        w: "--rate" if plan.rate else ("knee" if (control if w == "control" else shared) else "sweep start")
+        for w in plan.workloads
+    }
+    return {"rates_rps": {w: round(r, 3) for w, r in rates.items()}, "rate_source": source}
+
+
+async def run(bench: Bench) -> dict[str, Any]:
+    """The sweeps, then every workload per policy and round at its rate: the JSON document's
+    figures."""
+    plan = bench.plan
+    knee = await _sweeps(bench)
+    rates = _rates(plan, knee)
     runs = []
     for rnd in range(plan.rounds):
         order = plan.policies if rnd % 2 == 0 else tuple(reversed(plan.policies))
         for policy in order:
             for workload in plan.workloads:
+                rate = rates["rates_rps"][workload]
                 fig = await bench.step(policy, workload, rate, plan.requests, plan.seconds)
                 bench.ttfts.setdefault((policy, workload), []).extend(fig.pop("ttft_values_ms"))
                 runs.append({**fig, "round": rnd})
     summary = routing_report.summarise(runs, bench.ttfts, plan.policies, plan.workloads)
-    knee = {
-        "reference_policy": plan.policies[0],
-        "unloaded_ttft_p50_ms": reference,
-        "threshold_ms": threshold,
-        "sweeps": sweeps,
-        "rate_source": "--rate" if plan.rate else ("knee" if first_knee else "sweep start (no step was under)"),
-    }
     return {
-        "rate_rps": round(rate, 3),
+        **rates,
         "knee": knee,
         "runs": runs,
         "summary": summary,
-        "goals": routing_report.goals(summary, sweeps),
+        "goals": routing_report.goals(summary, knee["sweeps"]),
     }
 
 

@@ -251,6 +251,14 @@ def _goal_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sweeps(knee: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, sweep) for every sweep that ran."""
+    out = [(f"{policy} shared", sweep) for policy, sweep in knee["sweeps"].items()]
+    if knee["control_sweep"] is not None:
+        out.append((f"{knee['reference_policy']} control", knee["control_sweep"]))
+    return out
+
+
 def table(doc: dict[str, Any]) -> str:
     """The summary per workload and policy, the sweep and the goals."""
     head = (
@@ -269,14 +277,14 @@ def table(doc: dict[str, Any]) -> str:
                 f"{fmt(f['gateway_cpu_per_request_us'], 0):>10}  {_decisions(f)}"
             )
     knee = doc["knee"]
+    rates = ", ".join(f"{w} {r:g}/s ({doc['rate_source'][w]})" for w, r in doc["rates_rps"].items())
     lines.append(
-        f"\nrate {doc['rate_rps']}/s ({knee['rate_source']}); unloaded ttft p50 "
-        f"{fmt(knee['unloaded_ttft_p50_ms'], 1)} ms ({knee['reference_policy']}), "
-        f"threshold {fmt(knee['threshold_ms'], 1)} ms"
+        f"\nrates: {rates}; unloaded ttft p50 {fmt(knee['unloaded_ttft_p50_ms'], 1)} ms "
+        f"({knee['reference_policy']}), threshold {fmt(knee['threshold_ms'], 1)} ms"
     )
-    for policy, sweep in knee["sweeps"].items():
+    for label, sweep in _sweeps(knee):
         steps = ", ".join(f"{s['rate_rps']:g}/s: {fmt(s['ttft_ms']['p90'], 1)}" for s in sweep["steps"])
-        lines.append(f"  {policy:<7} knee {fmt(sweep['knee_rps'])}/s; ttft p90 ms by rate: {steps}")
+        lines.append(f"  {label:<15} knee {fmt(sweep['knee_rps'])}/s; ttft p90 ms by rate: {steps}")
     lines.append("goals:")
     lines.extend(_goal_lines(doc))
     env = doc["environment"]
@@ -301,18 +309,18 @@ def plot(doc: dict[str, Any], ttfts: dict[tuple[str, str], list[float]], path: P
             vals = sorted(ttfts.get((policy, w), []))
             if vals:
                 ax.step(vals, [(i + 1) / len(vals) for i in range(len(vals))], where="post", label=policy)
-        ax.set_title(f"{w} at {doc['rate_rps']:g} req/s", fontsize=10)
+        ax.set_title(f"{w} at {doc['rates_rps'][w]:g} req/s", fontsize=10)
         ax.set_xlabel("time to first token (ms)")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax = axes.flat[len(workloads)]
-    for policy, sweep in doc["knee"]["sweeps"].items():
+    for label, sweep in _sweeps(doc["knee"]):
         pts = [(s["rate_rps"], s["ttft_ms"]["p90"]) for s in sweep["steps"] if s["ttft_ms"]["p90"] is not None]
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=policy)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
     if doc["knee"]["threshold_ms"] is not None:
         ax.axhline(doc["knee"]["threshold_ms"], color="grey", linestyle="--", label="2x unloaded")
-    ax.set_title("sweep: shared prefix", fontsize=10)
+    ax.set_title("rate sweeps", fontsize=10)
     ax.set_xlabel("arrival rate (req/s)")
     ax.set_ylabel("ttft p90 (ms)")
     ax.grid(alpha=0.3)

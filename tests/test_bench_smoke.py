@@ -257,7 +257,12 @@ def test_bench_routing_smoke(tmp_path: Path) -> None:
     unloaded = knee["sweeps"]["p2c"]["unloaded"]
     assert unloaded["requests"] > 0 and unloaded["ttft_ms"]["p50"] > 0
     assert knee["threshold_ms"] == round(2 * unloaded["ttft_ms"]["p50"], 3)
-    for sweep in knee["sweeps"].values():
+    # The control ran at its own knee (the first policy's sweep on it), the others at the shared one's.
+    assert knee["control_sweep"]["steps"][0]["workload"] == "control"
+    if knee["control_sweep"]["knee_rps"]:
+        assert doc["rates_rps"]["control"] == knee["control_sweep"]["knee_rps"]
+    assert doc["rates_rps"]["skewed"] == doc["rates_rps"]["shared"]
+    for sweep in [*knee["sweeps"].values(), knee["control_sweep"]]:
         assert sweep["steps"] and all(
             s["under_threshold"] == (s["ttft_ms"]["p90"] < knee["threshold_ms"]) for s in sweep["steps"]
         )
