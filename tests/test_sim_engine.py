@@ -295,3 +295,20 @@ def test_end_to_end_repeated_prompt_hits_and_gets_faster() -> None:
     assert after["vllm:prefix_cache_hits_total"] > 5000
     assert after["vllm:prefix_cache_queries_total"] > middle["vllm:prefix_cache_queries_total"] > 5000
     assert warm < cold
+
+
+def test_readme_and_docstring_describe_the_engine_model() -> None:
+    from pathlib import Path
+
+    import gateway.sim
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## The simulator", 1)[1].split("\n## ", 1)[0]
+    defaults = SimConfig()
+    for text in (section, gateway.sim.__doc__ or ""):
+        assert "--engine" in text and "--block-tokens" in text and "--kv-blocks" in text
+        for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total"):
+            assert name in text
+    assert f"default {defaults.block_tokens}" in section and f"default {defaults.kv_blocks:,}" in section
+    assert f"{ENGINE['prefill_us_per_token']:g} µs/token" in section
+    assert f"inter-token {ENGINE['itl_ms']:g} ms" in section and f"{ENGINE['max_running']:g} running" in section

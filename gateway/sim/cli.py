@@ -72,8 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "engine model (off unless --engine; see gateway/sim/kv.py)",
         "A prefix cache of KV blocks (LRU, chained block hashes as vLLM's automatic prefix caching), one "
         "prefill lane shared by all requests, and the kind's own engine metrics on /metrics. --engine "
-        "starts the timing knobs above from one 8B model on one H100 (ttft 10 ms, itl 6 ms, jitter "
-        "0.5 ms, prefill 40 us/token, batch slowdown 0.016, 256 running); flags given still win.",
+        "starts the timing knobs above from one 8B model on one H100 ("
+        + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in ENGINE.items())
+        + "); flags given still win.",
     )
     switch("--engine", "turn the engine model on")
     add("--block-tokens", int, "tokens per KV block (engine model)", "block_tokens")
