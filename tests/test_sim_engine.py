@@ -110,12 +110,24 @@ def test_eviction_takes_a_prompts_last_blocks_first() -> None:
 def test_running_sequences_shrink_the_cache() -> None:
     engine = Engine(BT, kv_blocks=10)
     h = block_hashes("".join(chr(97 + i) * BLOCK_CHARS for i in range(6)), "m", BT, 10_000)
-    engine.hold(8, cacheable=0)  # another sequence's completion: not cacheable
+    engine.hold([], 8)  # another sequence's completion: not cacheable
     asyncio.run(engine.prefill(h, prompt_tokens=6 * BT + 1, seconds_per_token=0))
     assert len(engine.cache) == 2  # 10 blocks, 8 held privately
     assert engine.kv_usage == pytest.approx(0.8)
-    engine.release(8, cacheable=0)
+    engine.release([], 8)
     assert engine.kv_usage == 0
+
+
+def test_sequences_sharing_a_prefix_hold_its_blocks_once() -> None:
+    engine = Engine(BT, kv_blocks=100)
+    h = block_hashes("p" * 4 * BLOCK_CHARS, "m", BT, 10_000)
+    engine.hold(h, 6)  # 4 prompt blocks, 2 of its own
+    engine.hold(h[:3], 5)  # shares 3 of them, 2 of its own
+    assert engine.held_blocks == 4 + 2 + 2
+    engine.release(h, 6)
+    assert engine.held_blocks == 3 + 2
+    engine.release(h[:3], 5)
+    assert engine.held_blocks == 0 and engine.kv_usage == 0
 
 
 def test_engine_counts_queries_and_hits_in_tokens() -> None:

@@ -279,7 +279,7 @@ class SimApp:
         blocks = 0 if engine is None else engine.blocks_for(plan.prompt_tokens + plan.n_tokens * plan.n)
         await self.scheduler.acquire()
         if engine is not None:
-            engine.hold(blocks, len(plan.hashes))
+            engine.hold(plan.hashes, blocks)
         try:
             if plan.kind == "embedding":
                 await self._embed(conn, plan)
@@ -289,7 +289,7 @@ class SimApp:
                 await self._whole(conn, plan)
         finally:
             if engine is not None:
-                engine.release(blocks, len(plan.hashes))
+                engine.release(plan.hashes, blocks)
             self.scheduler.release()
 
     async def _first_token(self, plan: Plan, ticker: Ticker) -> None:
@@ -302,6 +302,11 @@ class SimApp:
         seconds_per_token = timing.prefill_us_per_token / 1_000_000.0
         plan.cached_tokens = await engine.prefill(plan.hashes, plan.prompt_tokens, seconds_per_token)
         await ticker.wait(timing.ttft_ms / 1000.0)
+
+    def _batch(self) -> int:
+        """Sequences decoding now: those holding a slot, less any still queued for prefill."""
+        engine = self.engine
+        return self.stats.running - (0 if engine is None else engine.prefill_waiting)
 
     def _engine_report(self) -> EngineReport | None:
         engine, stats = self.engine, self.stats
@@ -337,7 +342,7 @@ class SimApp:
                 return
         for i in range(plan.n_tokens):
             if i:
-                gap = timing.gap_s(stats.running, self._rng)
+                gap = timing.gap_s(self._batch(), self._rng)
                 if gap > 0:
                     await ticker.wait(gap)
                 elif i % _YIELD_EVERY == 0:
@@ -369,7 +374,7 @@ class SimApp:
         if fault.any or not timing.zero:
             for i in range(1, plan.n_tokens + 1):
                 if i > 1:
-                    await ticker.wait(timing.gap_s(stats.running, self._rng))
+                    await ticker.wait(timing.gap_s(self._batch(), self._rng))
                 if fault.any and not await self._whole_check(conn, fault, i):
                     return
         if conn.lost:

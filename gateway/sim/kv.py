@@ -11,8 +11,10 @@ What makes routing matter on a real engine, in the manner of vLLM's automatic pr
   most ``(n - 1) // block_tokens`` blocks.
 * ``PrefixCache`` holds at most ``kv_blocks`` blocks, least recently used first out. Blocks held by
   running sequences are not evictable: the cache keeps ``kv_blocks`` minus what the running
-  sequences hold beyond their cached prompt blocks (a sequence holds its prompt and its
-  completion, rounded up to whole blocks; blocks shared by two sequences count for each).
+  sequences hold beyond their cacheable prompt blocks (a sequence holds its prompt and its
+  completion, rounded up to whole blocks; prompt blocks that running sequences share are held
+  once, as vLLM shares them). KV capacity does not limit admission (no preemption is modelled):
+  past it, the usage gauge stays at 1.
   A request's blocks are touched last to first, so its first block is the last to go, as vLLM
   frees a request's blocks in reverse order.
 * Prefill is one lane shared by every request (the GPU computes one prefill at a time): a request
@@ -140,7 +142,7 @@ class Engine:
     counters that ``/metrics`` reports."""
 
     __slots__ = (
-        "block_tokens", "kv_blocks", "cache", "held_blocks", "private_blocks", "prefill_waiting",
+        "block_tokens", "kv_blocks", "cache", "private_blocks", "prefill_waiting", "_shared",
         "prefix_queries", "prefix_hits", "_lane_free_at",
     )  # fmt: skip
 
@@ -148,16 +150,22 @@ class Engine:
         self.block_tokens = block_tokens
         self.kv_blocks = kv_blocks
         self.cache = PrefixCache(kv_blocks)
-        #: KV blocks held by admitted sequences, and those of them that are no cacheable prompt
-        #: block (the completion, the last partial block): room the cache cannot use.
-        self.held_blocks = 0
+        #: Blocks held by admitted sequences that are no cacheable prompt block (the completion,
+        #: the last partial block): room the cache cannot use.
         self.private_blocks = 0
+        #: Prompt blocks held by admitted sequences: hash -> how many hold it.
+        self._shared: dict[int, int] = {}
         #: Admitted sequences queued for the prefill lane (reported as waiting, not running).
         self.prefill_waiting = 0
         #: Prompt tokens looked up in the prefix cache, and those found there.
         self.prefix_queries = 0
         self.prefix_hits = 0
         self._lane_free_at = 0.0
+
+    @property
+    def held_blocks(self) -> int:
+        """KV blocks held by admitted sequences, a shared prompt block once."""
+        return len(self._shared) + self.private_blocks
 
     @property
     def kv_usage(self) -> float:
@@ -200,14 +208,23 @@ class Engine:
         self.cache.store(hashes, self.kv_blocks - self.private_blocks)
         return cached
 
-    def hold(self, blocks: int, cacheable: int) -> None:
-        """A sequence is admitted with ``blocks`` KV blocks, ``cacheable`` of them prompt blocks."""
-        self.held_blocks += blocks
-        self.private_blocks += blocks - cacheable
+    def hold(self, hashes: list[int], blocks: int) -> None:
+        """A sequence is admitted with ``blocks`` KV blocks, its prompt's ``hashes`` among them."""
+        self.private_blocks += blocks - len(hashes)
+        shared = self._shared
+        for h in hashes:
+            shared[h] = shared.get(h, 0) + 1
 
-    def release(self, blocks: int, cacheable: int) -> None:
-        self.held_blocks -= blocks
-        self.private_blocks -= blocks - cacheable
+    def release(self, hashes: list[int], blocks: int) -> None:
+        """The sequence that ``hold`` admitted is done."""
+        self.private_blocks -= blocks - len(hashes)
+        shared = self._shared
+        for h in hashes:
+            n = shared[h] - 1
+            if n:
+                shared[h] = n
+            else:
+                del shared[h]
 
     def __repr__(self) -> str:
         return (
