@@ -9,12 +9,13 @@ What makes routing matter on a real engine, in the manner of vLLM's automatic pr
   (``block_hashes``), so a block can be found in the cache only if every block before it can.
   As in vLLM, the last prompt token is always computed, so a prompt of ``n`` tokens looks up at
   most ``(n - 1) // block_tokens`` blocks.
-* ``PrefixCache`` holds at most ``kv_blocks`` blocks, least recently used first out. Blocks held by
-  running sequences are not evictable: the cache keeps ``kv_blocks`` minus what the running
-  sequences hold beyond their cacheable prompt blocks (a sequence holds its prompt and its
+* ``PrefixCache`` holds at most ``kv_blocks`` blocks, least recently used first out. Running
+  sequences take room from it: the cache keeps ``kv_blocks`` minus what the running sequences
+  hold beyond their cacheable prompt blocks (a sequence holds its prompt and its
   completion, rounded up to whole blocks; prompt blocks that running sequences share are held
-  once, as vLLM shares them). KV capacity does not limit admission (no preemption is modelled):
-  past it, the usage gauge stays at 1.
+  once, as vLLM shares them). Simplified: a held prompt block is not pinned (under pressure the LRU
+  may drop it), and KV capacity does not limit admission (no preemption is modelled): past it,
+  the usage gauge stays at 1.
   A request's blocks are touched last to first, so its first block is the last to go, as vLLM
   frees a request's blocks in reverse order.
 * Prefill is one lane shared by every request (the GPU computes one prefill at a time): a request
@@ -35,13 +36,13 @@ rather than trust them.
 * ``kv_blocks`` 26,000 (416k tokens): KV per token is 2 (K, V) x 32 layers x 8 KV heads x 128
   dims x 2 bytes = 128 KiB (Llama-3.1-8B's config.json); vLLM's ``gpu_memory_utilization`` 0.9 of
   80 GB leaves ~71 GiB, less ~15 GiB of weights (8.03 B parameters x 2 bytes) and ~4 GiB assumed
-  for activations and CUDA graphs: ~52 GiB, 26,000 blocks of 16 tokens.
+  for activations and CUDA graphs: ~52 GiB, 26,624 blocks of 16 tokens, rounded down to 26,000.
 * ``prefill_us_per_token`` 40 (25k tokens/s): 2 x 8.03 B = 16 GFLOP per token against H100 SXM's
   989 TFLOPS dense BF16 (NVIDIA's datasheet) at an assumed 40% utilisation; attention's share at
   long contexts is ignored.
 * ``itl_ms`` 6: a decode step reads the 16 GB of weights at 3.35 TB/s (datasheet): 4.8 ms, plus
   assumed overhead. ``batch_slowdown`` 0.016: the step time assumed to double at 64 running
-  sequences (every sequence adds its KV reads and sampling), so ~33 ms at 256.
+  sequences (every sequence adds its KV reads and sampling), so ~30 ms at 256.
 * ``max_running`` 256: vLLM's long-standing ``max_num_seqs`` default. ``ttft_ms`` 10: one scheduler
   step and the first decode step, assumed. ``itl_jitter_ms`` 0.5.
 """
