@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import httpcore
 
-from gateway import errors, local, probe, routes
+from gateway import engine_load, errors, local, probe, routes
 from gateway.access_log import AccessLog
 from gateway.auth import KeyRing
 from gateway.balance import Backend
@@ -43,6 +43,7 @@ from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.netio import AsyncioBackend
 from gateway.payload import peek, with_model
+from gateway.prefix import blocks_of
 from gateway.relay import Timeouts, send_error
 from gateway.topology import Topology, check_capability
 from gateway.types import HTTPScope, Receive, Scope, Send
@@ -153,10 +154,21 @@ class Gateway:
                 self._tasks.append(
                     loop.create_task(backend.probe_forever(self.network, s.gateway_probe_interval, probe_timeout))
                 )
+                self._read_engine_load(backend, loop, probe_timeout)
         if self.metrics is not None:
             self.metrics.start(loop)
             if topology.any_model is not None:
                 self._tasks.append(loop.create_task(self._refresh_models(topology.any_model)))
+
+    def _read_engine_load(self, backend: Backend, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Poll the replicas' engine load, where it can matter: a backend balancing by prefix over
+        several replicas, of a kind whose engine reports its load, with an interval set."""
+        names = backend.profile.engine_metrics
+        interval = self.settings.gateway_engine_metrics_interval
+        if backend.affinity is None or names is None or interval <= 0:
+            return
+        poll = engine_load.poll_forever(backend, names, self.network, interval, min(timeout, interval))
+        self._tasks.append(loop.create_task(poll))
 
     async def _refresh_models(self, backend: Backend) -> None:
         """Keep the set of model names the backend lists (bounds the metrics' model label)."""
@@ -268,8 +280,9 @@ class Gateway:
         backend = self.topology.known_before_body(route)
         body = await self.read_body(receive, client.content_length)
         model = "none"
+        blocks = None
         if route.json_body:
-            backend, body, model = self._route_by_model(route, body, backend)
+            backend, body, model, blocks = self._route_by_model(route, body, backend)
         assert backend is not None
         forwarded = client.forwarded
         if body or scope["method"] not in _BODILESS:
@@ -287,6 +300,7 @@ class Gateway:
             forwarded,
             body,
             sticky,
+            blocks,
         )
         await backend.admit(self.draining)
         # The gauge counts requests bound for a backend, not probes and scrapes.
@@ -307,10 +321,13 @@ class Gateway:
         shared = self.shared
         ex.extra_headers = await shared.admit(limits) if shared is not None else self.limiter.admit(limits)
 
-    def _route_by_model(self, route: routes.Route, body: bytes, known: Backend | None) -> tuple[Backend, bytes, str]:
+    def _route_by_model(
+        self, route: routes.Route, body: bytes, known: Backend | None
+    ) -> tuple[Backend, bytes, str, list[int] | None]:
         """The routing stage for JSON bodies: the backend for the body's model (its capability
         checked, unless it was ``known`` and checked before the body), the body to send (the model
-        rewritten for an alias or filled in), and the model's metrics label."""
+        rewritten for an alias or filled in), the model's metrics label, and the prompt's block
+        hashes when the backend balances by prefix (None otherwise: no work added)."""
         peeked = peek(body)
         backend, served = self.topology.route_model(peeked.model)
         if backend is not known:
@@ -320,7 +337,8 @@ class Gateway:
         if peeked.wants_tools:
             check_capability(backend, "tools")
         name = served or peeked.model
-        return backend, body, (name if name in self.known_models else "other") if name else "none"
+        blocks = blocks_of(body, name or "") if backend.affinity is not None else None
+        return backend, body, (name if name in self.known_models else "other") if name else "none", blocks
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop

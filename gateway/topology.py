@@ -26,7 +26,13 @@ from gateway.routes import Route
 def settings_backend(settings: Settings) -> BackendSpec:
     """The one backend that settings without a backends file describe (named after its kind)."""
     kind = settings.profile.kind
-    return BackendSpec(name=kind, kind=kind, urls=list(settings.base_urls), capabilities=settings.backend_capabilities)
+    return BackendSpec(
+        name=kind,
+        kind=kind,
+        urls=list(settings.base_urls),
+        capabilities=settings.backend_capabilities,
+        balance=settings.gateway_balance,
+    )
 
 
 class Topology:

@@ -192,6 +192,7 @@ def test_access_log_completed_disconnected_failed(start_gateway: StartGateway, b
         assert line["key_id"] == __import__("hashlib").sha256(CLIENT_KEY.encode()).hexdigest()[:8]
         assert line["route"] == "chat" and line["backend"] == "vllm"
     assert (done["status"], done["end"], done["chunks"]) == (200, "done", 5)  # 3 tokens, usage, [DONE]
+    assert done["balance"] == "single"  # one replica: no balancing at all
     assert isinstance(done["ttft_ms"], float) and isinstance(done["bytes"], int) and done["bytes"] > 0
     assert (gone["status"], gone["end"]) == (200, "client_gone")
     assert isinstance(gone["chunks"], int) and gone["chunks"] >= 3
