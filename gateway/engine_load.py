@@ -60,6 +60,8 @@ def parse(text: bytes, names: EngineMetrics) -> EngineLoad:
         end = line.find(b"{")
         if end < 0:
             end = line.find(b" ")
+            if end < 0:
+                continue  # a name with no value
         hit = wanted.get(line[:end])
         if hit is None:
             continue

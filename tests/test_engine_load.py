@@ -1,0 +1,141 @@
+"""gateway/engine_load.py: the engines' load read from their /metrics exposition text.
+
+The exposition below is written from vLLM's metric definitions (vllm/v1/metrics/loggers.py,
+``PrometheusStatLogger``: gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+``vllm:kv_cache_usage_perc`` (``vllm:gpu_cache_usage_perc`` before its rename), counters
+``vllm:prefix_cache_queries_total`` and ``vllm:prefix_cache_hits_total``, each labelled with
+``model_name`` and ``engine``). The names the gateway accepts per kind come from
+``Profile.engine_metrics``; here an ``EngineMetrics`` is built directly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+import pytest
+
+from gateway import engine_load
+from gateway.balance import Backend, Replica
+from gateway.engine_load import parse, poll_forever, scrape
+from gateway.netio import AsyncioBackend
+from gateway.pool import Pool
+from gateway.profiles import PROFILES, EngineMetrics
+from gateway.target import Target
+from tests.fakes import Conn, FakeBackend, Req
+
+VLLM_NAMES = EngineMetrics(
+    running=("vllm:num_requests_running",),
+    waiting=("vllm:num_requests_waiting",),
+    kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    prefix_queries=("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
+    prefix_hits=("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
+)
+
+VLLM_TEXT = b"""\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 12.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 3.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.4375
+# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 123456.0
+# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 65432.0
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.0
+vllm:num_requests_running_extra{engine="0"} 999.0
+"""
+
+
+def test_vllm_exposition() -> None:
+    load = parse(VLLM_TEXT, VLLM_NAMES)
+    assert (load.running, load.waiting, load.kv_usage) == (12.0, 3.0, 0.4375)
+
+
+def test_several_engines_add_up_and_kv_usage_is_the_highest() -> None:
+    text = b"""\
+vllm:num_requests_running{engine="0",model_name="m"} 4
+vllm:num_requests_running{engine="1",model_name="m"} 5
+vllm:num_requests_waiting{engine="0",model_name="m"} 1
+vllm:num_requests_waiting{engine="1",model_name="m"} 2 1733370000000
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
+"""
+    load = parse(text, VLLM_NAMES)
+    assert (load.running, load.waiting, load.kv_usage) == (9.0, 3.0, 0.75)
+
+
+def test_old_spellings_and_preference_for_the_newest() -> None:
+    old = b'vllm:gpu_cache_usage_perc{model_name="m"} 0.5\n'
+    assert parse(old, VLLM_NAMES).kv_usage == 0.5
+    both = old + b'vllm:kv_cache_usage_perc{model_name="m"} 0.25\n'
+    assert parse(both, VLLM_NAMES).kv_usage == 0.25  # never counted twice across a rename
+    # SGLang's two prefixes, and metrics with no labels at all.
+    sglang = EngineMetrics(running=("sglang:num_running_reqs", "sglang_num_running_reqs"))
+    assert parse(b"sglang_num_running_reqs 7\n", sglang).running == 7.0
+
+
+def test_odd_lines_are_skipped_not_fatal() -> None:
+    text = b"""\
+vllm:num_requests_running{model_name="a model } with spaces"} 2
+vllm:num_requests_waiting{model_name="m"} NaN
+vllm:kv_cache_usage_perc{model_name="m"} not-a-number
+vllm:num_requests_running
+\r
+"""
+    load = parse(text, VLLM_NAMES)
+    assert (load.running, load.waiting, load.kv_usage) == (2.0, None, None)
+    assert repr(parse(b"", VLLM_NAMES)) == "EngineLoad(running=None, waiting=None, kv_usage=None)"
+
+
+async def metrics_handler(req: Req, conn: Conn) -> None:
+    if req.target != "/metrics":
+        await conn.json(404, {})
+        return
+    await conn.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(VLLM_TEXT))
+    await conn.send(VLLM_TEXT)
+
+
+def make_replica(url: str) -> Replica:
+    return Replica(Target(url, PROFILES["vllm"], ""), cast(Pool, None), None, 1)
+
+
+def test_scrape_reads_the_server_root_metrics_and_poll_keeps_them_fresh() -> None:
+    with FakeBackend(handler=metrics_handler) as fb:
+        r = make_replica(fb.url)
+        down = make_replica("http://127.0.0.1:1/v1")  # refused: no reading, never "saturated"
+        b = Backend("main", PROFILES["vllm"], PROFILES["vllm"].capabilities, [r, down], policy="prefix")
+
+        async def run() -> None:
+            got = await scrape(r, VLLM_NAMES, AsyncioBackend(), 2.0)
+            assert got is not None and got.waiting == 3.0
+            task = asyncio.get_running_loop().create_task(poll_forever(b, VLLM_NAMES, AsyncioBackend(), 0.05, 1.0))
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if r.engine_until:
+                    break
+            task.cancel()
+
+        asyncio.run(run())
+        assert fb.requests[0].target == "/metrics"
+        assert (r.engine_running, r.engine_waiting, r.engine_kv) == (12.0, 3.0, 0.4375)
+        assert time.monotonic() < r.engine_until <= time.monotonic() + 3 * 0.05
+        assert down.engine_until == 0.0
+
+
+def test_an_oversized_or_failed_answer_gives_no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeBackend(handler=metrics_handler) as fb:
+        r = make_replica(fb.url)
+        monkeypatch.setattr(engine_load, "MAX_BYTES", 100)
+        assert asyncio.run(scrape(r, VLLM_NAMES, AsyncioBackend(), 2.0)) is None
+        monkeypatch.setattr(engine_load, "MAX_BYTES", 1 << 20)
+        r404 = make_replica(fb.url.replace("/v1", "/sub/v1"))  # its /metrics is /sub/metrics: a 404
+        assert asyncio.run(scrape(r404, VLLM_NAMES, AsyncioBackend(), 2.0)) is None
