@@ -1,0 +1,108 @@
+"""GATEWAY_BALANCE=prefix end to end: the gateway in its own process before several fake replicas.
+
+The same long prompt lands on the replica it went to before; a loaded replica is relieved; two
+gateway workers send a new prefix to the same home, the one any process computes from the replicas'
+URLs and the prompt alone (no shared state)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import cast
+
+import orjson
+
+from gateway.affinity import rendezvous
+from gateway.balance import Replica
+from gateway.pool import Pool
+from gateway.prefix import blocks_of
+from gateway.profiles import PROFILES
+from gateway.target import Target
+from tests.fakes import Conn, FakeBackend, Req, default_handler
+from tests.servers import StartGateway
+from tests.test_observe import access_lines, metric, scrape_when, wait_for
+
+SYSTEM = "You answer questions about the tax code, citing sections precisely. " * 40  # ~2.7 KiB
+
+
+@contextlib.contextmanager
+def replicas(n: int) -> Iterator[list[FakeBackend]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(FakeBackend()) for _ in range(n)]
+
+
+def chat(system: str, user: str) -> bytes:
+    return orjson.dumps(
+        {"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+    )
+
+
+def posts(fbs: list[FakeBackend]) -> list[int]:
+    return [sum(r.method == "POST" for r in fb.requests) for fb in fbs]
+
+
+def home_of(fbs: list[FakeBackend], body: bytes) -> int:
+    """The replica any gateway process picks for a new prefix: computed here from URLs and prompt."""
+    rs = [Replica(Target(fb.url, PROFILES["vllm"], ""), cast(Pool, None), None, 1) for fb in fbs]
+    home = rendezvous(rs, blocks_of(body, "m")[0].to_bytes(8, "little"))
+    return rs.index(home)
+
+
+def test_the_same_prefix_lands_where_it_went_before(start_gateway: StartGateway) -> None:
+    with replicas(4) as fbs:
+        g = start_gateway(BACKEND_BASE_URL=",".join(fb.url for fb in fbs), GATEWAY_BALANCE="prefix").start()
+        for i in range(12):
+            assert g.request("POST", "/v1/chat/completions", chat(SYSTEM, f"question {i}")).status == 200
+        counts = posts(fbs)
+        assert sorted(counts) == [0, 0, 0, 12]
+        assert counts.index(12) == home_of(fbs, chat(SYSTEM, "question 0"))
+        text = scrape_when(g, "gateway_balance_decisions_total", 11, reason="prefix")
+        assert metric(text, "gateway_balance_decisions_total", backend="vllm", reason="new_prefix") == 1
+
+        def chats() -> list[object]:
+            return [line["balance"] for line in access_lines(g) if line["route"] == "chat"]
+
+        wait_for(lambda: len(chats()) >= 12)
+        assert chats() == ["new_prefix"] + ["prefix"] * 11
+        assert {line["balance"] for line in access_lines(g) if line["route"] != "chat"} == {"-"}  # local answers
+
+
+def test_a_loaded_replica_is_relieved(start_gateway: StartGateway) -> None:
+    """The prefix's home answers slowly: once it holds 4 more requests than the least-loaded
+    replica, the others take the rest (and then hold the prefix too)."""
+    with replicas(3) as fbs:
+        home = home_of(fbs, chat(SYSTEM, "q"))
+
+        async def slow(req: Req, conn: Conn) -> None:
+            if req.method == "POST":
+                await asyncio.sleep(1.0)
+            await default_handler(req, conn)
+
+        fbs[home].handler = slow
+        g = start_gateway(BACKEND_BASE_URL=",".join(fb.url for fb in fbs), GATEWAY_BALANCE="prefix").start()
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(
+                pool.map(lambda i: g.request("POST", "/v1/chat/completions", chat(SYSTEM, f"q{i}")).status, range(16))
+            )
+        assert statuses == [200] * 16
+        counts = posts(fbs)
+        assert sum(counts) == 16 and counts[home] <= 6  # not all 16 queued on one replica
+        wait_for(lambda: sum(line["route"] == "chat" for line in access_lines(g)) == 16)
+        reasons = [line["balance"] for line in access_lines(g) if line["route"] == "chat"]
+        assert "load" in reasons and set(reasons) <= {"new_prefix", "prefix", "load"}
+
+
+def test_two_workers_agree_on_a_new_prefix_home(start_gateway: StartGateway) -> None:
+    with replicas(4) as fbs:
+        g = start_gateway(
+            BACKEND_BASE_URL=",".join(fb.url for fb in fbs), GATEWAY_BALANCE="prefix", GATEWAY_WORKERS="2"
+        ).start()
+        groups = [f"Group {n}: you are the assistant of team {n}. " * 20 for n in range(16)]
+        for system in groups:
+            for fb in fbs:
+                fb.requests.clear()
+            for user in ("a", "b", "c"):  # each on its own connection: either worker may take it
+                assert g.request("POST", "/v1/chat/completions", chat(system, user)).status == 200
+            assert posts(fbs)[home_of(fbs, chat(system, "a"))] == 3
