@@ -43,7 +43,7 @@ from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.netio import AsyncioBackend
 from gateway.payload import peek, with_model
-from gateway.prefix import blocks_of
+from gateway.prefix import block_hashes, peek_prompt
 from gateway.relay import Timeouts, send_error
 from gateway.topology import Topology, check_capability
 from gateway.types import HTTPScope, Receive, Scope, Send
@@ -328,7 +328,11 @@ class Gateway:
         checked, unless it was ``known`` and checked before the body), the body to send (the model
         rewritten for an alias or filled in), the model's metrics label, and the prompt's block
         hashes when the backend balances by prefix (None otherwise: no work added)."""
-        peeked = peek(body)
+        prompt = b""
+        if self.topology.by_prefix:  # the prompt read in the same decode, only where it may serve
+            peeked, prompt = peek_prompt(body)
+        else:
+            peeked = peek(body)
         backend, served = self.topology.route_model(peeked.model)
         if backend is not known:
             check_capability(backend, route.capability)
@@ -337,7 +341,7 @@ class Gateway:
         if peeked.wants_tools:
             check_capability(backend, "tools")
         name = served or peeked.model
-        blocks = blocks_of(body, name or "") if backend.affinity is not None else None
+        blocks = block_hashes(prompt, name or "") if backend.affinity is not None else None
         return backend, body, (name if name in self.known_models else "other") if name else "none", blocks
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:

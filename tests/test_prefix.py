@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
-from gateway.prefix import BLOCK, MAX_BLOCKS, block_hashes, blocks_of, prompt_bytes
+from gateway.errors import GatewayError
+from gateway.prefix import BLOCK, MAX_BLOCKS, block_hashes, blocks_of, peek_prompt
 
-SYSTEM = "You are a careful assistant. " * 40  # ~1.1 KiB: four full blocks and a partial one
+SYSTEM = "You are a careful assistant. " * 80  # ~2.2 KiB: four full blocks and a partial one
 
 
 def chat(*messages: tuple[str, str], model: str = "m", **extra: object) -> bytes:
@@ -26,7 +28,7 @@ def test_a_growing_conversation_keeps_its_earlier_blocks() -> None:
     turns = [("system", SYSTEM), ("user", "q1 " * 100), ("assistant", "a1 " * 100)]
     before = blocks_of(chat(*turns), "m")
     after = blocks_of(chat(*turns, ("user", "q2 " * 100)), "m")
-    full = len(prompt_bytes(chat(*turns))) // BLOCK
+    full = len(peek_prompt(chat(*turns))[1]) // BLOCK
     assert after[:full] == before[:full] and len(after) > len(before)
 
 
@@ -59,22 +61,31 @@ def test_completions_prompt_and_responses_input() -> None:
     assert blocks_of(body, "m") == blocks_of(body, "m") and blocks_of(body, "m")
 
 
-def test_no_prompt_or_a_malformed_body_gives_no_blocks() -> None:
+def test_the_routing_fields_are_read_in_the_same_decode() -> None:
+    peeked, prompt = peek_prompt(chat(("user", "hi"), model="x", stream=True, tools=[{"type": "function"}]))
+    assert (peeked.model, peeked.stream, peeked.wants_tools) == ("x", True, True)
+    assert prompt == b'{"role":"user","content":"hi"}\x00'
+
+
+def test_no_prompt_or_an_odd_prompt_gives_no_blocks_and_a_bad_body_the_usual_400() -> None:
     assert blocks_of(b'{"model": "m", "input_ids": [1, 2]}', "m") == []
-    assert blocks_of(b'{"model": "m", "messages": "not a list"}', "m") == []
-    assert blocks_of(b'{"model": "m", "messages": [1, 2]}', "m") == []
-    assert blocks_of(b"[1, 2]", "m") == []
-    assert blocks_of(b"{not json", "m") == []
+    assert blocks_of(b'{"model": "m", "messages": "not a list"}', "m") == []  # the backend will say
+    assert peek_prompt(b'{"model": "m", "messages": "not a list"}')[0].model == "m"
+    for bad in (b"[1, 2]", b"{not json", b'{"model": 5, "messages": []}'):
+        with pytest.raises(GatewayError) as info:
+            peek_prompt(bad)
+        assert info.value.status == 400
 
 
 def test_the_cap_bounds_the_work() -> None:
     """A 1 MiB prompt is cut at MAX_BLOCKS blocks: no more bytes copied or hashed than that."""
     huge = chat(("system", "x" * (1 << 20)), ("user", "y" * (1 << 20)))
-    assert len(prompt_bytes(huge)) == BLOCK * MAX_BLOCKS
+    assert len(peek_prompt(huge)[1]) == BLOCK * MAX_BLOCKS
     assert len(blocks_of(huge, "m")) == MAX_BLOCKS
     assert len(block_hashes(b"z" * (1 << 20), "m")) == MAX_BLOCKS
     # Many short messages stop being gathered once the cap is reached.
     many = chat(*(("user", "w" * 100) for _ in range(10_000)))
+    assert len(peek_prompt(many)[1]) == BLOCK * MAX_BLOCKS
     assert len(blocks_of(many, "m")) == MAX_BLOCKS
 
 
