@@ -7,9 +7,11 @@ Pure and synchronous, in-process, per worker:
   sent that prefix: a bounded LRU (``capacity`` hashes, ``HOLDERS`` replicas each), so memory stays
   bounded whatever the traffic;
 - a request goes to the usable replica holding its longest remembered prefix, while that replica's
-  load is within ``bound`` of the least-loaded one; a prefix never seen goes to its home, the
-  replica with the highest rendezvous hash of its first block, on the same terms: every worker and
-  every gateway replica computes the same home with no shared state;
+  load is ``within`` reach of the least-loaded one's; a prefix never seen goes to its home, the
+  replica with the highest rendezvous hash of its first block, but only while the home is about
+  as idle as the least-loaded replica (``within_new``): every worker and every gateway replica
+  computes the same home with no shared state, and that agreement is a tie-breaker, never a reason
+  to queue (traffic with no shared prefix must fare as under power of two choices);
 - beyond the bound, affinity is let go and the pick is by load (the caller's power of two
   choices); the replica chosen then holds the prefix too, so a prefix whose traffic exceeds one
   replica spreads over several.
@@ -57,8 +59,15 @@ def load(r: Replica, now: float) -> float:
 
 
 def within(least: float) -> float:
-    """The most load a preferred replica may carry while the least-loaded carries ``least``."""
+    """The most load a replica holding the prefix may carry while the least-loaded carries
+    ``least``: beyond it, recomputing the prefix elsewhere costs less than the wait."""
     return least + max(4.0, least * 0.5)
+
+
+def within_new(least: float) -> float:
+    """The most load a new prefix's home may carry: nothing is cached there yet, so only a near tie
+    with the least-loaded replica makes it the better choice."""
+    return least + max(1.0, least * 0.25)
 
 
 class Affinity:
@@ -80,7 +89,8 @@ class Affinity:
         """The replica for a request whose prompt has ``blocks`` among the usable ``pool``, and why;
         None (with ``load``) when affinity is let go: the caller picks by load."""
         loads = {r: load(r, now) for r in pool}
-        bound = within(min(loads.values()))
+        least = min(loads.values())
+        bound = within(least)
         released = False
         found = self._holders
         for block in reversed(blocks):  # the longest remembered prefix first
@@ -94,7 +104,7 @@ class Affinity:
         if released:
             return None, "load"
         home = rendezvous(pool, blocks[0].to_bytes(8, "little"))
-        if loads[home] <= bound:
+        if loads[home] <= within_new(least):
             return home, "new_prefix"
         return None, "load"
 
