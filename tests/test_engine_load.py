@@ -139,3 +139,63 @@ def test_an_oversized_or_failed_answer_gives_no_reading(monkeypatch: pytest.Monk
         monkeypatch.setattr(engine_load, "MAX_BYTES", 1 << 20)
         r404 = make_replica(fb.url.replace("/v1", "/sub/v1"))  # its /metrics is /sub/metrics: a 404
         assert asyncio.run(scrape(r404, VLLM_NAMES, AsyncioBackend(), 2.0)) is None
+
+
+def test_the_app_polls_engine_load_and_avoids_a_queued_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wired in the lifespan for a prefix backend whose kind lists engine metrics: the engine
+    that reports a long waiting queue is not the one a new prefix is sent to, though it is its
+    home by the hash; with the interval at 0 nothing polls."""
+    import msgspec
+
+    from gateway import worker
+    from gateway.affinity import rendezvous
+    from gateway.app import Gateway
+    from gateway.config import settings_from_strings
+    from gateway.prefix import blocks_of
+    from tests.asgi import call
+    from tests.fakes import Handler, default_handler
+
+    vllm = msgspec.structs.replace(PROFILES["vllm"], engine_metrics=VLLM_NAMES)
+    monkeypatch.setattr(worker, "PROFILES", {**PROFILES, "vllm": vllm})
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 2000 + b'"}]}'
+
+    def queued(waiting: float) -> Handler:
+        text = b"vllm:num_requests_running 8\nvllm:num_requests_waiting %d\n" % waiting
+
+        async def handler(req: Req, conn: Conn) -> None:
+            if req.target == "/metrics":
+                await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(text), text))
+            else:
+                await default_handler(req, conn)
+
+        return handler
+
+    with FakeBackend() as one, FakeBackend() as two:
+        urls = f"{one.url},{two.url}"
+        home = rendezvous([make_replica(one.url), make_replica(two.url)], blocks_of(body, "m")[0].to_bytes(8, "little"))
+        busy, idle = (one, two) if home.target.base_url == one.url else (two, one)
+        busy.handler, idle.handler = queued(40), queued(0)
+
+        async def go(interval: str) -> Gateway:
+            env = {"BACKEND_BASE_URL": urls, "GATEWAY_BALANCE": "prefix", "GATEWAY_ENGINE_METRICS_INTERVAL": interval}
+            app = Gateway(settings_from_strings(env))
+            await app.startup()
+            try:
+                if interval != "0":
+                    for _ in range(300):
+                        if all(r.engine_until for r in app.backends[0].replicas):
+                            break
+                        await asyncio.sleep(0.01)
+                assert (await call(app, "POST", "/v1/chat/completions", body)).status == 200
+            finally:
+                await app.shutdown()
+            return app
+
+        app = asyncio.run(go("0.05"))
+        assert [r.engine_waiting for r in app.backends[0].replicas] == [
+            40.0 if r.target.base_url == busy.url else 0.0 for r in app.backends[0].replicas
+        ]
+        assert sum(r.method == "POST" for r in idle.requests) == 1  # relieved: its home was queued
+        app = asyncio.run(go("0"))
+        assert all(r.engine_until == 0.0 for r in app.backends[0].replicas)  # never polled
+        assert sum(r.method == "POST" for r in busy.requests) == 1  # and so the home took it
