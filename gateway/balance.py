@@ -2,12 +2,12 @@
 
 A ``Backend`` is one served set of models on one kind of engine, with one or more replicas (URLs),
 each with its own pool. Picking a replica is power of two choices on in-flight requests divided by
-weight (ties at random), or, for a backend whose policy is ``prefix``, the replica expected to
-hold the request's prompt prefix in its cache while its load allows (``gateway.affinity``); a
-backend with one replica skips all of it. Replicas leave the rotation
-when their active probe says they are loading or down, or passively after consecutive connect
-failures or 5xx answers (ejected for a cool-off, then given a single trial request). When every
-replica is out, traffic goes to them anyway (fail-open) and /ready says so.
+weight (ties at random), or, for a backend whose policy is ``prefix``, the replica expected to hold
+the request's prompt prefix in its cache while its load allows (``gateway.affinity``); a backend
+with one replica skips all of it. Replicas leave the rotation when their active probe says they are
+loading or down, or passively after consecutive connect failures or 5xx answers (ejected for a
+cool-off, then given a single trial request). When every replica is out, traffic goes to them
+anyway (fail-open) and /ready says so.
 """
 
 from __future__ import annotations
