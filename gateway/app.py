@@ -7,7 +7,8 @@ A forwarded request passes through named stages, in this order (each its own mod
 3. per-key limits (``limits``);
 4. the capability check, as soon as the backend is known (``topology``);
 5. the body read, bounded in size and time (``body``);
-6. model routing (``topology``) and the payload peek (``payload``), then admission (``balance``);
+6. model routing (``topology``) and the payload peek (``payload``; ``prefix`` also reads the prompt's
+   block hashes for a backend that balances by prefix), then admission (``balance``);
 7. forwarding (``forward``): the upstream pool (``upstream``) and the relay (``relay``).
 
 The local endpoints live in ``local``, the disconnect watcher in ``watch``, and building a
