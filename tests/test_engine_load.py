@@ -199,3 +199,16 @@ def test_the_app_polls_engine_load_and_avoids_a_queued_engine(monkeypatch: pytes
         app = asyncio.run(go("0"))
         assert all(r.engine_until == 0.0 for r in app.backends[0].replicas)  # never polled
         assert sum(r.method == "POST" for r in busy.requests) == 1  # and so the home took it
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang", "tgi", "llamacpp"])
+def test_the_simulated_engines_metrics_read_with_each_kinds_names(kind: str) -> None:
+    """The simulator's engine model serves each kind's metrics under the names of its profile."""
+    from tests.servers import NO_DELAY, sim
+
+    names = PROFILES[kind].engine_metrics
+    assert names is not None
+    with sim(**{**NO_DELAY, "engine": True, "kind": kind}) as server:
+        got = asyncio.run(scrape(make_replica(server.base_url), names, AsyncioBackend(), 5.0))
+    assert got is not None and (got.running, got.waiting) == (0.0, 0.0)
+    assert (got.kv_usage is not None) is bool(names.kv_usage)
