@@ -93,6 +93,7 @@ class AccessLog:
                 route,
                 model,
                 ex.backend,
+                ex.balance,
                 ex.status,
                 ex.nbytes,
                 ex.chunks,
@@ -114,8 +115,8 @@ class AccessLog:
 
     def _line(self, fields: tuple[Any, ...]) -> bytes:
         """One request's line, from the fields ``write`` kept."""
-        (now, t_start, t_first, t_end, request_id, key_id, method, path, route, model, backend, status, nbytes,
-         chunks, end) = fields  # fmt: skip
+        (now, t_start, t_first, t_end, request_id, key_id, method, path, route, model, backend, balance, status,
+         nbytes, chunks, end) = fields  # fmt: skip
         ttft = None if not t_first else round((t_first - t_start) * 1000, 3)
         duration = round((t_end - t_start) * 1000, 3)
         if self.json:
@@ -129,6 +130,7 @@ class AccessLog:
                     "route": route,
                     "model": model,
                     "backend": backend,
+                    "balance": balance,
                     "status": status,
                     "bytes": nbytes,
                     "ttft_ms": ttft,
@@ -140,8 +142,8 @@ class AccessLog:
             )
         return (
             f"{time.strftime('%H:%M:%S', time.localtime(now))} {status} {method} {path} backend={backend} "
-            f"model={model} ttft={ttft}ms duration={duration}ms chunks={chunks} bytes={nbytes} end={end} "
-            f"key={key_id} id={request_id.decode('ascii')}\n"
+            f"balance={balance} model={model} ttft={ttft}ms duration={duration}ms chunks={chunks} bytes={nbytes} "
+            f"end={end} key={key_id} id={request_id.decode('ascii')}\n"
         ).encode()
 
 

@@ -7,7 +7,8 @@ A forwarded request passes through named stages, in this order (each its own mod
 3. per-key limits (``limits``);
 4. the capability check, as soon as the backend is known (``topology``);
 5. the body read, bounded in size and time (``body``);
-6. model routing (``topology``) and the payload peek (``payload``), then admission (``balance``);
+6. model routing (``topology``) and the payload peek (``payload``; ``prefix`` also reads the prompt's
+   block hashes for a backend that balances by prefix), then admission (``balance``);
 7. forwarding (``forward``): the upstream pool (``upstream``) and the relay (``relay``).
 
 The local endpoints live in ``local``, the disconnect watcher in ``watch``, and building a
@@ -27,7 +28,7 @@ from urllib.parse import quote
 
 import httpcore
 
-from gateway import errors, local, probe, routes
+from gateway import engine_load, errors, local, probe, routes
 from gateway.access_log import AccessLog
 from gateway.auth import KeyRing
 from gateway.balance import Backend
@@ -43,6 +44,7 @@ from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.netio import AsyncioBackend
 from gateway.payload import peek, with_model
+from gateway.prefix import block_hashes, peek_prompt
 from gateway.relay import Timeouts, send_error
 from gateway.topology import Topology, check_capability
 from gateway.types import HTTPScope, Receive, Scope, Send
@@ -153,10 +155,21 @@ class Gateway:
                 self._tasks.append(
                     loop.create_task(backend.probe_forever(self.network, s.gateway_probe_interval, probe_timeout))
                 )
+                self._read_engine_load(backend, loop, probe_timeout)
         if self.metrics is not None:
             self.metrics.start(loop)
             if topology.any_model is not None:
                 self._tasks.append(loop.create_task(self._refresh_models(topology.any_model)))
+
+    def _read_engine_load(self, backend: Backend, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Poll the replicas' engine load, where it can matter: a backend balancing by prefix over
+        several replicas, of a kind whose engine reports its load, with an interval set."""
+        names = backend.profile.engine_metrics
+        interval = self.settings.gateway_engine_metrics_interval
+        if backend.affinity is None or names is None or interval <= 0:
+            return
+        poll = engine_load.poll_forever(backend, names, self.network, interval, min(timeout, interval))
+        self._tasks.append(loop.create_task(poll))
 
     async def _refresh_models(self, backend: Backend) -> None:
         """Keep the set of model names the backend lists (bounds the metrics' model label)."""
@@ -268,8 +281,9 @@ class Gateway:
         backend = self.topology.known_before_body(route)
         body = await self.read_body(receive, client.content_length)
         model = "none"
+        blocks = None
         if route.json_body:
-            backend, body, model = self._route_by_model(route, body, backend)
+            backend, body, model, blocks = self._route_by_model(route, body, backend)
         assert backend is not None
         forwarded = client.forwarded
         if body or scope["method"] not in _BODILESS:
@@ -287,6 +301,7 @@ class Gateway:
             forwarded,
             body,
             sticky,
+            blocks,
         )
         await backend.admit(self.draining)
         # The gauge counts requests bound for a backend, not probes and scrapes.
@@ -307,11 +322,18 @@ class Gateway:
         shared = self.shared
         ex.extra_headers = await shared.admit(limits) if shared is not None else self.limiter.admit(limits)
 
-    def _route_by_model(self, route: routes.Route, body: bytes, known: Backend | None) -> tuple[Backend, bytes, str]:
+    def _route_by_model(
+        self, route: routes.Route, body: bytes, known: Backend | None
+    ) -> tuple[Backend, bytes, str, list[int] | None]:
         """The routing stage for JSON bodies: the backend for the body's model (its capability
         checked, unless it was ``known`` and checked before the body), the body to send (the model
-        rewritten for an alias or filled in), and the model's metrics label."""
-        peeked = peek(body)
+        rewritten for an alias or filled in), the model's metrics label, and the prompt's block
+        hashes when the backend balances by prefix (None otherwise: no work added)."""
+        prompt = b""
+        if self.topology.by_prefix:  # the prompt read in the same decode, only where it may serve
+            peeked, prompt = peek_prompt(body)
+        else:
+            peeked = peek(body)
         backend, served = self.topology.route_model(peeked.model)
         if backend is not known:
             check_capability(backend, route.capability)
@@ -320,7 +342,8 @@ class Gateway:
         if peeked.wants_tools:
             check_capability(backend, "tools")
         name = served or peeked.model
-        return backend, body, (name if name in self.known_models else "other") if name else "none"
+        blocks = block_hashes(prompt, name or "") if backend.affinity is not None else None
+        return backend, body, (name if name in self.known_models else "other") if name else "none", blocks
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from gateway.config import ConfigError, Spec, valid_url
+from gateway.config import ConfigError, Policy, Spec, valid_url
 from gateway.profiles import PROFILES, CapabilityError, Support, apply_overrides
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
@@ -31,6 +31,7 @@ _ACCEPTED = {
     "aliases": 'a table of alias = "model" with models of this backend',
     "capabilities": "overrides such as -embeddings,+tools",
     "weights": "a list of integers 1-1000, one per url",
+    "balance": "p2c or prefix",
 }
 
 
@@ -43,6 +44,8 @@ class BackendSpec(Spec, frozen=True):
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
     capabilities: str = ""
     weights: list[Weight] | None = None
+    #: Balancing among the replicas; None: GATEWAY_BALANCE.
+    balance: Policy | None = None
 
     def resolved_capabilities(self) -> Mapping[str, Support]:
         """The kind's capabilities with this backend's overrides (checked when the file is read)."""

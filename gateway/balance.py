@@ -2,10 +2,12 @@
 
 A ``Backend`` is one served set of models on one kind of engine, with one or more replicas (URLs),
 each with its own pool. Picking a replica is power of two choices on in-flight requests divided by
-weight (ties at random); a backend with one replica skips all of it. Replicas leave the rotation
-when their active probe says they are loading or down, or passively after consecutive connect
-failures or 5xx answers (ejected for a cool-off, then given a single trial request). When every
-replica is out, traffic goes to them anyway (fail-open) and /ready says so.
+weight (ties at random), or, for a backend whose policy is ``prefix``, the replica expected to hold
+the request's prompt prefix in its cache while its load allows (``gateway.affinity``); a backend
+with one replica skips all of it. Replicas leave the rotation when their active probe says they are
+loading or down, or passively after consecutive connect failures or 5xx answers (ejected for a
+cool-off, then given a single trial request). When every replica is out, traffic goes to them
+anyway (fail-open) and /ready says so.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import asyncio
 import random
 import ssl
 import time
-import zlib
 from collections.abc import Mapping
+from hashlib import blake2b
 from typing import Any
 
 import httpcore
 
 from gateway import errors, probe
+from gateway.affinity import Affinity, Reason, load, rendezvous
+from gateway.config import Policy
 from gateway.handover import HandOver
 from gateway.pool import Pool
 from gateway.probe import ReplicaState
@@ -41,6 +45,11 @@ class Replica:
         "state",
         "latency_ms",
         "detail",
+        "hash_key",
+        "engine_running",
+        "engine_waiting",
+        "engine_kv",
+        "engine_until",
     )
 
     def __init__(self, target: Target, pool: Pool, ssl_context: ssl.SSLContext | None, weight: int) -> None:
@@ -59,6 +68,14 @@ class Replica:
         self.state: ReplicaState = "ready"
         self.latency_ms: float | None = None
         self.detail: str | None = None
+        #: Rendezvous hashing's key for this replica (same in every process).
+        self.hash_key = blake2b(target.base_url.encode(), digest_size=32).digest()
+        #: The engine's own load from its /metrics (``gateway.engine_load``), and the monotonic()
+        #: time until which that reading counts; after it, unknown (never taken as saturated).
+        self.engine_running = 0.0
+        self.engine_waiting = 0.0
+        self.engine_kv: float | None = None
+        self.engine_until = 0.0
 
     def usable(self, now: float) -> bool:
         """In the rotation: ready, not cooling off, and no trial request of it pending."""
@@ -81,6 +98,8 @@ class Replica:
         }
         if self.detail:
             out["detail"] = self.detail
+        if self.engine_until >= now:
+            out["engine"] = {"running": self.engine_running, "waiting": self.engine_waiting, "kv_usage": self.engine_kv}
         return out
 
 
@@ -101,6 +120,7 @@ class Backend:
         max_inflight: int = 0,
         queue_size: int = 0,
         queue_timeout: float = 30.0,
+        policy: Policy = "p2c",
     ) -> None:
         self.name = name
         self.profile = profile
@@ -117,15 +137,25 @@ class Backend:
         self.inflight = 0
         #: Requests waiting for a slot under ``max_inflight``.
         self._queue: HandOver[None] = HandOver()
+        self.policy: Policy = policy
+        #: The prefix memory, only where it can matter: policy ``prefix`` and several replicas.
+        #: None: requests carry no block hashes (no work added on the request path).
+        self.affinity = Affinity() if policy == "prefix" and self.single is None else None
+        #: Why the last ``pick`` chose as it did (read at once by its caller: picks are synchronous).
+        self.reason: Reason = "single" if self.single is not None else "p2c"
 
     # -- picking a replica ----------------------------------------------------------------------
 
-    def pick(self, tried: list[Replica] | None = None, sticky: bytes | None = None) -> Replica:
+    def pick(
+        self, tried: list[Replica] | None = None, sticky: bytes | None = None, blocks: list[int] | None = None
+    ) -> Replica:
         """Power of two choices among usable replicas not tried yet; fail-open when none is.
 
         With a ``sticky`` value (a session header or the client key), the usable replica with the
         highest rendezvous hash of it: the same client keeps reaching the same replica (its prefix
         cache) while that one is usable, and only its share moves when replicas come and go.
+        With the prompt's ``blocks`` (policy ``prefix``), the replica ``Affinity`` prefers while its
+        load allows. ``reason`` says which rule decided.
         """
         single = self.single
         if single is not None:
@@ -135,19 +165,29 @@ class Backend:
         for r in untried:
             if r.due_trial(now):  # half-open: the first request after a cool-off is its trial
                 r.trial = True
+                self.reason = "trial"
                 return r
         pool = [r for r in untried if r.usable(now)]
         if sticky is not None and pool:
-            return max(pool, key=lambda r: zlib.crc32(r.target.base_url.encode() + sticky))
+            self.reason = "sticky"
+            return rendezvous(pool, sticky)
+        if blocks and pool:
+            chosen = self._by_prefix(pool, blocks, now)
+            if self.affinity is not None:
+                self.affinity.remember(blocks, chosen)
+            return chosen
+        self.reason = "p2c" if pool else "fail_open"
         if not pool:
             pool = untried or self.replicas  # fail-open: try anyway rather than refuse all
-        if len(pool) == 1:
-            return pool[0]
-        a, b = random.sample(pool, 2)  # noqa: S311 - load balancing, not security
-        la, lb = a.inflight / a.weight, b.inflight / b.weight
-        if la == lb:
-            return a if random.random() < 0.5 else b  # noqa: S311
-        return a if la < lb else b
+        return _two_choices(pool)
+
+    def _by_prefix(self, pool: list[Replica], blocks: list[int], now: float) -> Replica:
+        affinity = self.affinity
+        if affinity is None or len(pool) == 1:
+            self.reason = "p2c"
+            return pool[0] if len(pool) == 1 else _two_choices(pool)
+        chosen, self.reason = affinity.choose(pool, blocks, now)
+        return chosen if chosen is not None else _two_choices(pool, now)
 
     def succeeded(self, r: Replica) -> None:
         if r.failures or r.trial or r.ejected_until:
@@ -238,3 +278,18 @@ class Backend:
 
     def _pass_on(self, _slot: None) -> None:
         self.leave()  # a slot handed over as its waiter gave up
+
+
+def _two_choices(pool: list[Replica], now: float | None = None) -> Replica:
+    """The less loaded of two random replicas (ties at random); with ``now``, load counts the
+    engines' fresh waiting queues (policy ``prefix``), else in-flight requests only."""
+    if len(pool) == 1:
+        return pool[0]
+    a, b = random.sample(pool, 2)  # noqa: S311 - load balancing, not security
+    if now is None:
+        la, lb = a.inflight / a.weight, b.inflight / b.weight
+    else:
+        la, lb = load(a, now), load(b, now)
+    if la == lb:
+        return a if random.random() < 0.5 else b  # noqa: S311
+    return a if la < lb else b

@@ -27,6 +27,8 @@ Flag = Annotated[bool, Meta(description="true or false")]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "text"]
+#: How a backend with several replicas picks one (see ``gateway.balance``).
+Policy = Literal["p2c", "prefix"]
 
 
 class ConfigError(Exception):
@@ -89,6 +91,14 @@ class Settings(Spec, frozen=True, rename="upper"):
     #: Optional stickiness across replicas, for prefix-cache reuse: ``key`` (the client key) or
     #: ``header:NAME`` (e.g. header:x-session-id). Empty: off.
     gateway_sticky: Annotated[str, Meta(description="empty, key, or header:NAME")] = ""
+    #: Balancing among a backend's replicas: ``p2c`` (power of two choices on load) or ``prefix``
+    #: (prefix-cache affinity bounded by load); a routes file's ``balance`` overrides it per backend.
+    gateway_balance: Annotated[Policy, Meta(description="one of " + ", ".join(typing.get_args(Policy)))] = "p2c"
+    #: Seconds between reads of each replica's engine load from its /metrics (policy ``prefix``,
+    #: kinds that expose one); 0 turns them off.
+    gateway_engine_metrics_interval: Annotated[
+        float, Meta(ge=0, le=3600, description="a number of seconds from 0 to 3600")
+    ] = 1.0
     #: Upstream connections per worker.
     gateway_pool_size: Count = 1024
     #: How long a request may wait for a free upstream connection.

@@ -52,6 +52,7 @@ class Exchange:
         "request_id",
         "key_id",
         "backend",
+        "balance",
         "limits",
         "extra_headers",
     )
@@ -87,6 +88,8 @@ class Exchange:
         self.key_id = "-"
         #: The backend's name (metrics and logs); "-" when the request never got to one.
         self.backend = "-"
+        #: Why its replica was picked (``affinity.Reason``); "-" when none was.
+        self.balance = "-"
         #: The client key's limits (a keys file), and headers to add to the response for them.
         self.limits: KeyLimits | None = None
         self.extra_headers: list[tuple[bytes, bytes]] = []
@@ -100,7 +103,7 @@ class Exchange:
 class Outgoing:
     """A request as it goes upstream: decided once, read by the relay."""
 
-    __slots__ = ("backend", "method", "path", "query", "headers", "body", "sticky")
+    __slots__ = ("backend", "method", "path", "query", "headers", "body", "sticky", "blocks")
 
     def __init__(
         self,
@@ -111,6 +114,7 @@ class Outgoing:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         sticky: bytes | None,
+        blocks: list[int] | None = None,
     ) -> None:
         self.backend = backend
         self.method = method
@@ -122,3 +126,5 @@ class Outgoing:
         self.body = body
         #: The value that keeps a client on one replica (GATEWAY_STICKY), if any.
         self.sticky = sticky
+        #: The prompt's block hashes (``gateway.prefix``), for a backend whose policy is ``prefix``.
+        self.blocks = blocks

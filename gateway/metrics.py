@@ -144,6 +144,12 @@ class Metrics:
             ["backend", "model", "type"],
             registry=reg,
         )
+        self.balance = Counter(
+            "gateway_balance_decisions_total",
+            "Replicas picked, by backend and why (single, trial, sticky, p2c, prefix, new_prefix, load, fail_open).",
+            ["backend", "reason"],
+            registry=reg,
+        )
         self.limit_store_errors = Counter(
             "gateway_limit_store_errors_total",
             "Requests whose shared (Redis) rate-limit check failed and fell back (or were refused).",
@@ -220,6 +226,8 @@ class Metrics:
         status = ex.status
         requests, overhead, ttft, duration, max_gap, disconnects, not_supported = self._per_end(route, model, b, status)
         requests.inc()
+        if ex.balance != "-":
+            self.child(self.balance, b, ex.balance).inc()
         if ex.t_upstream:
             overhead.observe(ex.t_upstream - ex.t_start)
         if ex.t_first:

@@ -41,7 +41,7 @@ async def probe(
     detail: str | None = None
     try:
         headers = [(b"host", target.host_header), (b"accept", b"*/*"), *target.auth_headers]
-        backend_status, _ = await _get(
+        backend_status, _ = await get(
             target, target.root_path + health_path.encode(), headers, ssl_context, network, timeout, _MAX_BODY
         )
     except httpcore.TimeoutException:
@@ -70,7 +70,7 @@ async def probe(
     return (200 if status == "ready" else 503), body
 
 
-async def _get(
+async def get(
     target: Target,
     path: bytes,
     headers: list[tuple[bytes, bytes]],
@@ -125,7 +125,7 @@ async def list_models(
             (b"user-agent", MODELS_USER_AGENT),
             *target.auth_headers,
         ]
-        status, body = await _get(
+        status, body = await get(
             target, target.base_path + b"/models", headers, ssl_context, network, timeout, 4 * 1024 * 1024
         )
         if status != 200 or body is None:

@@ -49,6 +49,54 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     needs: str = ""
 
 
+# Each engine's load metrics as its /metrics names them (exposition names: counters carry ``_total``).
+# Looked up in the engines' own sources; newest spelling first where an engine renamed one.
+
+#: vLLM V1, vllm/v1/metrics/loggers.py (PrometheusStatLogger.__init__) at commit 005a810bc40f:
+#: ``vllm:num_requests_running``/``_waiting`` gauges; ``vllm:kv_cache_usage_perc`` replaced
+#: ``vllm:gpu_cache_usage_perc`` and the counters ``vllm:prefix_cache_queries``/``_hits`` (tokens)
+#: replaced ``vllm:gpu_prefix_cache_queries``/``_hits`` in 0.9 (the old names are still served
+#: there, marked deprecated, due to be hidden behind ``show_hidden_metrics``). Served by default, open.
+VLLM_METRICS = EngineMetrics(
+    running=("vllm:num_requests_running",),
+    waiting=("vllm:num_requests_waiting",),
+    kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    prefix_queries=("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
+    prefix_hits=("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
+)
+#: SGLang, python/sglang/srt/metrics/collector.py at commit 00ae9c1590d2:
+#: SchedulerMetricsCollector's gauges ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
+#: ``sglang:token_usage`` (KV pool in use, 0-1); TokenizerMetricsCollector's counters
+#: ``sglang:prompt_tokens_total`` and ``sglang:cached_tokens_total`` (both counted when a request
+#: finishes, so they lag by one request; its ``sglang:cache_hit_rate`` gauge is not a counter).
+#: Collectors that rewrite the colon re-export them as ``sglang_...``, so both prefixes are
+#: accepted (issue #17). Needs ``--enable-metrics``.
+SGLANG_METRICS = EngineMetrics(
+    running=("sglang:num_running_reqs", "sglang_num_running_reqs"),
+    waiting=("sglang:num_queue_reqs", "sglang_num_queue_reqs"),
+    kv_usage=("sglang:token_usage", "sglang_token_usage"),
+    prefix_queries=("sglang:prompt_tokens_total", "sglang_prompt_tokens_total"),
+    prefix_hits=("sglang:cached_tokens_total", "sglang_cached_tokens_total"),
+    needs="--enable-metrics",
+)
+#: TGI, backends/v3/src/backend.rs and backends/v3/src/queue.rs at v3.3.7 (db931fcf42da):
+#: gauges ``tgi_batch_current_size`` (sequences in the running batch) and ``tgi_queue_size``.
+#: No KV-usage gauge (only ``tgi_batch_current_max_tokens`` against ``tgi_batch_max_total_tokens``)
+#: and no prefix-cache counters. Served on the main port (and ``--prometheus-port``), open.
+TGI_METRICS = EngineMetrics(running=("tgi_batch_current_size",), waiting=("tgi_queue_size",))
+#: llama.cpp, llama-server's /metrics handler (tools/server/server-context.cpp at fb4026604c67;
+#: names as in commit a2df2787, PR #11512): gauges ``llamacpp:requests_processing`` (busy slots)
+#: and ``llamacpp:requests_deferred`` (tasks waiting for a slot). No KV-cache or prefix-hit metrics.
+#: Needs ``--metrics``; with ``--api-key`` the key is required on /metrics too.
+LLAMACPP_METRICS = EngineMetrics(
+    running=("llamacpp:requests_processing",),
+    waiting=("llamacpp:requests_deferred",),
+    needs="--metrics (and the API key on /metrics when --api-key is set)",
+)
+# Ollama, LM Studio: no Prometheus /metrics. LocalAI: /metrics has an OpenTelemetry ``api_call``
+# histogram only (and needs admin auth). A generic OpenAI endpoint: unknown. None for all four.
+
+
 class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One backend kind."""
 
@@ -95,6 +143,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 takes_key=True,
                 capabilities=_caps(embeddings=D, tools=D),
                 best_for="production serving on NVIDIA GPUs, high concurrency",
+                engine_metrics=VLLM_METRICS,
             ),
             Profile(
                 kind="sglang",
@@ -105,6 +154,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 capabilities=_caps(embeddings=D, tools=D),
                 best_for="high-throughput serving with prefix caching",
                 probe_factor=4.0,
+                engine_metrics=SGLANG_METRICS,
             ),
             Profile(
                 kind="tgi",
@@ -114,6 +164,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 takes_key=True,
                 capabilities=_caps(embeddings=U, responses=U, tools=D),
                 best_for="existing Hugging Face TGI deployments (maintenance mode upstream)",
+                engine_metrics=TGI_METRICS,
             ),
             Profile(
                 kind="llamacpp",
@@ -123,6 +174,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 takes_key=True,
                 capabilities=_caps(embeddings=D, tools=D),
                 best_for="GGUF models on small GPUs or CPU",
+                engine_metrics=LLAMACPP_METRICS,
             ),
             Profile(
                 kind="ollama",

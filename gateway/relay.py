@@ -63,7 +63,8 @@ async def forward(out: Outgoing, timeouts: Timeouts, retries: int, send: Send, e
     tried: list[Replica] = []
     kept: _Kept | None = None
     while True:
-        replica = backend.pick(tried, out.sticky)
+        replica = backend.pick(tried, out.sticky, out.blocks)
+        ex.balance = backend.reason
         tried.append(replica)
         may_retry = len(tried) <= retries and len(tried) < len(backend.replicas)
         replica.inflight += 1

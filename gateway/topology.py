@@ -26,13 +26,19 @@ from gateway.routes import Route
 def settings_backend(settings: Settings) -> BackendSpec:
     """The one backend that settings without a backends file describe (named after its kind)."""
     kind = settings.profile.kind
-    return BackendSpec(name=kind, kind=kind, urls=list(settings.base_urls), capabilities=settings.backend_capabilities)
+    return BackendSpec(
+        name=kind,
+        kind=kind,
+        urls=list(settings.base_urls),
+        capabilities=settings.backend_capabilities,
+        balance=settings.gateway_balance,
+    )
 
 
 class Topology:
     """A worker's backends, its model table, and the routing decisions made from them."""
 
-    __slots__ = ("backends", "by_model", "any_model", "answers_models", "model_name", "_only")
+    __slots__ = ("backends", "by_model", "any_model", "answers_models", "model_name", "by_prefix", "_only")
 
     def __init__(self, backends: list[Backend], *, any_model: Backend | None, model_name: str = "") -> None:
         self.backends = backends
@@ -50,6 +56,8 @@ class Topology:
         self.answers_models = any_model is None
         #: ``MODEL_NAME``: filled into requests that name no model.
         self.model_name = model_name
+        #: Whether any backend balances by prefix: the routing stage then reads the prompt too.
+        self.by_prefix = any(b.affinity is not None for b in backends)
         self._only = backends[0] if len(backends) == 1 else None
 
     @property

@@ -66,4 +66,5 @@ def build_backend(spec: BackendSpec, key: str, settings: Settings, network: http
         max_inflight=s.gateway_max_inflight,
         queue_size=s.gateway_queue_size,
         queue_timeout=s.gateway_queue_timeout,
+        policy=spec.balance or s.gateway_balance,
     )

@@ -52,13 +52,13 @@ def test_access_log_text_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     log = AccessLog("text")
     ex = Exchange(1.0)
     ex.status, ex.t_first, ex.t_end, ex.request_id, ex.key_id = 200, 1.0125, 1.5, b"abc", "2b4144f5"
-    ex.backend, ex.nbytes, ex.chunks, ex.end = "vllm", 42, 3, "done"
+    ex.backend, ex.nbytes, ex.chunks, ex.end, ex.balance = "vllm", 42, 3, "done", "prefix"
     log.write(ex, "POST", "/v1/chat/completions", "chat", "m")  # no event loop: out at once
     (line,) = writes
     clock, rest = line.decode().split(" ", 1)
     assert len(clock) == 8 and clock[2] == clock[5] == ":"
     assert rest == (
-        "200 POST /v1/chat/completions backend=vllm model=m ttft=12.5ms duration=500.0ms chunks=3 "
+        "200 POST /v1/chat/completions backend=vllm balance=prefix model=m ttft=12.5ms duration=500.0ms chunks=3 "
         "bytes=42 end=done key=2b4144f5 id=abc\n"
     )
 

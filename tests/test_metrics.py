@@ -12,18 +12,7 @@ from gateway import metrics
 from gateway.exchange import Exchange
 from gateway.metrics import LATENCY_BUCKETS, Metrics
 from gateway.usage import Usage, read_usage
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            return float(value)
-    return 0.0
-
+from tests.promtext import metric
 
 AMOUNT = st.one_of(
     st.sampled_from([0.0, *LATENCY_BUCKETS, 1e9]),  # exactly on a bound falls in that bound's bucket

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
+from tests.promtext import metric
 from tests.servers import Gateway, StartGateway, free_port
 
 CLIENT_KEY = "client-secret-key-123"
@@ -23,17 +24,6 @@ BACKEND_KEY = "backend-secret-key-456"
 
 def auth() -> dict[str, str]:
     return {"authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json"}
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            return float(value)
-    return 0.0
 
 
 def scrape_when(g: Gateway, name: str, value: float, **labels: str) -> str:
@@ -202,6 +192,7 @@ def test_access_log_completed_disconnected_failed(start_gateway: StartGateway, b
         assert line["key_id"] == __import__("hashlib").sha256(CLIENT_KEY.encode()).hexdigest()[:8]
         assert line["route"] == "chat" and line["backend"] == "vllm"
     assert (done["status"], done["end"], done["chunks"]) == (200, "done", 5)  # 3 tokens, usage, [DONE]
+    assert done["balance"] == "single"  # one replica: no balancing at all
     assert isinstance(done["ttft_ms"], float) and isinstance(done["bytes"], int) and done["bytes"] > 0
     assert (gone["status"], gone["end"]) == (200, "client_gone")
     assert isinstance(gone["chunks"], int) and gone["chunks"] >= 3

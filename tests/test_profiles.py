@@ -186,3 +186,68 @@ def test_readme_lists_every_setting() -> None:
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for env_name in ENV_NAMES:
         assert f"| `{env_name}` |" in text, env_name
+
+
+def test_engine_metrics_names() -> None:
+    """Load-reporting kinds name their metrics (newest spelling first); the others report none."""
+    with_metrics = {k for k, p in PROFILES.items() if p.engine_metrics is not None}
+    assert with_metrics == {"vllm", "sglang", "tgi", "llamacpp"}
+    for kind in with_metrics:
+        m = PROFILES[kind].engine_metrics
+        assert m is not None
+        assert m.running and m.waiting, kind
+        groups = (m.running, m.waiting, m.kv_usage, m.prefix_queries, m.prefix_hits)
+        names = [name for group in groups for name in group]
+        assert all(name and " " not in name for name in names), kind
+        assert len(names) == len(set(names)), kind
+        # Counters are named as exposed, with their _total suffix.
+        assert all(name.endswith("_total") for name in (*m.prefix_queries, *m.prefix_hits)), kind
+    vllm = PROFILES["vllm"].engine_metrics
+    assert vllm is not None
+    assert vllm.running == ("vllm:num_requests_running",)
+    assert vllm.waiting == ("vllm:num_requests_waiting",)
+    assert vllm.kv_usage == ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+    assert vllm.prefix_queries[0] == "vllm:prefix_cache_queries_total"
+    assert vllm.prefix_hits[0] == "vllm:prefix_cache_hits_total"
+    assert "vllm:gpu_prefix_cache_hits_total" in vllm.prefix_hits
+
+
+def test_sglang_metrics_accept_both_prefixes() -> None:
+    m = PROFILES["sglang"].engine_metrics
+    assert m is not None and m.needs == "--enable-metrics"
+    for group in (m.running, m.waiting, m.kv_usage, m.prefix_queries, m.prefix_hits):
+        colon = [n for n in group if n.startswith("sglang:")]
+        assert colon and {n.replace("sglang:", "sglang_", 1) for n in colon} <= set(group)
+
+
+def test_llamacpp_and_tgi_metrics_have_no_cache_figures() -> None:
+    for kind in ("llamacpp", "tgi"):
+        m = PROFILES[kind].engine_metrics
+        assert m is not None and not m.kv_usage and not m.prefix_queries and not m.prefix_hits
+    llamacpp = PROFILES["llamacpp"].engine_metrics
+    assert llamacpp is not None and "--metrics" in llamacpp.needs
+
+
+def test_readme_engine_metrics_table_matches_profiles() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Engine load metrics", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[1:]
+    assert set(rows) == set(PROFILES)
+    for kind, p in PROFILES.items():
+        m = p.engine_metrics
+        if m is None:
+            assert rows[kind][0] == "none", kind
+            continue
+        for group in (m.running, m.waiting, m.kv_usage, m.prefix_queries, m.prefix_hits):
+            if group:
+                assert f"`{group[0]}`" in rows[kind][0], (kind, group[0])
+            for name in group[1:]:
+                assert f"`{name}`" in rows[kind][1] or name.startswith("sglang_"), (kind, name)
+        if m.needs:
+            assert m.needs.split(" ", 1)[0] in rows[kind][2], kind

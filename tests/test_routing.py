@@ -108,6 +108,7 @@ models = ["nomic-embed-text"]
             "[[backends]]\nname='b'\nkind='vllm'\nurls=['http://h/v1']\nmodels=['m']\n",
             "backends[1].models[0] = 'm': expected a model not already served by 'a'",
         ),
+        ("[[backends]]\nname='a'\nkind='vllm'\nurls=['http://h/v1']\nbalance='rr'\n", "balance = 'rr': expected p2c"),
         ("this is not toml", "not valid TOML"),
     ],
 )

@@ -154,3 +154,20 @@ def test_models_are_listed_by_the_backend_with_one_and_by_the_gateway_with_a_tab
         assert run(go()) == (200, 200)
         forwarded = [r for r in fb.requests if r.target.endswith("/models")]
         assert len(forwarded) == 1  # only the one-backend gateway asked the backend
+
+
+def test_the_balance_policy_per_backend(tmp_path: Path) -> None:
+    """GATEWAY_BALANCE for the settings' backend and as the routes file's default; ``balance``
+    per backend overrides it. A prefix memory only where it can matter (several replicas)."""
+    two = "http://h:1/v1,http://h:2/v1"
+    assert topology(BACKEND_BASE_URL=two).first.policy == "p2c"
+    only = topology(BACKEND_BASE_URL=two, GATEWAY_BALANCE="prefix").first
+    assert only.policy == "prefix" and only.affinity is not None
+    assert topology(GATEWAY_BALANCE="prefix").first.affinity is None  # one replica: nothing to do
+    routes = backends_file(
+        tmp_path,
+        "name='a'\nkind='vllm'\nurls=['http://h:1/v1','http://h:2/v1']\nmodels=['m1']\nbalance='p2c'\n",
+        "name='b'\nkind='vllm'\nurls=['http://h:3/v1','http://h:4/v1']\nmodels=['m2']\n",
+    )
+    a, b = topology(GATEWAY_ROUTES=routes, GATEWAY_BALANCE="prefix").backends
+    assert (a.policy, b.policy) == ("p2c", "prefix") and a.affinity is None and b.affinity is not None

@@ -9,10 +9,20 @@ is accepted and echoed back (llama.cpp's chat and completions name the served on
 501 there unless started with ``--metrics``). It is a raw asyncio ``Protocol`` HTTP/1.1 server
 (``http.py``) on uvloop: no framework, so it is never the bottleneck of what it is put behind.
 
+``--engine`` (``SimConfig.engine``; off by default, and then nothing below applies) adds the engine
+model of ``kv.py``: a prefix cache of KV blocks (chained block hashes of the prompt, LRU, a block
+reused only with every block before it, as vLLM's automatic prefix caching), one prefill lane
+shared by all requests (time to first token = slot wait + lane wait + uncached prompt tokens at
+the prefill rate + base), and on ``/metrics`` the kind's own engine metrics under the names in
+``gateway.profiles`` (vLLM: ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+``vllm:kv_cache_usage_perc``, ``vllm:prefix_cache_queries_total``, ``vllm:prefix_cache_hits_total``)
+beside ``sim_prefix_cache_*``. Its timing starts from one 8B model on one H100 (``config.ENGINE``;
+figures and sources in ``kv.py``); ``--block-tokens`` and ``--kv-blocks`` size the cache.
+
 Use it
     * ``python -m gateway.sim --kind tgi --port 0`` (or ``gateway sim``): prints
       ``gateway sim: tgi serving http://127.0.0.1:PORT/v1 (...)`` and serves until SIGINT/SIGTERM.
-      ``--fast`` removes every delay, for throughput runs.
+      ``--fast`` removes every delay, for throughput runs; ``--engine`` adds the engine model.
     * ``sim = await start_sim(SimConfig(kind="vllm", port=0))`` on a running loop, then
       ``sim.port``, ``sim.base_url``, ``sim.stats`` (live counters), ``await sim.close()``.
     * ``with sim_in_thread(config) as sim:`` from synchronous code (tests, benchmarks).

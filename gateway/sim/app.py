@@ -16,12 +16,14 @@ from typing import Any
 import msgspec
 import orjson
 
+from gateway.profiles import PROFILES
 from gateway.sim import responses
 from gateway.sim.config import ConfigError, Fault, SimConfig, parse_fault
 from gateway.sim.engine import Scheduler, Ticker, Timing
 from gateway.sim.http import Canned, HttpConnection, Request
 from gateway.sim.kinds import WIRES, ContextError, Loading
-from gateway.sim.stats import METRICS_CONTENT_TYPE, SimStats, render_metrics
+from gateway.sim.kv import Engine, block_hashes, prompt_text
+from gateway.sim.stats import METRICS_CONTENT_TYPE, EngineReport, SimStats, render_metrics
 
 RouteHandler = Callable[[HttpConnection, Request], Awaitable[None]]
 #: In no-delay mode a stream yields to the loop this often, so one long stream cannot starve others.
@@ -48,7 +50,7 @@ class Plan:
 
     __slots__ = (
         "kind", "model", "stream", "include_usage", "n_tokens", "finish", "prompt_tokens", "timing", "fault",
-        "n", "inputs", "dimensions", "as_base64",
+        "n", "inputs", "dimensions", "as_base64", "hashes", "cached_tokens",
     )  # fmt: skip
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, timing: Timing, fault: Fault) -> None:
@@ -67,6 +69,9 @@ class Plan:
         self.inputs: list[object] = []
         self.dimensions = responses.DEFAULT_DIMENSIONS
         self.as_base64 = False
+        #: The engine model's chained hashes of the prompt's full blocks (``kv.block_hashes``).
+        self.hashes: list[int] = []
+        self.cached_tokens = 0
 
 
 def _non_negative(name: bytes, raw: bytes) -> float:
@@ -124,6 +129,11 @@ class SimApp:
         self.scheduler = scheduler
         self.loaded = loaded
         self._rng = random.Random(config.seed)  # noqa: S311 - jitter, not security
+        self.engine = Engine(config.block_tokens, config.kv_blocks) if config.engine else None
+        profile = PROFILES.get(config.kind)
+        self._engine_names = None if profile is None else profile.engine_metrics
+        label_values = {"model_name": config.model, "engine": "0"}
+        self._engine_labels = tuple((name, label_values[name]) for name in wire.metric_labels)
         self._key = config.api_key.encode() if config.api_key and wire.takes_key else b""
         self._timing = Timing(
             ttft_ms=config.ttft_ms,
@@ -166,7 +176,7 @@ class SimApp:
                 self._send_canned(conn, canned, head_only=head_only)
                 return
         if path == "/metrics" and req.method in ("GET", "HEAD"):
-            body = render_metrics(self.stats, self.config.model)
+            body = render_metrics(self.stats, self.config.model, self._engine_report())
             conn.respond(200, ((b"content-type", METRICS_CONTENT_TYPE),), body, head_only=head_only)
             return
         if self._key and wire.needs_key(path) and not self._authorized(req.headers):
@@ -265,7 +275,11 @@ class SimApp:
             return
         if not self.loaded.is_set():
             await self.loaded.wait()
+        engine = self.engine if plan.kind != "embedding" else None
+        blocks = 0 if engine is None else engine.blocks_for(plan.prompt_tokens + plan.n_tokens * plan.n)
         await self.scheduler.acquire()
+        if engine is not None:
+            engine.hold(plan.hashes, blocks)
         try:
             if plan.kind == "embedding":
                 await self._embed(conn, plan)
@@ -274,7 +288,40 @@ class SimApp:
             else:
                 await self._whole(conn, plan)
         finally:
+            if engine is not None:
+                engine.release(plan.hashes, blocks)
             self.scheduler.release()
+
+    async def _first_token(self, plan: Plan, ticker: Ticker) -> None:
+        """Wait until the first token is due: base plus prefill, or with the engine model, the
+        prefill lane's queue and the uncached part of the prompt, then the base."""
+        timing, engine = plan.timing, self.engine
+        if engine is None:
+            await ticker.wait(timing.first_token_s(plan.prompt_tokens))
+            return
+        seconds_per_token = timing.prefill_us_per_token / 1_000_000.0
+        plan.cached_tokens = await engine.prefill(plan.hashes, plan.prompt_tokens, seconds_per_token)
+        await ticker.wait(timing.ttft_ms / 1000.0)
+
+    def _batch(self) -> int:
+        """Sequences decoding now: those holding a slot, less any still queued for prefill."""
+        engine = self.engine
+        return self.stats.running - (0 if engine is None else engine.prefill_waiting)
+
+    def _engine_report(self) -> EngineReport | None:
+        engine, stats = self.engine, self.stats
+        if engine is None:
+            return None
+        # A sequence that holds a slot but waits for the prefill lane is waiting, as vLLM says.
+        return EngineReport(
+            names=self._engine_names,
+            labels=self._engine_labels,
+            running=stats.running - engine.prefill_waiting,
+            waiting=stats.waiting + engine.prefill_waiting,
+            kv_usage=engine.kv_usage,
+            prefix_queries=engine.prefix_queries,
+            prefix_hits=engine.prefix_hits,
+        )
 
     async def _stream(self, conn: HttpConnection, plan: Plan) -> None:
         wire, stats, timing = self.wire, self.stats, plan.timing
@@ -284,7 +331,7 @@ class SimApp:
         admitted = ticker.now()
         if wire.early_headers:
             conn.start_stream(200, wire.stream_headers)
-        await ticker.wait(timing.first_token_s(plan.prompt_tokens))
+        await self._first_token(plan, ticker)
         first = ticker.now()
         if not await out.check():
             return
@@ -295,7 +342,7 @@ class SimApp:
                 return
         for i in range(plan.n_tokens):
             if i:
-                gap = timing.gap_s(stats.running, self._rng)
+                gap = timing.gap_s(self._batch(), self._rng)
                 if gap > 0:
                     await ticker.wait(gap)
                 elif i % _YIELD_EVERY == 0:
@@ -320,14 +367,14 @@ class SimApp:
         timing, fault, stats = plan.timing, plan.fault, self.stats
         ticker = Ticker()
         admitted = ticker.now()
-        await ticker.wait(timing.first_token_s(plan.prompt_tokens))
+        await self._first_token(plan, ticker)
         first = ticker.now()
         if fault.any and not await self._whole_check(conn, fault, 0):
             return
         if fault.any or not timing.zero:
             for i in range(1, plan.n_tokens + 1):
                 if i > 1:
-                    await ticker.wait(timing.gap_s(stats.running, self._rng))
+                    await ticker.wait(timing.gap_s(self._batch(), self._rng))
                 if fault.any and not await self._whole_check(conn, fault, i):
                     return
         if conn.lost:
@@ -393,6 +440,9 @@ class SimApp:
         plan.n_tokens, plan.finish = _length(body, kind, n_default)
         if wire.context_error is not None:
             self._fit_context(plan, wire.context_error)
+        if self.engine is not None:
+            text = prompt_text(body, kind)
+            plan.hashes = block_hashes(text, model, self.engine.block_tokens, plan.prompt_tokens)
         return plan
 
     def _fit_context(self, plan: Plan, context_error: ContextError) -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gateway.sim.config import FAST, KINDS, ConfigError, SimConfig, make_config
+from gateway.sim.config import ENGINE, FAST, KINDS, ConfigError, SimConfig, make_config
 from gateway.sim.server import new_event_loop, start_sim
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -68,6 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--load-seconds", float, "start with a load phase in the kind's manner; 0 is off", "load_seconds")
     switch("--fast", "no delays at all (ttft, itl, jitter, prefill, batch slowdown = 0): for throughput runs")
 
+    group = parser.add_argument_group(
+        "engine model (off unless --engine; see gateway/sim/kv.py)",
+        "A prefix cache of KV blocks (LRU, chained block hashes as vLLM's automatic prefix caching), one "
+        "prefill lane shared by all requests, and the kind's own engine metrics on /metrics. --engine "
+        "starts the timing knobs above from one 8B model on one H100 ("
+        + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in ENGINE.items())
+        + "); flags given still win.",
+    )
+    switch("--engine", "turn the engine model on")
+    add("--block-tokens", int, "tokens per KV block (engine model)", "block_tokens")
+    add("--kv-blocks", int, "KV-cache capacity in blocks (engine model)", "kv_blocks")
+
     group = parser.add_argument_group("faults, on every inference request (per request: header x-sim-fault)")
     add("--fail-status", int, "answer this HTTP status in the kind's error shape")
     add("--reset-after", int, "reset the TCP connection after N stream events (0: before the answer)")
@@ -81,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The ``SimConfig`` for parsed flags (raises ``ConfigError``)."""
     fields = set(SimConfig.__struct_fields__)
     given: dict[str, object] = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if given.get("engine"):
+        given = {**ENGINE, **given}
     if getattr(args, "no_embeddings", False):
         given["embeddings"] = False
     if getattr(args, "fast", False):
@@ -107,7 +121,13 @@ def describe(config: SimConfig, url: str) -> str:
     )
     auth = "key required" if config.api_key else "no key"
     load = f", loading {config.load_seconds:g} s" if config.load_seconds else ""
-    return f"gateway sim: {config.kind} serving {url}/v1 (model {config.model}; {timing}; {auth}{load})"
+    engine = (
+        f"; engine model: {config.kv_blocks} KV blocks of {config.block_tokens} tokens, "
+        f"prefill {config.prefill_us_per_token:g} us/token"
+        if config.engine
+        else ""
+    )
+    return f"gateway sim: {config.kind} serving {url}/v1 (model {config.model}; {timing}{engine}; {auth}{load})"
 
 
 async def _serve(config: SimConfig) -> int:

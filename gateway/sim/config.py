@@ -127,6 +127,14 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     #: Start-up phase in the kind's own manner (see ``kinds.Loading``); 0 is off.
     load_seconds: NonNegFloat = 0.0
 
+    #: The engine model (``kv.py``): a prefix cache of KV blocks, one shared prefill lane, and the
+    #: kind's own engine metrics on /metrics. Off: timing as above, nothing cached.
+    engine: bool = False
+    #: Tokens per KV block (vLLM's default ``block_size``).
+    block_tokens: PositiveInt = 16
+    #: KV-cache capacity in blocks (one 8B model on one H100: see ``ENGINE``).
+    kv_blocks: PositiveInt = 26000
+
     #: Faults injected into every inference request (the x-sim-fault header adds to them).
     fault: Fault = NO_FAULT
     #: Seed for the jitter, for reproducible runs; None draws one.
@@ -143,6 +151,17 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             shown["api_key"] = "***"
         return "SimConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
+
+#: The timing ``--engine`` starts from (flags given still win): one 8B model in BF16 on one H100
+#: SXM, as vLLM serves it. Figures and their sources are in ``kv.py``'s docstring.
+ENGINE: dict[str, float] = {
+    "ttft_ms": 10.0,
+    "itl_ms": 6.0,
+    "itl_jitter_ms": 0.5,
+    "prefill_us_per_token": 40.0,
+    "batch_slowdown": 0.016,
+    "max_running": 256,
+}
 
 #: Delays that make ``SimConfig.fast`` true; ``--fast`` applies them.
 FAST: dict[str, float] = {"ttft_ms": 0.0, "itl_ms": 0.0, "itl_jitter_ms": 0.0, "prefill_us_per_token": 0.0}

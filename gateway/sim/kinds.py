@@ -111,6 +111,8 @@ class Wire(msgspec.Struct, frozen=True, kw_only=True):
     #: More paths for a route: alias -> the served path.
     aliases: Mapping[str, str] = MappingProxyType({})
     answers: responses.Answers = responses.OPENAI
+    #: The labels on the engine's own metrics (``--engine``): ``model_name`` and vLLM's ``engine``.
+    metric_labels: tuple[str, ...] = ()
 
 
 def _phrase_type(status: int) -> str:
@@ -260,6 +262,7 @@ WIRES: Mapping[str, Wire] = MappingProxyType(
                 needs_key=lambda path: path.startswith(_VLLM_GUARDED),
                 unauthorized=_UNAUTHORIZED_STRING,
                 owned_by="vllm",
+                metric_labels=("model_name", "engine"),
             ),
             Wire(
                 kind="sglang",
@@ -272,6 +275,7 @@ WIRES: Mapping[str, Wire] = MappingProxyType(
                 needs_key=lambda path: not path.startswith(_SGLANG_OPEN),
                 unauthorized=_UNAUTHORIZED_STRING,
                 owned_by="sglang",
+                metric_labels=("model_name",),
             ),
             Wire(
                 kind="tgi",
