@@ -46,7 +46,8 @@ from gateway.netio import AsyncioBackend
 from gateway.payload import peek, with_model
 from gateway.prefix import block_hashes, peek_prompt
 from gateway.relay import Timeouts, send_error
-from gateway.topology import Topology, check_capability
+from gateway.stateful import Stateful
+from gateway.topology import Topology, check_capability, upstream_path
 from gateway.types import HTTPScope, Receive, Scope, Send
 from gateway.usage import read_usage
 from gateway.worker import build_topology, declared_backends
@@ -90,6 +91,8 @@ class Gateway:
         self.known_models: set[str] = {s.model_name} if s.model_name else set()
         for spec in specs:
             self.known_models.update(spec.models, spec.aliases)
+        #: Where stored Responses live (``stateful``).
+        self.stateful = Stateful()
         self._tasks: list[asyncio.Task[None]] = []
         self.inflight = 0
         self.draining = False
@@ -221,6 +224,7 @@ class Gateway:
         try:
             if route is None:
                 raise errors.not_found(path)
+            ex.surface = route.surface
             if route.methods is not None and method not in route.methods:
                 raise errors.method_not_allowed(method, path, route.methods)
             if method in routes.REFUSED_METHODS:
@@ -258,7 +262,8 @@ class Gateway:
         if ex.end == "client_gone" and not ex.started:
             ex.status = 499  # nginx's "client closed request": nothing was answered
         name = route.name if route is not None else "unknown"
-        usage = read_usage(ex)  # once, for the metrics and the tokens-per-minute limit alike
+        # Once, for the metrics and the tokens-per-minute limit alike.
+        usage = read_usage(ex, route.usage if route is not None else "none")
         if self.metrics is not None:
             self.metrics.record(ex, name, model, usage)
         if ex.limits is not None and ex.limits.tpm is not None:
@@ -270,7 +275,7 @@ class Gateway:
         """The forwarding stages, in order; returns the model label for metrics and logs."""
         client = self.header_pass(scope["headers"])
         ex.request_id = client.request_id
-        identity = self.keys.authenticate(client.authorization, client.auth_count)
+        identity = self.keys.authenticate(client.authorization, client.auth_count, client.api_key)
         sticky = client.sticky
         if identity is not None:
             ex.key_id, limits = identity
@@ -282,27 +287,35 @@ class Gateway:
         body = await self.read_body(receive, client.content_length)
         model = "none"
         blocks = None
+        pinned = None
         if route.json_body:
             backend, body, model, blocks = self._route_by_model(route, body, backend)
         assert backend is not None
+        if route.stateful is not None:
+            backend, pinned = self.stateful.route(route, scope["path"], body, backend)
         forwarded = client.forwarded
         if body or scope["method"] not in _BODILESS:
             forwarded.append((b"content-length", str(len(body)).encode()))
         ex.backend = backend.name
-        raw_path = scope.get("raw_path") or b""
-        if not raw_path.startswith(b"/v1/"):
-            # The client percent-encoded the /v1 prefix itself: forward the decoded path, re-encoded.
-            raw_path = quote(scope["path"], safe="/:@!$&'()*+,;=-._~").encode()
+        if route.default_path is not None:  # the kind's own spelling of the route
+            path, rooted = upstream_path(backend, route), True
+        else:
+            path, rooted = scope.get("raw_path") or b"", False
+            if not path.startswith(b"/v1/"):
+                # The client percent-encoded the /v1 prefix itself: forward the decoded path, re-encoded.
+                path = quote(scope["path"], safe="/:@!$&'()*+,;=-._~").encode()
         out = Outgoing(
             backend,
             scope["method"].encode(),
-            raw_path.split(b"?", 1)[0],
+            path.split(b"?", 1)[0],
             scope.get("query_string", b""),
             forwarded,
             body,
             sticky,
             blocks,
         )
+        if rooted or pinned is not None:
+            out.rooted, out.pinned = rooted, pinned
         await backend.admit(self.draining)
         # The gauge counts requests bound for a backend, not probes and scrapes.
         gauge = self.metrics.child(self.metrics.in_flight, backend.name) if self.metrics is not None else None
@@ -314,6 +327,8 @@ class Gateway:
             backend.leave()
             if gauge is not None:
                 gauge.dec()
+        if route.stateful is not None:
+            self.stateful.remember(route, scope, ex, backend)
         return model
 
     async def _admit_limits(self, limits: KeyLimits, ex: Exchange) -> None:

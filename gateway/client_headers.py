@@ -1,7 +1,7 @@
 """The client-header pass: one look at each of the client's request headers (pure, no I/O).
 
-It picks out what the later stages need (the credentials, the body's declared length, the
-request id, the sticky value) and builds the list of headers forwarded to the backend: every
+It picks out what the later stages need (the credentials, ``Authorization`` and ``x-api-key``; the
+body's declared length; the request id; the sticky value) and builds the list of headers forwarded to the backend: every
 header except hop-by-hop ones, those the client's ``Connection`` header names, the client's
 credentials and those the gateway sets itself (``DROP_REQUEST_HEADERS``).
 """
@@ -17,7 +17,7 @@ Headers = list[tuple[bytes, bytes]]
 class ClientHeaders:
     """What the header pass found in one request's headers."""
 
-    __slots__ = ("forwarded", "authorization", "auth_count", "content_length", "request_id", "sticky")
+    __slots__ = ("forwarded", "authorization", "auth_count", "api_key", "content_length", "request_id", "sticky")
 
     def __init__(
         self,
@@ -27,12 +27,15 @@ class ClientHeaders:
         content_length: bytes | None,
         request_id: bytes,
         sticky: bytes | None,
+        api_key: list[bytes] | None = None,
     ) -> None:
         #: Headers to forward, the request id last (the gateway's ``content-length`` follows).
         self.forwarded = forwarded
         #: The last ``Authorization`` value, and how many there were (two is a 401).
         self.authorization = authorization
         self.auth_count = auth_count
+        #: Every ``x-api-key`` value (the anthropic client's header), None when there was none.
+        self.api_key = api_key
         self.content_length = content_length
         #: The client's ``X-Request-ID`` when well-formed, else a new one.
         self.request_id = request_id
@@ -56,6 +59,7 @@ class HeaderPass:
         content_length: bytes | None = None
         given_id: bytes | None = None
         sticky: bytes | None = None
+        api_key: list[bytes] | None = None
         sticky_header = self.sticky_header
         connection: list[bytes] = []
         forwarded: Headers = []
@@ -77,11 +81,13 @@ class HeaderPass:
                     forwarded.append((name, value))
             elif name == b"connection":
                 connection.append(value)
+            elif name == b"x-api-key":
+                api_key = [value] if api_key is None else [*api_key, value]
         if connection and connection != [b"keep-alive"]:  # what HTTP/1.1 clients send names nothing
             forwarded = _without_listed(forwarded, connection)
         rid = request_id(given_id)
         forwarded.append((b"x-request-id", rid))
-        return ClientHeaders(forwarded, authorization, auth_count, content_length, rid, sticky)
+        return ClientHeaders(forwarded, authorization, auth_count, content_length, rid, sticky, api_key)
 
 
 def _without_listed(forwarded: Headers, connection: list[bytes]) -> Headers:

@@ -54,21 +54,25 @@ def error_body(message: str, type: str, code: str | None, param: str | None = No
 
 
 def sse_error_event(message: str, type: str, code: str | None, tail: bytes) -> bytes:
-    """A final ``data: {"error":...}`` event for a stream cut mid-way.
+    """A final ``data: {"error":...}`` event for a stream cut mid-way (``event_separator(tail)``
+    first, so the error is its own event)."""
+    return event_separator(tail) + b"data: " + error_body(message, type, code) + b"\n\n"
+
+
+def event_separator(tail: bytes) -> bytes:
+    """What ends the event the bytes already sent left open.
 
     ``tail`` is the last two bytes already sent: when they do not end an event, a line break is
     added first so the error is its own event. Looking at two bytes is all the framing we need.
     """
     if not tail or tail in (b"\n\n", b"\r\r", b"\n\r"):  # the last line was empty: the event ended
-        sep = b""
-    elif tail.endswith(b"\n"):
-        sep = b"\n"
-    elif tail.endswith(b"\r"):
+        return b""
+    if tail.endswith(b"\n"):
+        return b"\n"
+    if tail.endswith(b"\r"):
         # A lone CR ended the line; a LF after it would only complete a CRLF, so end with a CR.
-        sep = b"\r"
-    else:
-        sep = b"\n\n"
-    return sep + b"data: " + error_body(message, type, code) + b"\n\n"
+        return b"\r"
+    return b"\n\n"
 
 
 # Constructors for the errors named in the HTTP surface, so every call site says the same thing.
@@ -83,7 +87,7 @@ def unauthorized() -> GatewayError:
         401,
         "authentication_error",
         "invalid_api_key",
-        "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
+        "Invalid or missing API key. Send it as 'Authorization: Bearer <key>' or as 'x-api-key: <key>'.",
         headers=[(b"www-authenticate", b"Bearer")],
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from gateway.balance import Backend
+    from gateway.balance import Backend, Replica
     from gateway.limits import KeyLimits
 
 #: What a forwarded request is waiting for: a connection, the response head, the first body
@@ -55,6 +55,10 @@ class Exchange:
         "balance",
         "limits",
         "extra_headers",
+        "surface",
+        "t_token",
+        "head",
+        "replica",
     )
 
     def __init__(self, t_start: float = 0.0) -> None:
@@ -93,6 +97,15 @@ class Exchange:
         #: The client key's limits (a keys file), and headers to add to the response for them.
         self.limits: KeyLimits | None = None
         self.extra_headers: list[tuple[bytes, bytes]] = []
+        #: The route's error shape (``surfaces``): the gateway's own errors are written in it.
+        self.surface = "openai"
+        #: Streams of the surfaces whose first events carry no token: when the first content event
+        #: came (0: none did; ``t_first`` takes it at the end), and the pieces before it (``head``:
+        #: where ``message_start`` carries the input tokens).
+        self.t_token = 0.0
+        self.head = b""
+        #: The replica the request went to last (Responses: the id map records it).
+        self.replica: Replica | None = None
 
     def tail(self) -> bytes:
         """The last two bytes sent to the client."""
@@ -103,7 +116,7 @@ class Exchange:
 class Outgoing:
     """A request as it goes upstream: decided once, read by the relay."""
 
-    __slots__ = ("backend", "method", "path", "query", "headers", "body", "sticky", "blocks")
+    __slots__ = ("backend", "method", "path", "query", "headers", "body", "sticky", "blocks", "rooted", "pinned")
 
     def __init__(
         self,
@@ -128,3 +141,8 @@ class Outgoing:
         self.sticky = sticky
         #: The prompt's block hashes (``gateway.prefix``), for a backend whose policy is ``prefix``.
         self.blocks = blocks
+        #: ``path`` is relative to the server root (a kind's own spelling, ``Profile.paths``), not
+        #: a client ``/v1/...`` path mapped to the base URL.
+        self.rooted = False
+        #: The replica to try first (Responses: the one holding a stored response).
+        self.pinned: Replica | None = None

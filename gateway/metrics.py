@@ -265,7 +265,7 @@ class Metrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST.encode()
 
 
-_TOKEN_ROUTES = frozenset({"chat", "completions", "responses", "embeddings"})
+_TOKEN_ROUTES = frozenset({"chat", "completions", "responses", "embeddings", "messages", "rerank", "score"})
 
 
 class _Count:

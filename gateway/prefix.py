@@ -1,9 +1,10 @@
 """The prompt's block hashes, for prefix-cache affinity (``GATEWAY_BALANCE=prefix``).
 
 Pure and synchronous. The prompt is read from the request body already in hand, in the same
-decode as the routing fields (``peek_prompt``): the chat ``messages`` in order, each as the client's
-raw JSON bytes (its role, content and any other field; never decoded to text: the same client
-sends the same bytes for the same prefix), the completions ``prompt``, or the Responses ``input``.
+decode as the routing fields (``peek_prompt``): the chat (or Anthropic Messages) ``messages`` in
+order, after the Messages ``system`` prompt when there is one, each as the client's raw JSON bytes
+(its role, content and any other field; never decoded to text: the same client sends the same bytes
+for the same prefix), the completions ``prompt``, or the Responses ``input``.
 That byte stream is cut into fixed blocks of ``BLOCK`` bytes (about 128 tokens), and block ``i``'s
 hash covers every byte up to its end (a running SHA-256, seeded with the model): two prompts share
 block ``i``'s hash only if they share the whole prefix up to it, as an engine's prefix cache reuses
@@ -33,6 +34,8 @@ class PromptPeek(Peek):
     """The routing fields and the prompt's: everything else is skipped, not decoded."""
 
     messages: list[msgspec.Raw] | None = None
+    #: The Anthropic Messages API's system prompt, which comes before its ``messages``.
+    system: msgspec.Raw = msgspec.Raw()
     prompt: msgspec.Raw = msgspec.Raw()
     input: msgspec.Raw = msgspec.Raw()
 
@@ -53,6 +56,9 @@ def peek_prompt(body: bytes, limit: int = BLOCK * MAX_BLOCKS) -> tuple[Peek, byt
         return peek(body), b""
     if p.messages is not None:
         out = bytearray()
+        if len(p.system):
+            out += p.system
+            out += _SEP
         for m in p.messages:
             out += m
             out += _SEP

@@ -25,8 +25,20 @@ class Support(enum.Enum):
 
 
 #: Every capability the gateway knows, in display order. A capability gates a route
-#: (``chat``, ``completions``, ``embeddings``, ``responses``) or a request feature (``tools``).
-CAPABILITIES: tuple[str, ...] = ("chat", "completions", "embeddings", "responses", "tools")
+#: (``chat``, ``completions``, ``embeddings``, ``responses``, ``messages`` (Anthropic Messages and
+#: its count_tokens), ``tokenize`` (and detokenize), ``rerank``, ``score``) or a request feature
+#: (``tools``).
+CAPABILITIES: tuple[str, ...] = (
+    "chat",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "tokenize",
+    "rerank",
+    "score",
+    "tools",
+)
 
 S, U, D = Support.SUPPORTED, Support.UNSUPPORTED, Support.DEPENDS
 
@@ -97,6 +109,47 @@ LLAMACPP_METRICS = EngineMetrics(
 # histogram only (and needs admin auth). A generic OpenAI endpoint: unknown. None for all four.
 
 
+# Where each kind serves the surfaces beyond chat and completions, from the engines' own sources.
+# Paths are relative to the server root (the base URL without its /v1); the body goes unchanged.
+
+#: vLLM: ``POST /tokenize`` and ``/detokenize`` (vllm/entrypoints/serve/tokenize/api_router.py at
+#: 045d7575500e, open without a key); ``/rerank`` canonical with ``/v1/rerank`` (deprecated, logs a
+#: warning) and ``/v2/rerank``, ``/score`` canonical with ``/v1/score`` deprecated
+#: (vllm/entrypoints/pooling/score/api_router.py at 4159f5ba771c), registered for pooling models
+#: only (``build_app``: POOLING_TASKS), so rerank and score depend on the model served;
+#: ``/v1/messages`` and ``/v1/messages/count_tokens`` (vllm/entrypoints/anthropic/api_router.py at
+#: 01540b75e3b1); ``/v1/responses``, ``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``
+#: (vllm/entrypoints/openai/responses/api_router.py at f6e93254b870; no delete or input_items).
+VLLM_PATHS = MappingProxyType(
+    {"tokenize": "/tokenize", "detokenize": "/detokenize", "rerank": "/rerank", "score": "/score"}
+)
+#: SGLang, python/sglang/srt/entrypoints/http_server.py at 0025436eab05: ``/v1/tokenize`` and
+#: ``/v1/detokenize`` (also without ``/v1``), ``/v1/rerank`` (cross-encoder models, served with
+#: ``--is-embedding``), ``/v1/score`` (its decoder-only scoring API: another body than vLLM's),
+#: ``/v1/responses`` with retrieve and cancel. ``/v1/messages`` is not in that commit; newer
+#: releases serve it (../shared/backends.md), so it depends on the version.
+SGLANG_PATHS = MappingProxyType(
+    {"tokenize": "/v1/tokenize", "detokenize": "/v1/detokenize", "rerank": "/v1/rerank", "score": "/v1/score"}
+)
+#: TGI, router/src/server.rs at v3.3.7 (db931fcf42da): ``POST /tokenize`` with its own body
+#: (``{"inputs": ...}``), no detokenize, no rerank or score (that is TEI), no Messages, no Responses.
+TGI_PATHS = MappingProxyType({"tokenize": "/tokenize", "detokenize": None})
+#: llama.cpp, tools/server/server.cpp at 00dd0816129a: ``/tokenize``, ``/detokenize``;
+#: ``/rerank``, ``/reranking``, ``/v1/rerank`` and ``/v1/reranking`` (one handler, which answers 501
+#: unless the server runs with ``--reranking``, and needs a reranking model); ``/v1/messages`` and
+#: ``/v1/messages/count_tokens``; ``/v1/responses`` (create only); no score.
+LLAMACPP_PATHS = MappingProxyType(
+    {"tokenize": "/tokenize", "detokenize": "/detokenize", "rerank": "/v1/rerank", "score": None}
+)
+#: LocalAI serves ``/v1/messages`` and ``/v1/responses`` (../shared/backends.md); its Jina-style
+#: ``/v1/rerank`` needs a reranker model, and its ``/v1/tokenize`` (no detokenize) a backend that
+#: tokenizes: both depend on the models installed. Not checked against a LocalAI commit.
+LOCALAI_PATHS = MappingProxyType({"tokenize": "/v1/tokenize", "detokenize": None, "rerank": "/v1/rerank"})
+# Ollama and LM Studio: ``/v1/messages`` and ``/v1/responses`` (../shared/backends.md), none of
+# tokenize, rerank or score. A generic OpenAI-compatible endpoint: unknown, so every surface
+# depends on it and goes to the route's default spelling.
+
+
 class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One backend kind."""
 
@@ -119,6 +172,11 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: The engine's own load metrics, for load-aware balancing; None: it serves none (balancing
     #: then relies on the gateway's own in-flight counts).
     engine_metrics: EngineMetrics | None = None
+    #: Where the kind serves the routes outside ``/v1`` whose spelling differs between engines
+    #: (``routes.MAPPED``: tokenize, detokenize, rerank, score), relative to the server root; None:
+    #: the kind does not serve it (the gateway answers 501). A route not named here goes to the
+    #: route's own default spelling (``Route.default_path``).
+    paths: Mapping[str, str | None] = MappingProxyType({})
 
     def support(self, capability: str) -> Support:
         return self.capabilities.get(capability, Support.SUPPORTED)
@@ -141,9 +199,10 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 default_base_url="http://127.0.0.1:8000/v1",
                 health_path="/health",
                 takes_key=True,
-                capabilities=_caps(embeddings=D, tools=D),
+                capabilities=_caps(embeddings=D, rerank=D, score=D, tools=D),
                 best_for="production serving on NVIDIA GPUs, high concurrency",
                 engine_metrics=VLLM_METRICS,
+                paths=VLLM_PATHS,
             ),
             Profile(
                 kind="sglang",
@@ -151,10 +210,11 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 default_base_url="http://127.0.0.1:30000/v1",
                 health_path="/health",
                 takes_key=True,
-                capabilities=_caps(embeddings=D, tools=D),
+                capabilities=_caps(embeddings=D, messages=D, rerank=D, tools=D),
                 best_for="high-throughput serving with prefix caching",
                 probe_factor=4.0,
                 engine_metrics=SGLANG_METRICS,
+                paths=SGLANG_PATHS,
             ),
             Profile(
                 kind="tgi",
@@ -162,9 +222,10 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 default_base_url="http://127.0.0.1:3000/v1",
                 health_path="/health",
                 takes_key=True,
-                capabilities=_caps(embeddings=U, responses=U, tools=D),
+                capabilities=_caps(embeddings=U, responses=U, messages=U, rerank=U, score=U, tools=D),
                 best_for="existing Hugging Face TGI deployments (maintenance mode upstream)",
                 engine_metrics=TGI_METRICS,
+                paths=TGI_PATHS,
             ),
             Profile(
                 kind="llamacpp",
@@ -172,9 +233,10 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 default_base_url="http://127.0.0.1:8080/v1",
                 health_path="/health",
                 takes_key=True,
-                capabilities=_caps(embeddings=D, tools=D),
+                capabilities=_caps(embeddings=D, rerank=D, score=U, tools=D),
                 best_for="GGUF models on small GPUs or CPU",
                 engine_metrics=LLAMACPP_METRICS,
+                paths=LLAMACPP_PATHS,
             ),
             Profile(
                 kind="ollama",
@@ -182,7 +244,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 default_base_url="http://127.0.0.1:11434/v1",
                 health_path="/",
                 takes_key=False,
-                capabilities=_caps(tools=D),
+                capabilities=_caps(tokenize=U, rerank=U, score=U, tools=D),
                 best_for="easy local model management, workstations",
             ),
             Profile(
@@ -191,8 +253,9 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 default_base_url="http://127.0.0.1:8080/v1",
                 health_path="/readyz",
                 takes_key=True,
-                capabilities=_caps(tools=D),
+                capabilities=_caps(tokenize=D, rerank=D, score=U, tools=D),
                 best_for="many model families and modalities behind one API",
+                paths=LOCALAI_PATHS,
             ),
             Profile(
                 kind="lmstudio",
@@ -200,7 +263,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 default_base_url="http://127.0.0.1:1234/v1",
                 health_path="/v1/models",
                 takes_key=True,
-                capabilities=_caps(tools=D),
+                capabilities=_caps(tokenize=U, rerank=U, score=U, tools=D),
                 best_for="desktop use; runs on the host, not in compose",
                 host_start="lms server start --port {port}",
             ),
@@ -210,7 +273,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
                 default_base_url=None,
                 health_path="/v1/models",
                 takes_key=True,
-                capabilities=_caps(embeddings=D, responses=D, tools=D),
+                capabilities=_caps(embeddings=D, responses=D, messages=D, tokenize=D, rerank=D, score=D, tools=D),
                 best_for="any external OpenAI-compatible URL",
             ),
         )

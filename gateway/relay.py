@@ -2,21 +2,23 @@
 
 Nothing here parses or waits for the body: whatever one read from the backend brings is sent on
 at once as one ``http.response.body`` message (see ``Connection.iter_body``). A failure after the
-response has started ends an event stream with a final ``data: {"error":...}`` event, so a cut
-answer never looks complete.
+response has started ends an event stream with a final error event in the surface's own form
+(``surfaces.stream_error``), so a cut answer never looks complete.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from time import perf_counter
 from typing import TYPE_CHECKING
 
 import httpcore
 
 from gateway.connection import Connection
-from gateway.errors import JSON_HEADERS, GatewayError, sse_error_event
+from gateway.errors import JSON_HEADERS, GatewayError
 from gateway.headers import response_headers
+from gateway.surfaces import TOKEN_MARKERS, body_for, stream_error
 from gateway.types import Send
 
 if TYPE_CHECKING:
@@ -63,8 +65,14 @@ async def forward(out: Outgoing, timeouts: Timeouts, retries: int, send: Send, e
     tried: list[Replica] = []
     kept: _Kept | None = None
     while True:
-        replica = backend.pick(tried, out.sticky, out.blocks)
-        ex.balance = backend.reason
+        pinned = out.pinned
+        if pinned is not None and not tried:
+            replica = pinned  # the replica holding the stored response this request names
+            ex.balance = "pinned"
+        else:
+            replica = backend.pick(tried, out.sticky, out.blocks)
+            ex.balance = backend.reason
+        ex.replica = replica
         tried.append(replica)
         may_retry = len(tried) <= retries and len(tried) < len(backend.replicas)
         replica.inflight += 1
@@ -95,7 +103,7 @@ async def _on_replica(
     A reused connection the backend had closed while idle is replaced (up to twice)."""
     backend, method, body = out.backend, out.method, out.body
     target = replica.target
-    path = target.upstream_target(out.path, out.query)
+    path = target.upstream_target(out.path, out.query, out.rooted)
     headers = [*target.static_headers, *out.headers]
     pool = replica.pool
     attempts = 0
@@ -185,7 +193,7 @@ async def _relay(
     ex: Exchange,
 ) -> bool:
     """Relay the response on ``conn``, then close it; True if the final body message was sent."""
-    last_sent = False
+    last_sent = searched = False
     try:
         relayed, ex.sse = response_headers(raw_headers)
         relayed.append((b"x-request-id", ex.request_id))
@@ -204,7 +212,14 @@ async def _relay(
             last_sent = True
             await send({"type": "http.response.body", "body": whole, "more_body": False})
         else:
-            async for chunk in conn.iter_body(first, timeouts.idle):
+            body = conn.iter_body(first, timeouts.idle)
+            if ex.sse and ex.surface != "openai":
+                marker = TOKEN_MARKERS.get(ex.surface)
+                if marker is not None:
+                    searched = True
+                    if await _relay_head(conn, body, marker, send, ex):
+                        return True
+            async for chunk in body:
                 # Per piece: a timestamp, one comparison, a byte count. Nothing else.
                 now = perf_counter()
                 if ex.t_first:
@@ -214,6 +229,7 @@ async def _relay(
                 else:
                     ex.t_first = now
                     ex.phase = "body"
+                    ex.head = ex.head or chunk  # the first piece (a Responses id is read from it)
                 ex.t_last = now
                 ex.nbytes += len(chunk)
                 ex.prev = ex.last
@@ -227,10 +243,51 @@ async def _relay(
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
         ex.chunks = conn.body_chunks
+        if searched:
+            ex.t_first = ex.t_token  # these surfaces' first token is their first content event
         # Closes the connection unless the body was read to the end: this is what makes
         # the backend abort a generation nobody will read.
         await conn.close_response()
     return last_sent
+
+
+#: The pieces before a stream's first token kept for its usage (``message_start``), at most.
+_HEAD_LIMIT = 16 * 1024
+
+
+async def _relay_head(conn: Connection, body: AsyncIterator[bytes], marker: bytes, send: Send, ex: Exchange) -> bool:
+    """Relay the pieces of a stream up to the first one holding ``marker`` (its first token, for
+    the surfaces whose first events carry none: ``surfaces.TOKEN_MARKERS``), keeping them in
+    ``ex.head``; True if the final body message was sent. Only these first pieces are searched."""
+    head = b""
+    async for chunk in body:
+        now = perf_counter()
+        if ex.t_first:
+            gap = now - ex.t_last
+            if gap > ex.max_gap:
+                ex.max_gap = gap
+        else:
+            ex.t_first = now
+            ex.phase = "body"
+        ex.t_last = now
+        ex.nbytes += len(chunk)
+        ex.prev = ex.last
+        ex.last = chunk
+        found = marker in chunk or marker in ex.prev[-len(marker) :] + chunk[: len(marker)]
+        if len(head) < _HEAD_LIMIT:
+            head += chunk
+        if found:
+            ex.t_token = now
+        if conn.body_complete:
+            ex.head = head
+            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+            return True
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if found:
+            ex.head = head
+            return False
+    ex.head = head
+    return False
 
 
 async def send_error(send: Send, err: GatewayError, ex: Exchange) -> None:
@@ -239,7 +296,7 @@ async def send_error(send: Send, err: GatewayError, ex: Exchange) -> None:
     if err.headers:
         headers.extend(err.headers)
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": err.body(), "more_body": False})
+    await send({"type": "http.response.body", "body": body_for(ex.surface, err), "more_body": False})
 
 
 async def fail(send: Send, ex: Exchange, err: GatewayError) -> None:
@@ -249,7 +306,7 @@ async def fail(send: Send, ex: Exchange, err: GatewayError) -> None:
         await send_error(send, err, ex)
         return
     if ex.sse:
-        event = sse_error_event(err.message, err.type, err.code, ex.tail())
+        event = stream_error(ex.surface, err, ex.tail())
         ex.nbytes += len(event)
         await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

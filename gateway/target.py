@@ -41,9 +41,10 @@ class Target:
         #: Sent with every request: Host and the backend's key.
         self.static_headers: list[tuple[bytes, bytes]] = [(b"host", self.host_header), *self.auth_headers]
 
-    def upstream_target(self, raw_path: bytes, query: bytes) -> bytes:
-        """The request-target for a client path that starts with ``/v1``."""
-        target = self.base_path + raw_path[3:]
+    def upstream_target(self, raw_path: bytes, query: bytes, rooted: bool = False) -> bytes:
+        """The request-target for a client path that starts with ``/v1``, or for a path relative
+        to the server root (``rooted``: a kind's own spelling of a route, ``Profile.paths``)."""
+        target = self.root_path + raw_path if rooted else self.base_path + raw_path[3:]
         return target + b"?" + query if query else target
 
     def url(self, target: bytes) -> httpcore.URL:

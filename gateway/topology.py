@@ -105,6 +105,16 @@ class Topology:
         return names
 
 
+def upstream_path(backend: Backend, route: Route) -> bytes:
+    """The backend kind's own spelling of a route whose path differs between engines
+    (``Profile.paths``, else the route's default), relative to the server root; 501 when the kind
+    does not serve it (TGI's detokenize)."""
+    path = backend.profile.paths.get(route.name, route.default_path)
+    if path is None:
+        raise errors.not_supported(backend.profile.display_name, route.name)
+    return path.encode()
+
+
 def check_capability(backend: Backend, capability: str | None) -> None:
     """The capability stage: 501 when the backend's kind does not support ``capability``."""
     if capability is not None and backend.capabilities[capability] is Support.UNSUPPORTED:

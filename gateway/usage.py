@@ -2,7 +2,20 @@
 
 OpenAI-compatible servers put ``usage`` at the end: the final usage chunk of a stream, or the end
 of a JSON body. Only that tail is looked at; nothing else of the body is parsed, and the request is
-never changed to ask for usage. ``read_usage`` gives one ``Usage`` per request, which the metrics
+never changed to ask for usage. Each route says how its usage reads (``Route.usage``):
+
+- ``openai``: ``prompt_tokens`` and ``completion_tokens`` in the tail; a stream without them is
+  estimated from its chunk count;
+- ``responses``: ``input_tokens`` and ``output_tokens`` in the tail (``response.completed``, or the
+  body's ``usage``);
+- ``anthropic``: a body's ``usage`` in its tail; a stream's input tokens from ``message_start`` in
+  the pieces before its first token (``Exchange.head``) and its output tokens from the final
+  ``message_delta`` in the tail (input counted once, also where an engine repeats it there);
+- ``reported`` (rerank, score): ``prompt_tokens`` (or ``input_tokens``) in the tail when the engine
+  reports any, completion 0; never estimated;
+- ``none`` (count_tokens, tokenize, detokenize, stored responses): nothing.
+
+``read_usage`` gives one ``Usage`` per request, which the metrics
 (``Metrics.record``) and the tokens-per-minute limit both take.
 """
 
@@ -34,11 +47,13 @@ class Usage(NamedTuple):
         return self.prompt + self.completion
 
 
-def read_usage(ex: Exchange) -> Usage | None:
+def read_usage(ex: Exchange, fmt: str = "openai") -> Usage | None:
     """The tokens of a finished request: the backend's usage, else for a stream an estimate from
     its chunks; None when it was not a success or neither can be had."""
     if not ex.started or not 200 <= ex.status < 300:
         return None
+    if fmt != "openai":
+        return _surface_usage(ex, fmt)
     found = exchange_usage(ex)
     if found is not None:
         return Usage(found[0], found[1])
@@ -47,6 +62,55 @@ def read_usage(ex: Exchange) -> Usage | None:
         framing = 3 if ex.end == "done" else 1
         return Usage(0, max(ex.chunks - framing, 0), estimated=True)
     return None
+
+
+def _surface_usage(ex: Exchange, fmt: str) -> Usage | None:
+    if fmt == "none":
+        return None
+    tail = _tail_usage(ex)
+    if fmt == "anthropic" and ex.sse:
+        at = ex.head.find(b'"usage"')
+        head = _usage_value(ex.head, at) if at >= 0 else None
+        prompt = _count(head, "input_tokens") if head is not None else None
+        if prompt is None and tail is not None:
+            prompt = _count(tail, "input_tokens")
+        completion = _count(tail, "output_tokens") if tail is not None else None
+        if prompt is None and completion is None:
+            return None
+        return Usage(prompt or 0, completion or 0)
+    if tail is None:
+        return None
+    if fmt == "reported":
+        prompt = _count(tail, "prompt_tokens")
+        if prompt is None:
+            prompt = _count(tail, "input_tokens")
+        return None if prompt is None else Usage(prompt, 0)
+    prompt, completion = _count(tail, "input_tokens"), _count(tail, "output_tokens")
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, completion)
+
+
+def _tail_usage(ex: Exchange) -> dict[str, object] | None:
+    """The last ``"usage"`` object in the last two pieces relayed."""
+    last = ex.last
+    at = last.rfind(b'"usage"')
+    if at >= 0:
+        return _usage_value(last, at)
+    if not ex.prev:
+        return None
+    both = ex.prev + last
+    at = both.rfind(b'"usage"')
+    return _usage_value(both, at) if at >= 0 else None
+
+
+def _count(usage: dict[str, object], key: str) -> int | None:
+    """A token count a backend can mean: an int (not a bool), never negative, and not beyond what
+    a float counter holds exactly."""
+    value = usage.get(key)
+    if type(value) is not int or not 0 <= value <= MAX_USAGE:
+        return None
+    return value
 
 
 def find_usage(tail: bytes) -> tuple[int, int] | None:
@@ -65,7 +129,8 @@ def exchange_usage(ex: Exchange) -> tuple[int, int] | None:
     return find_usage(ex.prev + last) if ex.prev else None
 
 
-def _usage_at(tail: bytes, at: int) -> tuple[int, int] | None:
+def _usage_value(tail: bytes, at: int) -> dict[str, object] | None:
+    """The JSON object after the ``"usage"`` key at ``at``; None when it is cut or not an object."""
     try:
         text = tail[at + 7 :].decode("utf-8", "replace")
         colon = text.index(":")
@@ -75,7 +140,12 @@ def _usage_at(tail: bytes, at: int) -> tuple[int, int] | None:
         value, _ = _json_decoder.raw_decode(text, start)
     except (ValueError, IndexError):
         return None
-    if not isinstance(value, dict):
+    return value if isinstance(value, dict) else None
+
+
+def _usage_at(tail: bytes, at: int) -> tuple[int, int] | None:
+    value = _usage_value(tail, at)
+    if value is None:
         return None
     prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
     # Counts a backend can mean: ints (not bools), never negative (a counter cannot go down),

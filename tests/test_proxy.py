@@ -137,7 +137,7 @@ def test_headers_to_backend(gw: Gateway, module_backend: FakeBackend) -> None:
         "POST",
         "/v1/chat/completions",
         b"{}",
-        auth({"x-custom": "kept", "connection": "keep-alive", "x-api-key": "c"}),
+        auth({"x-custom": "kept", "connection": "keep-alive", "x-api-key": KEY}),  # the same key twice: fine
     )
     assert status == 200
     sent = module_backend.requests[-1]

@@ -88,9 +88,10 @@ def test_the_backend_is_known_before_the_body_when_only_one_could_take_it(tmp_pa
     assert refused.value.status == 501
     two = topology(GATEWAY_ROUTES=backends_file(tmp_path, *TWO))
     assert two.known_before_body(routes.CHAT) is None  # the model decides
+    assert two.known_before_body(routes.RESPONSES) is None  # a Responses create names its model too
     # A path routed by no model goes to the first backend, and its capability is checked there.
     with pytest.raises(GatewayError) as responses:
-        two.known_before_body(routes.RESPONSES)
+        two.known_before_body(routes.RESPONSE_BY_ID)
     assert responses.value.status == 501 and "Text Generation Inference" in responses.value.message
     assert two.known_before_body(routes.PASSTHROUGH) is two.first
 
@@ -120,20 +121,22 @@ def test_a_capability_is_refused_before_the_body_with_one_backend_and_after_it_w
 
 
 def test_with_several_backends_a_path_without_model_is_checked_against_the_first(tmp_path: Path) -> None:
-    """``/v1/responses`` goes to the first backend (TGI here): it has no Responses API, so the
-    gateway answers 501 instead of forwarding it (the routes-file mode used to forward it)."""
+    """A stored response's path names no model (and the id map knows none here): it goes to the
+    first backend (TGI), which has no Responses API, so the gateway answers 501 instead of
+    forwarding it; a Responses create is routed by its model like chat."""
     with FakeBackend() as fb:
         first = f"name='chat'\nkind='tgi'\nurls=['{fb.url}']\nmodels=['m1']\n"
         second = f"name='other'\nkind='vllm'\nurls=['{fb.url}']\nmodels=['m2']\n"
 
         async def go() -> tuple[int, Any]:
             app = await started(GATEWAY_ROUTES=backends_file(tmp_path, first, second))
-            r = await call(app, "POST", "/v1/responses", orjson.dumps({"model": "m2", "input": "hi"}))
+            r = await call(app, "GET", "/v1/responses/resp_1")
+            await call(app, "POST", "/v1/responses", orjson.dumps({"model": "m2", "input": "hi"}))
             await app.shutdown()
             return r.status, r.json()["error"]["code"]
 
         assert run(go()) == (501, "not_supported")
-        assert [r.target for r in fb.requests if "responses" in r.target] == []
+        assert [r.target for r in fb.requests if "responses" in r.target] == ["/v1/responses"]
 
 
 def test_models_are_listed_by_the_backend_with_one_and_by_the_gateway_with_a_table(tmp_path: Path) -> None:
