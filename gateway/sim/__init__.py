@@ -1,7 +1,11 @@
 """A simulated inference backend: an OpenAI-compatible server that imitates one backend kind.
 
 It serves ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed or not),
-``POST /v1/embeddings``, ``GET /v1/models``, the kind's health route and ``GET /metrics``, with the
+``POST /v1/embeddings``, ``GET /v1/models``, the kind's health route and ``GET /metrics``, and, for
+the kinds whose profile has them, at the kind's own paths (``surface_routes.py``): the Anthropic
+Messages API (streamed or not, text or a forced ``tool_use``, and ``count_tokens``), the Responses
+API (streamed or not; the responses it made can be retrieved, deleted, and their input items
+listed), tokenize and detokenize (one token per UTF-8 byte), rerank and score, with the
 kind's wire habits (SSE framing, 401 and error bodies, mid-stream errors, ``[DONE]`` or not, load
 phase; see ``kinds.py``), engine-like timing (``engine.py``) and injectable faults. Any model name
 is accepted and echoed back (llama.cpp's chat and completions name the served one instead). The

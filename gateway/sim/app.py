@@ -22,10 +22,15 @@ from gateway.sim.config import ConfigError, Fault, SimConfig, parse_fault
 from gateway.sim.engine import Scheduler, Ticker, Timing
 from gateway.sim.http import Canned, HttpConnection, Request
 from gateway.sim.kinds import WIRES, ContextError, Loading
-from gateway.sim.kv import Engine, block_hashes, prompt_text
+from gateway.sim.kv import Engine, block_hashes
+from gateway.sim.kv import prompt_text as kv_prompt_text
 from gateway.sim.stats import METRICS_CONTENT_TYPE, EngineReport, SimStats, render_metrics
+from gateway.sim.surface_routes import SurfaceRoutes, prompt_text
+from gateway.sim.surfaces import MessagesFrames, ResponsesFrames, anthropic_error, message_body, response_body
 
 RouteHandler = Callable[[HttpConnection, Request], Awaitable[None]]
+#: The events of one stream: the kind's OpenAI chunks, or a Messages or Responses stream.
+Frames = responses.StreamFrames | MessagesFrames | ResponsesFrames
 #: In no-delay mode a stream yields to the loop this often, so one long stream cannot starve others.
 _YIELD_EVERY = 32
 #: Per-request timing overrides: header -> ``Timing`` field.
@@ -50,11 +55,11 @@ class Plan:
 
     __slots__ = (
         "kind", "model", "stream", "include_usage", "n_tokens", "finish", "prompt_tokens", "timing", "fault",
-        "n", "inputs", "dimensions", "as_base64", "hashes", "cached_tokens",
+        "n", "inputs", "dimensions", "as_base64", "hashes", "cached_tokens", "frames", "tool",
     )  # fmt: skip
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, timing: Timing, fault: Fault) -> None:
-        #: "chat", "completion" or "embedding".
+        #: "chat", "completion", "embedding", "messages" or "responses".
         self.kind = kind
         self.model = model
         self.prompt_tokens = prompt_tokens
@@ -72,6 +77,10 @@ class Plan:
         #: The engine model's chained hashes of the prompt's full blocks (``kv.block_hashes``).
         self.hashes: list[int] = []
         self.cached_tokens = 0
+        #: A Messages or Responses stream's events (``surfaces``); None: the kind's OpenAI chunks.
+        self.frames: MessagesFrames | ResponsesFrames | None = None
+        #: A Messages answer that calls this tool instead of writing text.
+        self.tool: str | None = None
 
 
 def _non_negative(name: bytes, raw: bytes) -> float:
@@ -96,6 +105,14 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 def _prompt_chars(body: dict[str, Any], kind: str) -> int:
     """The length of a chat's ``messages`` or a completion's ``prompt`` (checked)."""
+    if kind == "messages":
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise PlanError("messages: Field required")
+        return len(prompt_text(body, kind))
+    if kind == "responses":
+        if not isinstance(body.get("input"), str | list):
+            raise PlanError("`input` must be a string or a list.")
+        return len(prompt_text(body, kind))
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -110,7 +127,9 @@ def _prompt_chars(body: dict[str, Any], kind: str) -> int:
 def _length(body: dict[str, Any], kind: str, n_default: int) -> tuple[int, str]:
     """Tokens to generate and the finish reason: the request's limit, or ``n_default`` and "stop"."""
     limit = body.get("max_completion_tokens") if kind == "chat" else None
-    if limit is None:
+    if kind == "responses":
+        limit = body.get("max_output_tokens")
+    elif limit is None:
         limit = body.get("max_tokens")
     if limit is None:
         return n_default, "stop"
@@ -156,6 +175,8 @@ class SimApp:
             routes["/v1/embeddings"] = (("POST",), self._embeddings)
         for path in wire.health:
             routes[path] = (("GET", "HEAD"), self._health)
+        self.surfaces = SurfaceRoutes(self)
+        routes.update(self.surfaces.routes)
         for alias, path in wire.aliases.items():
             if path in routes:
                 routes[alias] = routes[path]
@@ -183,6 +204,11 @@ class SimApp:
             self._send_canned(conn, wire.unauthorized, head_only=head_only)
             return
         route = self._routes.get(path)
+        if route is None:
+            stored = self.surfaces.by_id(path)
+            if stored is not None:
+                await stored(conn, req)
+                return
         if route is None or (wire.wrong_method_is_404 and req.method not in route[0]):
             self._error(conn, 404, wire.not_found_message, head_only=head_only)
             return
@@ -248,7 +274,9 @@ class SimApp:
         try:
             plan = self._plan(req, kind)
         except PlanError as exc:
-            if exc.body is not None:
+            if kind == "messages":  # every kind answers the Messages API in Anthropic's shape
+                self._send_json(conn, 400, anthropic_error("invalid_request_error", exc.message))
+            elif exc.body is not None:
                 self._send_json(conn, 400, exc.body)
             else:
                 self._error(conn, self.wire.invalid_status, exc.message)
@@ -323,23 +351,54 @@ class SimApp:
             prefix_hits=engine.prefix_hits,
         )
 
+    def _frames(self, plan: Plan) -> Frames:
+        wire = self.wire
+        if plan.frames is not None:
+            return plan.frames
+        return wire.answers.frames(sse_data=wire.sse_data, chat=plan.kind == "chat", model=plan.model, n=plan.n)
+
+    def _stored(self, frames: Frames) -> None:
+        """A completed Responses stream's response, kept for retrieval."""
+        if isinstance(frames, ResponsesFrames) and frames.final is not None:
+            self.surfaces.store(frames.final)
+
+    async def _open(self, conn: HttpConnection, plan: Plan, out: _Emitter, frames: Frames) -> bool | None:
+        """The stream's head where the kind sends it at once, and a Messages or Responses
+        stream's opening events (``message_start``, ``response.created``) with it, before the
+        first token: True if they were sent, None if a fault ended the stream."""
+        wire = self.wire
+        if not wire.early_headers:
+            return False
+        conn.start_stream(200, wire.stream_headers)
+        if plan.frames is None:
+            return False
+        opening = frames.role(0)
+        return True if opening is None or await out.emit(opening) else None
+
+    async def _roles(self, out: _Emitter, frames: Frames, n: int) -> bool:
+        """Each choice's first event (chat's role chunk); False if a fault ended the stream."""
+        for c in range(n):
+            role = frames.role(c)
+            if role is not None and not await out.emit(role):
+                return False
+        return True
+
     async def _stream(self, conn: HttpConnection, plan: Plan) -> None:
-        wire, stats, timing = self.wire, self.stats, plan.timing
-        frames = wire.answers.frames(sse_data=wire.sse_data, chat=plan.kind == "chat", model=plan.model, n=plan.n)
+        stats, timing = self.stats, plan.timing
+        frames = self._frames(plan)
         out = _Emitter(self, conn, plan.fault, frames)
         ticker = Ticker()
         admitted = ticker.now()
-        if wire.early_headers:
-            conn.start_stream(200, wire.stream_headers)
+        opened = await self._open(conn, plan, out, frames)
+        if opened is None:
+            return
         await self._first_token(plan, ticker)
         first = ticker.now()
         if not await out.check():
             return
         choices = range(plan.n)
-        for c in choices:
-            role = frames.role(c)
-            if role is not None and not await out.emit(role):
-                return
+        if not opened and not await self._roles(out, frames, plan.n):
+            return
         for i in range(plan.n_tokens):
             if i:
                 gap = timing.gap_s(self._batch(), self._rng)
@@ -361,6 +420,7 @@ class SimApp:
             return
         conn.send_chunk(frames.done)
         conn.end_stream()
+        self._stored(frames)
         stats.completed_requests_total += 1
 
     async def _whole(self, conn: HttpConnection, plan: Plan) -> None:
@@ -380,9 +440,17 @@ class SimApp:
         if conn.lost:
             raise ClientGone
         answers = self.wire.answers
-        build = answers.chat_completion if plan.kind == "chat" else answers.text_completion
         elapsed = responses.Elapsed((first - admitted) * 1000.0, (ticker.now() - first) * 1000.0)
-        self._send_json(conn, 200, build(plan.model, plan.n_tokens, plan.finish, plan.prompt_tokens, plan.n, elapsed))
+        if plan.kind == "messages":
+            body = message_body(plan.model, plan.n_tokens, plan.finish, plan.prompt_tokens, plan.tool)
+        elif plan.kind == "responses":
+            created = response_body(plan.model, plan.n_tokens, plan.prompt_tokens)
+            self.surfaces.store(created)
+            body = orjson.dumps(created)
+        else:
+            build = answers.chat_completion if plan.kind == "chat" else answers.text_completion
+            body = build(plan.model, plan.n_tokens, plan.finish, plan.prompt_tokens, plan.n, elapsed)
+        self._send_json(conn, 200, body)
         stats.generated_tokens_total += plan.n_tokens * plan.n
         stats.completed_requests_total += 1
 
@@ -440,10 +508,25 @@ class SimApp:
         plan.n_tokens, plan.finish = _length(body, kind, n_default)
         if wire.context_error is not None:
             self._fit_context(plan, wire.context_error)
-        if self.engine is not None:
-            text = prompt_text(body, kind)
+        if kind in ("messages", "responses"):
+            self._surface_plan(plan, body)
+        elif self.engine is not None:
+            text = kv_prompt_text(body, kind)
             plan.hashes = block_hashes(text, model, self.engine.block_tokens, plan.prompt_tokens)
         return plan
+
+    def _surface_plan(self, plan: Plan, body: dict[str, Any]) -> None:
+        """A Messages request's tool call (when it forces one), and the stream's frames."""
+        if plan.kind == "messages":
+            plan.tool = _forced_tool(body)
+            if plan.stream:
+                plan.frames = MessagesFrames(plan.model, plan.tool, plan.prompt_tokens)
+        elif plan.stream:
+            plan.frames = ResponsesFrames(plan.model, plan.prompt_tokens)
+
+    def prompt_tokens(self, body: dict[str, Any], kind: str) -> int:
+        """What a request's prompt counts in the simulated tokens (count_tokens)."""
+        return responses.estimate_tokens(len(prompt_text(body, kind)))
 
     def _fit_context(self, plan: Plan, context_error: ContextError) -> None:
         """The kind's context window (llama.cpp): a prompt that fills it is refused, a generation
@@ -517,7 +600,13 @@ class _Emitter:
 
     __slots__ = ("_app", "_conn", "_fault", "_frames", "sent")
 
-    def __init__(self, app: SimApp, conn: HttpConnection, fault: Fault, frames: responses.StreamFrames) -> None:
+    def __init__(
+        self,
+        app: SimApp,
+        conn: HttpConnection,
+        fault: Fault,
+        frames: responses.StreamFrames | MessagesFrames | ResponsesFrames,
+    ) -> None:
         self._app = app
         self._conn = conn
         self._fault = fault
@@ -555,9 +644,24 @@ class _Emitter:
                 app._error(conn, 500, message)
                 return False
             wire = app.wire
-            conn.send_chunk(wire.stream_error(wire.sse_data, message))
+            own = getattr(self._frames, "stream_error", None)
+            conn.send_chunk(own(message) if own is not None else wire.stream_error(wire.sse_data, message))
             if wire.done_after_error:
                 conn.send_chunk(self._frames.done)
             conn.end_stream()
             return False
         return True
+
+
+def _forced_tool(body: dict[str, Any]) -> str | None:
+    """The tool a Messages request makes the model call: ``tool_choice`` ``{"type":"tool","name"}``,
+    or ``{"type":"any"}`` (the first tool); None otherwise (the simulated model writes text)."""
+    choice, tools = body.get("tool_choice"), body.get("tools")
+    if not isinstance(choice, dict) or not isinstance(tools, list) or not tools:
+        return None
+    if choice.get("type") == "tool" and isinstance(choice.get("name"), str):
+        return str(choice["name"])
+    first = tools[0]
+    if choice.get("type") == "any" and isinstance(first, dict) and isinstance(first.get("name"), str):
+        return str(first["name"])
+    return None
