@@ -10,7 +10,9 @@ never changed to ask for usage. Each route says how its usage reads (``Route.usa
   body's ``usage``);
 - ``anthropic``: a body's ``usage`` in its tail; a stream's input tokens from ``message_start`` in
   the pieces before its first token (``Exchange.head``) and its output tokens from the final
-  ``message_delta`` in the tail (input counted once, also where an engine repeats it there);
+  ``message_delta`` in the tail (input counted once, also where an engine repeats it there); input
+  tokens include those read from or written to the prompt cache, which Anthropic's usage counts
+  apart (llama.cpp's ``message_start`` says 1 input token and 19 read from its cache);
 - ``reported`` (rerank, score): ``prompt_tokens`` (or ``input_tokens``) in the tail when the engine
   reports any, completion 0; never estimated;
 - ``none`` (count_tokens, tokenize, detokenize, stored responses): nothing.
@@ -68,12 +70,14 @@ def _surface_usage(ex: Exchange, fmt: str) -> Usage | None:
     if fmt == "none":
         return None
     tail = _tail_usage(ex)
-    if fmt == "anthropic" and ex.sse:
-        at = ex.head.find(b'"usage"')
-        head = _usage_value(ex.head, at) if at >= 0 else None
-        prompt = _count(head, "input_tokens") if head is not None else None
+    if fmt == "anthropic":
+        head = None
+        if ex.sse:
+            at = ex.head.find(b'"usage"')
+            head = _usage_value(ex.head, at) if at >= 0 else None
+        prompt = _anthropic_input(head) if head is not None else None
         if prompt is None and tail is not None:
-            prompt = _count(tail, "input_tokens")
+            prompt = _anthropic_input(tail)
         completion = _count(tail, "output_tokens") if tail is not None else None
         if prompt is None and completion is None:
             return None
@@ -89,6 +93,16 @@ def _surface_usage(ex: Exchange, fmt: str) -> Usage | None:
     if prompt is None or completion is None:
         return None
     return Usage(prompt, completion)
+
+
+def _anthropic_input(usage: dict[str, object]) -> int | None:
+    """Anthropic's input tokens: ``input_tokens`` counts only those after the last cache
+    breakpoint; those read from or written to the prompt cache are counted beside it."""
+    base = _count(usage, "input_tokens")
+    if base is None:
+        return None
+    cached = (_count(usage, key) or 0 for key in ("cache_read_input_tokens", "cache_creation_input_tokens"))
+    return min(base + sum(cached), MAX_USAGE)
 
 
 def _tail_usage(ex: Exchange) -> dict[str, object] | None:

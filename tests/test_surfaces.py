@@ -145,6 +145,10 @@ def test_usage_of_each_surface() -> None:
     body = b'{"id":"msg_1","content":[],"usage":{"input_tokens":3,"output_tokens":4}}'
     usage = read_usage(_ex(body), "anthropic")
     assert usage is not None and (usage.prompt, usage.completion) == (3, 4)
+    # What llama.cpp sends: most of the prompt read from its cache, counted apart.
+    cached = b'data: {"message":{"usage":{"cache_read_input_tokens":19,"input_tokens":1,"output_tokens":0}}}\n\n'
+    usage = read_usage(_ex(end, sse=True, head=cached), "anthropic")
+    assert usage is not None and (usage.prompt, usage.completion) == (20, 7)
     completed = b'event: response.completed\ndata: {"response":{"usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":0},"output_tokens":6}}}\n\n'  # noqa: E501
     usage = read_usage(_ex(completed[40:], sse=True, prev=completed[:40]), "responses")
     assert usage is not None and (usage.prompt, usage.completion) == (5, 6)
