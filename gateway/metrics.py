@@ -83,7 +83,8 @@ class Metrics:
         )
         self.ttft = Histogram(
             "gateway_time_to_first_token_seconds",
-            "From the request's arrival to the first body byte from the backend, as the client sees it.",
+            "From the request's arrival to the first body byte from the backend, as the client sees it "
+            "(Messages and Responses streams: to the first content event).",
             ["route", "backend"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
@@ -146,7 +147,8 @@ class Metrics:
         )
         self.balance = Counter(
             "gateway_balance_decisions_total",
-            "Replicas picked, by backend and why (single, trial, sticky, p2c, prefix, new_prefix, load, fail_open).",
+            "Replicas picked, by backend and why (single, trial, sticky, p2c, prefix, new_prefix, load, fail_open, "
+            "pinned).",
             ["backend", "reason"],
             registry=reg,
         )

@@ -266,3 +266,36 @@ def test_readme_lists_every_route_per_kind() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert surfaces_table.render(readme) == readme, "README.md is stale: run python -m tools.surfaces_table"
     assert "| `POST /detokenize` (`tokenize`) | yes: `/detokenize` | yes: `/v1/detokenize` | 501 |" in readme
+
+
+def test_messages_tokens_count_against_the_keys_tpm(tmp_path: Path) -> None:
+    """A Messages answer's usage (Anthropic's field names) is spent from the key's tokens per
+    minute, like chat's; the refusal is in Anthropic's shape; the key came as x-api-key."""
+    from tests.fakes import Conn, Req
+    from tests.test_limits import keys_file
+
+    path = keys_file(tmp_path, "[[keys]]\nname='team-a'\nkey_env='SURFACES_TEAM_KEY'\ntpm=30\n")
+
+    async def handler(req: Req, conn: Conn) -> None:
+        usage = {"input_tokens": 5, "cache_read_input_tokens": 15, "output_tokens": 15}
+        await conn.json(200, {"type": "message", "content": [], "usage": usage})
+
+    with FakeBackend() as fb, pytest.MonkeyPatch.context() as mp:
+        fb.handler = handler
+        mp.setenv("SURFACES_TEAM_KEY", "team-secret")
+        app = make_gateway(BACKEND_BASE_URL=fb.url, GATEWAY_KEYS_FILE=path)
+
+        async def go() -> list[tuple[int, object]]:
+            await app.startup()
+            try:
+                out = []
+                for _ in range(2):
+                    r = await call(app, "POST", "/v1/messages", b'{"model":"m"}', [(b"x-api-key", b"team-secret")])
+                    out.append((r.status, r.json()))
+                return out
+            finally:
+                await app.shutdown()
+
+        (first, _), (second, refused) = asyncio.run(go())
+    assert first == 200 and second == 429  # 5 + 15 cached + 15 output = 35 > 30
+    assert isinstance(refused, dict) and refused["error"]["type"] == "rate_limit_error" and refused["type"] == "error"

@@ -188,6 +188,23 @@ def test_responses_streamed_and_not_counted_and_retrieved_from_their_replica(
         oai.responses.retrieve(ids[0])
 
 
+def test_a_response_continued_goes_to_the_replica_that_holds_its_predecessor(
+    oai: openai.OpenAI, sims: dict[str, SimServer]
+) -> None:
+    first = oai.responses.create(model="m-v", input="hi", max_output_tokens=1)
+    holder = next(name for name in ("v1", "v2") if first.id in sims[name].app.surfaces.stored)
+    other = "v2" if holder == "v1" else "v1"
+    before = {name: sims[name].stats.requests_total for name in ("v1", "v2")}
+    previous = first.id
+    for _ in range(6):
+        previous = oai.responses.create(
+            model="m-v", input="and then?", previous_response_id=previous, max_output_tokens=1
+        ).id
+        assert previous in sims[holder].app.surfaces.stored  # each one made where its predecessor is
+    assert sims[holder].stats.requests_total == before[holder] + 6
+    assert sims[other].stats.requests_total == before[other]
+
+
 def test_responses_refused_by_a_kind_without_them(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as refused:
         oai.responses.create(model="m-t", input="hi")
