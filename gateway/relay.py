@@ -258,8 +258,9 @@ _HEAD_LIMIT = 16 * 1024
 async def _relay_head(conn: Connection, body: AsyncIterator[bytes], marker: bytes, send: Send, ex: Exchange) -> bool:
     """Relay the pieces of a stream up to the first one holding ``marker`` (its first token, for
     the surfaces whose first events carry none: ``surfaces.TOKEN_MARKERS``), keeping them in
-    ``ex.head``; True if the final body message was sent. Only these first pieces are searched."""
-    head = b""
+    ``ex.head`` (up to ``_HEAD_LIMIT``); True if the final body message was sent. Only these first
+    pieces are searched; the rest of the stream goes through the usual loop."""
+    width = len(marker)
     async for chunk in body:
         now = perf_counter()
         if ex.t_first:
@@ -273,20 +274,18 @@ async def _relay_head(conn: Connection, body: AsyncIterator[bytes], marker: byte
         ex.nbytes += len(chunk)
         ex.prev = ex.last
         ex.last = chunk
-        found = marker in chunk or marker in ex.prev[-len(marker) :] + chunk[: len(marker)]
-        if len(head) < _HEAD_LIMIT:
-            head += chunk
+        if len(ex.head) < _HEAD_LIMIT:
+            ex.head += chunk
+        # The marker may straddle the previous piece and this one.
+        found = marker in chunk or marker in ex.prev[-width:] + chunk[:width]
         if found:
             ex.t_token = now
         if conn.body_complete:
-            ex.head = head
             await send({"type": "http.response.body", "body": chunk, "more_body": False})
             return True
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if found:
-            ex.head = head
             return False
-    ex.head = head
     return False
 
 

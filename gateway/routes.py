@@ -46,7 +46,9 @@ RESPONSES = Route(
     usage="responses", stateful="create",
 )  # fmt: skip
 #: ``/v1/responses/{id}`` (retrieve, delete), ``.../cancel``, ``.../input_items``: no model in them.
-RESPONSE_BY_ID = Route(name="responses", methods=None, capability="responses", usage="none", stateful="by_id")
+RESPONSE_BY_ID = Route(
+    name="responses", methods=None, capability="responses", surface="responses", usage="none", stateful="by_id"
+)
 MESSAGES = Route(name="messages", methods=("POST",), capability="messages", json_body=True, surface="anthropic",
                  usage="anthropic")  # fmt: skip
 COUNT_TOKENS = Route(name="count_tokens", methods=("POST",), capability="messages", json_body=True,

@@ -299,3 +299,54 @@ def test_messages_tokens_count_against_the_keys_tpm(tmp_path: Path) -> None:
         (first, _), (second, refused) = asyncio.run(go())
     assert first == 200 and second == 429  # 5 + 15 cached + 15 output = 35 > 30
     assert isinstance(refused, dict) and refused["error"]["type"] == "rate_limit_error" and refused["type"] == "error"
+
+
+def test_first_token_found_across_pieces_and_usage_from_head_and_tail(capfd: pytest.CaptureFixture[str]) -> None:
+    """The first content event arrives in three pieces, each cut through the marker, 250 ms after
+    ``message_start``: TTFT is when the piece completing the marker came (not the first piece, not
+    the next whole event 400 ms later); the input tokens come from ``message_start``, the output
+    tokens from the last ``message_delta``."""
+    from tests.fakes import Conn, Req
+
+    start = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":9}}}\n\n'
+    delta = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0}\n\n'
+    end = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":4}}\n\n'
+
+    async def handler(req: Req, conn: Conn) -> None:
+        await conn.start_chunked()
+        await conn.chunk(start)
+        await asyncio.sleep(0.15)
+        await conn.chunk(delta[:18])  # "event: content_blo": the first cut through the marker
+        await asyncio.sleep(0.1)
+        # The rest, cut again in the middle of the marker's second occurrence: neither piece
+        # holds it whole, so only the search across pieces finds it here.
+        cut = delta.index(b"content_block_delta", 18) + 11
+        await conn.chunk(delta[18:cut])
+        await asyncio.sleep(0.05)
+        await conn.chunk(delta[cut:])
+        await asyncio.sleep(0.4)  # a whole event only now: a search piece by piece would stop here
+        for _ in range(3):
+            await conn.chunk(delta)
+        await conn.chunk(end)
+        await conn.end_chunked()
+
+    with FakeBackend() as fb:
+        fb.handler = handler
+        app = make_gateway(BACKEND_BASE_URL=fb.url, GATEWAY_LOG_FORMAT="json")
+
+        async def go() -> bytes:
+            await app.startup()
+            try:
+                r = await call(app, "POST", "/v1/messages", b'{"model":"m","stream":true}')
+                assert app.metrics is not None
+                app.metrics.flush()
+                return r.body + app.metrics.exposition()[0]
+            finally:
+                await app.shutdown()
+
+        out = asyncio.run(go())
+    assert out.startswith(start) and end in out
+    assert b'gateway_tokens_total{backend="vllm",model="other",type="input"} 9.0' in out
+    assert b'gateway_tokens_total{backend="vllm",model="other",type="output"} 4.0' in out
+    log = [orjson.loads(x) for x in capfd.readouterr().out.splitlines() if x.startswith('{"time"')]
+    assert log[-1]["route"] == "messages" and 240 <= log[-1]["ttft_ms"] < 550, log[-1]
