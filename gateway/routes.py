@@ -1,4 +1,10 @@
-"""A static table from path to route: one dict lookup per request, no pattern scan."""
+"""A static table from path to route: one dict lookup per request, no pattern scan.
+
+Besides the OpenAI routes: the Anthropic Messages API (its errors in Anthropic's shape), the
+Responses API (a create routed by model, a stored response's paths by its id), and tokenize,
+detokenize, rerank and score, whose path the gateway spells as each kind does (``default_path``,
+``Profile.paths``). Only ``/v1/responses/{id}...`` is matched by prefix, after the table.
+"""
 
 from __future__ import annotations
 

@@ -350,3 +350,22 @@ def test_first_token_found_across_pieces_and_usage_from_head_and_tail(capfd: pyt
     assert b'gateway_tokens_total{backend="vllm",model="other",type="output"} 4.0' in out
     log = [orjson.loads(x) for x in capfd.readouterr().out.splitlines() if x.startswith('{"time"')]
     assert log[-1]["route"] == "messages" and 240 <= log[-1]["ttft_ms"] < 550, log[-1]
+
+
+def test_capabilities_as_the_engines_sources_say() -> None:
+    """The facts cited in gateway/profiles.py, as capabilities."""
+    u, d, s = Support.UNSUPPORTED, Support.DEPENDS, Support.SUPPORTED
+    expected = {
+        # kind: messages, responses, tokenize, rerank, score
+        "vllm": (s, s, s, d, d),  # rerank and score: pooling models only
+        "sglang": (d, s, s, d, s),  # /v1/messages only in newer releases; rerank: cross-encoders
+        "tgi": (u, u, s, u, u),  # /tokenize alone
+        "llamacpp": (s, s, s, d, u),  # rerank needs --reranking; no score
+        "ollama": (s, s, u, u, u),
+        "localai": (s, s, d, d, u),
+        "lmstudio": (s, s, u, u, u),
+        "openai": (d, d, d, d, d),  # an unknown endpoint
+    }
+    for kind, supports in expected.items():
+        got = tuple(PROFILES[kind].support(c) for c in ("messages", "responses", "tokenize", "rerank", "score"))
+        assert got == supports, kind
