@@ -369,3 +369,21 @@ def test_capabilities_as_the_engines_sources_say() -> None:
     for kind, supports in expected.items():
         got = tuple(PROFILES[kind].support(c) for c in ("messages", "responses", "tokenize", "rerank", "score"))
         assert got == supports, kind
+
+
+def test_prefix_hashes_read_the_messages_system_prompt() -> None:
+    """Under the prefix policy a Messages request's system prompt comes before its messages; a
+    Responses request's ``input`` is its prompt."""
+    from gateway.prefix import blocks_of
+
+    system = "you are a careful assistant " * 40
+    with_system = orjson.dumps({"model": "m", "system": system, "messages": HI_MESSAGES})
+    without = orjson.dumps({"model": "m", "messages": HI_MESSAGES})
+    other_system = orjson.dumps({"model": "m", "system": system.upper(), "messages": HI_MESSAGES})
+    assert blocks_of(with_system, "m")[0] != blocks_of(without, "m")[0]
+    assert blocks_of(with_system, "m")[0] != blocks_of(other_system, "m")[0]
+    assert blocks_of(with_system, "m") == blocks_of(with_system, "m")
+    assert blocks_of(orjson.dumps({"model": "m", "input": system}), "m")
+
+
+HI_MESSAGES = [{"role": "user", "content": "hi"}]
