@@ -5,7 +5,8 @@ It serves ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed or not
 the kinds whose profile has them, at the kind's own paths (``surface_routes.py``): the Anthropic
 Messages API (streamed or not, text or a forced ``tool_use``, and ``count_tokens``), the Responses
 API (streamed or not; the responses it made can be retrieved, deleted, and their input items
-listed), tokenize and detokenize (one token per UTF-8 byte), rerank and score, with the
+listed), tokenize and detokenize (one token per UTF-8 byte, in the kind's answer shape), rerank and
+score, with the
 kind's wire habits (SSE framing, 401 and error bodies, mid-stream errors, ``[DONE]`` or not, load
 phase; see ``kinds.py``), engine-like timing (``engine.py``) and injectable faults. Any model name
 is accepted and echoed back (llama.cpp's chat and completions name the served one instead). The

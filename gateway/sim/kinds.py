@@ -113,6 +113,12 @@ class Wire(msgspec.Struct, frozen=True, kw_only=True):
     answers: responses.Answers = responses.OPENAI
     #: The labels on the engine's own metrics (``--engine``): ``model_name`` and vLLM's ``engine``.
     metric_labels: tuple[str, ...] = ()
+    #: How ``/tokenize`` answers: ``counted`` (vLLM, SGLang: ``count``, ``max_model_len``,
+    #: ``tokens``), ``tokens`` (llama.cpp: ``{"tokens": [...]}``) or ``spans`` (TGI: a list of
+    #: ``{"id", "text", "start", "stop"}``).
+    tokenize_answer: str = "counted"
+    #: The key of ``/detokenize``'s text: ``prompt`` (vLLM, SGLang) or ``content`` (llama.cpp).
+    detokenize_key: str = "prompt"
 
 
 def _phrase_type(status: int) -> str:
@@ -292,6 +298,7 @@ WIRES: Mapping[str, Wire] = MappingProxyType(
                 embeddings=False,
                 model_alias="tgi",
                 owned_by="tgi",
+                tokenize_answer="spans",
             ),
             Wire(
                 kind="llamacpp",
@@ -336,6 +343,8 @@ WIRES: Mapping[str, Wire] = MappingProxyType(
                 wrong_method_is_404=True,
                 aliases=MappingProxyType({"/models": "/v1/models", "/chat/completions": "/v1/chat/completions"}),
                 answers=responses.LLAMACPP,
+                tokenize_answer="tokens",
+                detokenize_key="content",
             ),
             Wire(
                 kind="ollama",

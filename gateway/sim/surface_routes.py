@@ -151,7 +151,14 @@ class SurfaceRoutes:
             self._error(conn, self.app.wire.invalid_status, "`prompt` must be a string.")
             return
         tokens = tokens_of(text)
-        answer = {"count": len(tokens), "max_model_len": self.app.config.ctx_size, "tokens": tokens}
+        shape = self.app.wire.tokenize_answer
+        answer: object
+        if shape == "tokens":
+            answer = {"tokens": tokens}
+        elif shape == "spans":
+            answer = [{"id": t, "text": chr(t), "start": i, "stop": i + 1} for i, t in enumerate(tokens)]
+        else:
+            answer = {"count": len(tokens), "max_model_len": self.app.config.ctx_size, "tokens": tokens}
         conn.respond(200, self.app._json_headers, orjson.dumps(answer))
 
     async def detokenize(self, conn: HttpConnection, req: Request) -> None:
@@ -162,7 +169,8 @@ class SurfaceRoutes:
         if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < 256 for t in tokens):
             self._error(conn, self.app.wire.invalid_status, "`tokens` must be a list of token ids.")
             return
-        conn.respond(200, self.app._json_headers, orjson.dumps({"prompt": text_of(tokens)}))
+        answer = {self.app.wire.detokenize_key: text_of(tokens)}
+        conn.respond(200, self.app._json_headers, orjson.dumps(answer))
 
     async def rerank(self, conn: HttpConnection, req: Request) -> None:
         body = self._body(conn, req)
