@@ -157,6 +157,7 @@ class Gateway:
                 )
                 self._read_engine_load(backend, loop, probe_timeout)
         if self.metrics is not None:
+            self.metrics.state.backends = topology.backends
             self.metrics.start(loop)
             if topology.any_model is not None:
                 self._tasks.append(loop.create_task(self._refresh_models(topology.any_model)))
@@ -320,7 +321,15 @@ class Gateway:
         """The limits stage: 429 when the key is over its limits, else the headers to add."""
         ex.limits = limits
         shared = self.shared
-        ex.extra_headers = await shared.admit(limits) if shared is not None else self.limiter.admit(limits)
+        metrics = self.metrics
+        try:
+            ex.extra_headers = await shared.admit(limits) if shared is not None else self.limiter.admit(limits)
+        except GatewayError as err:
+            if metrics is not None:
+                metrics.child(metrics.limit_decisions, "rejected" if err.status == 429 else "unavailable").inc()
+            raise
+        if metrics is not None:
+            metrics.child(metrics.limit_decisions, "allowed").inc()
 
     def _route_by_model(
         self, route: routes.Route, body: bytes, known: Backend | None
