@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import httpcore
 
-from gateway import engine_load, errors, local, probe, routes
+from gateway import engine_load, errors, local, probe, routes, tracing
 from gateway.access_log import AccessLog
 from gateway.auth import KeyRing
 from gateway.balance import Backend
@@ -48,7 +48,7 @@ from gateway.prefix import block_hashes, peek_prompt
 from gateway.relay import Timeouts, send_error
 from gateway.topology import Topology, check_capability
 from gateway.types import HTTPScope, Receive, Scope, Send
-from gateway.usage import read_usage
+from gateway.usage import Usage, read_usage
 from gateway.worker import build_topology, declared_backends
 
 log = logging.getLogger("gateway")
@@ -90,6 +90,11 @@ class Gateway:
         self.known_models: set[str] = {s.model_name} if s.model_name else set()
         for spec in specs:
             self.known_models.update(spec.models, spec.aliases)
+        #: Traces: asked for by the OTEL_* variables (checked here: a mistake stops start-up), and
+        #: built per worker at startup (after Granian forked it). None: the request path does no
+        #: tracing work beyond reading this attribute once.
+        self._trace = tracing.check(os.environ)
+        self.tracing: tracing.Tracing | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.inflight = 0
         self.draining = False
@@ -148,6 +153,11 @@ class Gateway:
         if control:
             self._drain = WorkerDrain(Path(control), lambda: self.inflight, self._begin_drain)
             self._drain.start()
+        if self._trace:
+            self.tracing = traces = tracing.Tracing()
+            self.forwarder.on_replica = traces.wrap(self.forwarder.on_replica)
+            if self.metrics is not None:
+                self.metrics.state.drops = traces.drops
         self._loop = loop = asyncio.get_running_loop()
         if topology.replicas > 1:
             probe_timeout = min(s.gateway_connect_timeout, 5.0)
@@ -193,6 +203,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self.forwarder.watch.close()
+        if self.tracing is not None:  # what is queued goes out, for at most 2 s, off the loop
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         if self._drain is not None:
             await self._drain.stop()
         if self.metrics is not None:
@@ -213,7 +225,8 @@ class Gateway:
 
     async def _http(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
         """Dispatch one request, and the error boundary: every exception ends here."""
-        ex = Exchange(perf_counter())
+        traces = self.tracing
+        ex = Exchange(perf_counter()) if traces is None else traces.exchange(scope)
         path: str = scope["path"]
         method: str = scope["method"]
         route = routes.resolve(path)
@@ -251,10 +264,12 @@ class Gateway:
             # connection, so the client sees a failed transfer rather than a cut answer.
         finally:
             self.inflight -= 1
-            self._record(ex, route, method, path, model)
+            usage = self._record(ex, route, method, path, model)
+            if traces is not None:
+                traces.finish(ex, route.name if route is not None else "unknown", method, path, usage)
 
-    def _record(self, ex: Exchange, route: routes.Route | None, method: str, path: str, model: str) -> None:
-        """A finished request's metrics, token spend and access log line."""
+    def _record(self, ex: Exchange, route: routes.Route | None, method: str, path: str, model: str) -> Usage | None:
+        """A finished request's metrics, token spend and access log line; returns its usage."""
         ex.t_end = perf_counter()
         if ex.end == "client_gone" and not ex.started:
             ex.status = 499  # nginx's "client closed request": nothing was answered
@@ -266,6 +281,7 @@ class Gateway:
             (self.shared or self.limiter).spend(ex.limits, 0 if usage is None else usage.total)
         if self.access_log is not None:
             self.access_log.write(ex, method, path, name, model)
+        return usage
 
     async def _forward(self, route: routes.Route, scope: HTTPScope, receive: Receive, send: Send, ex: Exchange) -> str:
         """The forwarding stages, in order; returns the model label for metrics and logs."""
