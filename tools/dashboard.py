@@ -1,8 +1,9 @@
 """The Grafana dashboard, generated: ``deploy/grafana/gateway.json`` and its copy in the Kubernetes
 monitoring overlay (``deploy/k8s/monitoring/``, where kustomize's configMapGenerator turns it into
-a ConfigMap; kustomize reads no file outside the overlay's directory, hence the copy).
+a ConfigMap; kustomize reads no file outside the overlay's directory, hence the copy); and the
+overlay's PrometheusRule, whose groups are those of ``deploy/prometheus/gateway-rules.yml``.
 
-``python -m tools.dashboard`` writes both; ``--check`` exits 1 when either differs from what this
+``python -m tools.dashboard`` writes the three; ``--check`` exits 1 when one differs from what this
 file generates. Each panel reads the gateway's own metrics (``gateway_*``) through a data-source
 variable of type prometheus, so the dashboard imports into any Grafana without editing a uid.
 ``tests/test_dashboards.py`` holds every query to the metrics the gateway exports, and runs them
@@ -21,6 +22,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = Path("deploy/grafana/gateway.json")
 OVERLAY_COPY = Path("deploy/k8s/monitoring/gateway.json")
+RULES = Path("deploy/prometheus/gateway-rules.yml")
+OVERLAY_RULES = Path("deploy/k8s/monitoring/gateway-prometheusrule.yaml")
 UID = "llm-gateway"
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -327,14 +330,35 @@ def render() -> str:
     return json.dumps(dashboard(), indent=2) + "\n"
 
 
+def render_rules(root: Path) -> str:
+    """The PrometheusRule holding the rules file's groups, as the Prometheus operator takes them."""
+    import yaml  # type: ignore[import-untyped,unused-ignore]
+
+    groups = yaml.safe_load((root / RULES).read_text(encoding="utf-8"))["groups"]
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "gateway",
+            "labels": {"app.kubernetes.io/name": "gateway", "app.kubernetes.io/part-of": "gateway"},
+        },
+        "spec": {"groups": groups},
+    }
+    head = (
+        f"# Generated from {RULES} by `python -m tools.dashboard`: edit that file, then rerun.\n"
+        "# Many installs select PrometheusRules by a `release` label: add the one yours uses.\n"
+    )
+    body: str = yaml.safe_dump(rule, sort_keys=False, width=120, allow_unicode=True)
+    return head + body
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.dashboard", description="Regenerate the Grafana dashboard.")
     parser.add_argument("--check", action="store_true", help="exit 1 if a generated file is out of date")
     parser.add_argument("--root", type=Path, default=ROOT, help="the repository's root")
     args = parser.parse_args(argv)
-    text = render()
     stale = []
-    for rel in (DASHBOARD, OVERLAY_COPY):
+    for rel, text in ((DASHBOARD, render()), (OVERLAY_COPY, render()), (OVERLAY_RULES, render_rules(args.root))):
         path: Path = args.root / rel
         current = path.read_text(encoding="utf-8") if path.exists() else None
         if current == text:
