@@ -14,19 +14,16 @@ noted by the relay (``Exchange.t_first``) and becomes, at the request's end, the
 ``gen_ai.response.time_to_first_chunk`` and a ``gen_ai.first_chunk`` event stamped at that moment.
 Spans are ended there too, with the times they ended at.
 
-Export is off the request path: ended spans go into a bounded queue (``OTEL_BSP_MAX_QUEUE_SIZE``)
-that a thread sends in batches; a full queue or a failed export drops spans, counted in
+Export is off the request path (``span_export``): ended spans go into a bounded queue that a thread
+sends in batches; a full queue or a failed export drops spans, counted in
 ``gateway_trace_spans_dropped_total``. No request waits on a collector.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
-import threading
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from time import perf_counter, time_ns
 from typing import TYPE_CHECKING, Any
@@ -34,18 +31,15 @@ from typing import TYPE_CHECKING, Any
 from gateway import routes
 from gateway.config import ConfigError
 from gateway.exchange import Exchange, Outgoing
+from gateway.span_export import BSP_SETTINGS, SpanQueue, env_number, exporter
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan, Span
-    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span as ApiSpan
 
     from gateway.balance import Replica
     from gateway.relay import Timeouts
     from gateway.types import HTTPScope, Send
     from gateway.usage import Usage
-
-log = logging.getLogger("gateway")
 
 PROTOCOLS = ("http/protobuf", "grpc")
 #: The gateway's routes as GenAI operations (``gen_ai.operation.name``'s well-known values).
@@ -97,109 +91,26 @@ def check(environ: Mapping[str, str]) -> bool:
             + (" opentelemetry-exporter-otlp-proto-grpc" if protocol == "grpc" else "")
             + ", or unset OTEL_EXPORTER_OTLP_ENDPOINT (or set OTEL_SDK_DISABLED=true)"
         ) from None
+    for name, default in BSP_SETTINGS.items():
+        env_number(environ, name, default)
     return True
-
-
-def _env_number(environ: Mapping[str, str], name: str, default: int) -> int:
-    try:
-        value = int(environ.get(name, "") or default)
-    except ValueError:
-        raise ConfigError(f"{name}={environ[name]!r}: expected a whole number") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={value}: expected a number above 0")
-    return value
-
-
-class SpanQueue:
-    """A span processor: ended, sampled spans go into a bounded queue that one thread exports in
-    batches (the ``OTEL_BSP_*`` settings). A full queue or a failed export drops spans, counted
-    in ``dropped``; nothing here ever blocks the thread that ends a span."""
-
-    def __init__(self, exporter: SpanExporter, environ: Mapping[str, str]) -> None:
-        self._exporter = exporter
-        self._delay = _env_number(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
-        self._max = _env_number(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-        self._batch = min(_env_number(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self._max)
-        self._queue: deque[ReadableSpan] = deque()
-        #: Spans dropped, by reason; each key is written by one thread only.
-        self.dropped = {"queue_full": 0, "export_failed": 0}
-        self._wake = threading.Event()
-        self._stopping = False
-        self._failing = False
-        self._thread = threading.Thread(target=self._run, name="gateway-span-export", daemon=True)
-        self._thread.start()
-
-    def on_start(self, span: Span, parent_context: object = None) -> None:
-        pass
-
-    def _on_ending(self, span: Span) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        context = span.context
-        if context is None or not context.trace_flags.sampled:
-            return
-        queue = self._queue
-        if len(queue) >= self._max:
-            self.dropped["queue_full"] += 1
-            return
-        queue.append(span)
-        if len(queue) >= self._batch:
-            self._wake.set()
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait(self._delay)
-            self._wake.clear()
-            self._send_all()
-            if self._stopping:
-                return
-
-    def _send_all(self) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        queue = self._queue
-        while queue:
-            batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
-            try:
-                ok = self._exporter.export(batch) == SpanExportResult.SUCCESS
-            except Exception as exc:  # an exporter bug must not end the thread
-                ok = False
-                log.debug("span export raised %r", exc)
-            if not ok:
-                self.dropped["export_failed"] += len(batch)
-            if ok == self._failing:  # log the changes only, never once per batch
-                self._failing = not ok
-                if ok:
-                    log.warning("trace export works again")
-                else:
-                    log.warning("trace export failed: spans are dropped until the collector answers")
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        self._wake.set()
-        return True
-
-    def shutdown(self, timeout: float = 2.0) -> None:
-        """Export what is queued (for at most ``timeout`` seconds), then stop."""
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
-        self._exporter.shutdown()
 
 
 class TracedExchange(Exchange):
     """An ``Exchange`` with its trace: made instead of one when tracing is on."""
 
-    __slots__ = ("span", "wall", "attempts", "request_model", "stream")
+    __slots__ = ("span", "recording", "wall", "attempts", "request_model", "stream")
 
     def __init__(self, t_start: float, span: ApiSpan, wall: int) -> None:
         super().__init__(t_start)
         self.span = span
+        #: False when the sampler dropped the trace: then no client spans and no attributes, only
+        #: the context (flagged not sampled) passed on to the backend.
+        self.recording = span.is_recording()
         #: ``time_ns()`` at ``t_start``: turns the relay's ``perf_counter()`` stamps into span times.
         self.wall = wall
-        #: One per attempt on a replica: its span, when it started and ended (perf_counter), and
-        #: what went wrong (None: it answered).
-        self.attempts: list[tuple[ApiSpan, float, float, str | None]] = []
+        #: One per attempt on a replica.
+        self.attempts: list[Attempt] = []
         self.request_model: str | None = None
         self.stream = False
 
@@ -213,14 +124,16 @@ class Tracing:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.trace import SpanKind
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+        self._server_kind = SpanKind.SERVER
         env = os.environ if environ is None else environ
         resource = Resource.create().merge(Resource({"process.pid": os.getpid()}))  # which worker
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "gateway"}))
         self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        self.queue = SpanQueue(_exporter(_protocol(env)), env)
+        self.queue = SpanQueue(exporter(_protocol(env)), env)
         self.provider.add_span_processor(self.queue)  # type: ignore[arg-type]
         self.tracer = self.provider.get_tracer("gateway")
         self.propagator = TraceContextTextMapPropagator()
@@ -237,8 +150,6 @@ class Tracing:
         """A request's ``Exchange``: for a route that goes to a backend, with its SERVER span
         started (continuing the client's trace); the gateway's own answers (health, metrics,
         errors for unknown paths) are not traced."""
-        from opentelemetry.trace import SpanKind
-
         t_start = perf_counter()
         route = routes.resolve(scope["path"])
         if route is None or not route.upstream:
@@ -250,87 +161,84 @@ class Tracing:
                 carrier[name.decode("latin-1")] = value.decode("latin-1")
         parent = self.propagator.extract(carrier) if carrier else None
         span = self.tracer.start_span(
-            scope["method"], context=parent, kind=SpanKind.SERVER, start_time=wall, record_exception=False
+            scope["method"], context=parent, kind=self._server_kind, start_time=wall, record_exception=False
         )
         return TracedExchange(t_start, span, wall)
 
     def wrap(self, on_replica: OnReplica) -> OnReplica:
-        """``relay._on_replica`` with a CLIENT span around each attempt, its context sent on."""
+        """``relay.attempt`` with a CLIENT span around each attempt, its context sent on."""
         from opentelemetry.trace import SpanKind, set_span_in_context
 
         from gateway.payload import peek
 
-        tracer, inject = self.tracer, self.propagator.inject
+        tracer = self.tracer
 
         async def traced(
             out: Outgoing, replica: Replica, timeouts: Timeouts, may_retry: bool, send: Send, ex: Exchange
         ) -> Any:
             assert isinstance(ex, TracedExchange)
+            if not ex.recording:  # not sampled: the backend only learns the decision
+                return await on_replica(_with_context(out, ex.span), replica, timeouts, may_retry, send, ex)
             if not ex.attempts:  # the body as sent upstream (the model after an alias), read once
                 peeked = peek(out.body) if out.body[:1] == b"{" else None
                 ex.request_model = peeked.model if peeked is not None else None
                 ex.stream = bool(peeked is not None and peeked.stream)
-            target = replica.target
+            # Attributes are set once, at the end (``finish``): each costs a validation in the SDK,
+            # and those given here would be validated twice (the sampler's copy).
             span = tracer.start_span(
-                out.path.decode("latin-1"),
-                context=set_span_in_context(ex.span),
-                kind=SpanKind.CLIENT,
-                record_exception=False,
-                attributes={
-                    "server.address": target.host,
-                    "server.port": target.port,
-                    "gen_ai.provider.name": out.backend.profile.kind,
-                    "http.request.method": out.method.decode("latin-1"),
-                    "gateway.backend": out.backend.name,
-                    "gateway.replica": target.label,
-                    "gateway.balance": ex.balance,
-                    "gateway.attempt": len(ex.attempts) + 1,
-                },
+                out.path.decode("latin-1"), set_span_in_context(ex.span), SpanKind.CLIENT, record_exception=False
             )
-            carrier: dict[str, str] = {}
-            inject(carrier, context=set_span_in_context(span))
-            headers = [(n, v) for n, v in out.headers if n != b"traceparent" and n != b"tracestate"]
-            headers.extend((k.encode(), v.encode()) for k, v in carrier.items())
-            sent = Outgoing(out.backend, out.method, out.path, out.query, headers, out.body, out.sticky, out.blocks)
-            started = perf_counter()
-            error: str | None = None
+            sent = _with_context(out, span)
+            attempt = Attempt(span, replica, out.backend.profile.kind, perf_counter())
+            ex.attempts.append(attempt)
             try:
                 kept = await on_replica(sent, replica, timeouts, may_retry, send, ex)
             except asyncio.CancelledError:  # the client left (or the total timeout): see ``finish``
+                attempt.ended = perf_counter()
                 raise
             except BaseException as exc:
-                error = type(exc).__name__
+                attempt.ended = perf_counter()
+                attempt.error = type(exc).__name__
                 raise
-            finally:
-                ex.attempts.append((span, started, perf_counter(), error))
+            attempt.ended = perf_counter()
             if kept is not None:  # an answer to retry elsewhere: its status is the error
-                ex.attempts[-1] = (span, started, ex.attempts[-1][2], str(kept[0]))
+                attempt.error = str(kept[0])
             return kept
 
         return traced
 
     def finish(self, ex: Exchange, route: str, method: str, path: str, usage: Usage | None) -> None:
         """End the request's spans with what is known now: status, model, tokens, first token."""
-        if not isinstance(ex, TracedExchange):
+        if not isinstance(ex, TracedExchange) or not ex.recording:
             return
-        operation = OPERATIONS.get(route)
-        response_model = _response_model(ex) if ex.started else None
-        common: dict[str, Any] = {"gateway.route": route, "gateway.end": ex.end, "http.request.method": method}
-        if operation is not None:
-            common["gen_ai.operation.name"] = operation
-            if ex.request_model:
-                common["gen_ai.request.model"] = ex.request_model
+        operation = OPERATIONS.get(route, route)
+        model = ex.request_model
+        attempts = ex.attempts
+        for i, attempt in enumerate(attempts):
+            span, target, error = attempt.span, attempt.replica.target, attempt.error
+            attrs: dict[str, Any] = {
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": attempt.replica_kind,
+                "server.address": target.host,
+                "server.port": target.port,
+                "gateway.replica": target.label,
+                "gateway.attempt": i + 1,
+            }
+            if model:
+                attrs["gen_ai.request.model"] = model
             if ex.stream:
-                common["gen_ai.request.stream"] = True
-        last = len(ex.attempts) - 1
-        for i, (span, started, ended, error) in enumerate(ex.attempts):
-            attrs = dict(common)
-            if operation is not None:
-                span.update_name(f"{operation} {ex.request_model}" if ex.request_model else operation)
-            if i == last and error is None:
+                attrs["gen_ai.request.stream"] = True
+            span.update_name(f"{operation} {model}" if model else operation)
+            if i == len(attempts) - 1 and error is None:  # the attempt that answered the client
                 if ex.status:
                     attrs["http.response.status_code"] = ex.status
-                self._answered(span, ex, attrs, started, response_model, usage)
+                response_model = _response_model(ex) if ex.started else None
+                if response_model is not None:
+                    attrs["gen_ai.response.model"] = response_model
+                if usage is not None and not usage.estimated:
+                    attrs["gen_ai.usage.input_tokens"] = usage.prompt
+                    attrs["gen_ai.usage.output_tokens"] = usage.completion
+                _first_chunk(span, ex, attrs, attempt.started)
                 # A client leaving is no error of the backend's (cancelled on purpose).
                 if ex.status >= 500 or ex.end not in ("done", "client_gone"):
                     error = str(ex.status) if ex.status >= 500 else (ex.error_class or ex.end)
@@ -338,36 +246,62 @@ class Tracing:
                 attrs["error.type"] = error
                 _set_error(span)
             span.set_attributes(attrs)
-            span.end(end_time=ex.ns(ended))
+            span.end(end_time=ex.ns(attempt.ended or ex.t_end))
         server = ex.span
-        attrs = dict(common)
-        attrs.update({"http.response.status_code": ex.status, "url.path": path, "gateway.backend": ex.backend})
+        attrs = {
+            "http.request.method": method,
+            "url.path": path,
+            "http.response.status_code": ex.status,
+            "gateway.route": route,
+            "gateway.backend": ex.backend,
+            "gateway.end": ex.end,
+        }
         if route != "unknown":  # the gateway's routes are fixed paths: low cardinality
             server.update_name(f"{method} {path}")
             attrs["http.route"] = path
         if ex.balance != "-":
             attrs["gateway.balance"] = ex.balance
-        self._answered(server, ex, attrs, ex.t_start, response_model, usage)
+        _first_chunk(server, ex, attrs, ex.t_start)
         if ex.status >= 500 or ex.end not in ("done", "client_gone"):
             attrs["error.type"] = str(ex.status) if ex.status >= 500 else (ex.error_class or ex.end)
             _set_error(server)
         server.set_attributes(attrs)
         server.end(end_time=ex.ns(ex.t_end))
 
-    @staticmethod
-    def _answered(
-        span: ApiSpan, ex: TracedExchange, attrs: dict[str, Any], since: float, model: str | None, usage: Usage | None
-    ) -> None:
-        """The answer's attributes on ``span``: model, tokens, time to first chunk (and its event)."""
-        if model is not None:
-            attrs["gen_ai.response.model"] = model
-        if usage is not None and not usage.estimated:
-            attrs["gen_ai.usage.input_tokens"] = usage.prompt
-            attrs["gen_ai.usage.output_tokens"] = usage.completion
-        if ex.sse and ex.t_first and ex.t_first >= since:  # the conventions' TTFT is for streams
-            ttft = ex.t_first - since
-            attrs["gen_ai.response.time_to_first_chunk"] = ttft
-            span.add_event("gen_ai.first_chunk", {"gateway.ttft_seconds": ttft}, timestamp=ex.ns(ex.t_first))
+
+class Attempt:
+    """One attempt on a replica: its span, when it started and ended (perf_counter), and what went
+    wrong (None: it answered, or the client left)."""
+
+    __slots__ = ("span", "replica", "replica_kind", "started", "ended", "error")
+
+    def __init__(self, span: ApiSpan, replica: Replica, kind: str, started: float) -> None:
+        self.span = span
+        self.replica = replica
+        #: The backend's kind: ``gen_ai.provider.name``.
+        self.replica_kind = kind
+        self.started = started
+        self.ended = 0.0
+        self.error: str | None = None
+
+
+def _first_chunk(span: ApiSpan, ex: TracedExchange, attrs: dict[str, Any], since: float) -> None:
+    """A stream's time to first chunk on ``span``: the conventions' attribute, and an event at
+    that moment."""
+    if ex.sse and ex.t_first and ex.t_first >= since:
+        attrs["gen_ai.response.time_to_first_chunk"] = ex.t_first - since
+        span.add_event("gen_ai.first_chunk", timestamp=ex.ns(ex.t_first))
+
+
+def _with_context(out: Outgoing, span: ApiSpan) -> Outgoing:
+    """``out`` with ``span``'s context as its ``traceparent`` (W3C Trace Context, version 00) and
+    ``tracestate``, the client's replaced."""
+    ctx = span.get_span_context()
+    headers = [(n, v) for n, v in out.headers if n != b"traceparent" and n != b"tracestate"]
+    headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (ctx.trace_id, ctx.span_id, ctx.trace_flags)))
+    if ctx.trace_state:
+        headers.append((b"tracestate", ctx.trace_state.to_header().encode("latin-1")))
+    return Outgoing(out.backend, out.method, out.path, out.query, headers, out.body, out.sticky, out.blocks)
 
 
 def _set_error(span: ApiSpan) -> None:
@@ -381,16 +315,3 @@ def _response_model(ex: Exchange) -> str | None:
     body): the body is never parsed."""
     found = _MODEL.findall(ex.prev + ex.last)
     return found[-1].decode("utf-8", "replace") if found else None
-
-
-def _exporter(protocol: str) -> SpanExporter:
-    """The OTLP exporter for ``protocol``; it reads its endpoint, headers, timeout and compression
-    from the environment itself."""
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-        grpc: SpanExporter = GrpcExporter()
-        return grpc
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway import relay, tracing
+from gateway import relay, span_export, tracing
 from gateway.app import Gateway
 from gateway.config import ConfigError, settings_from_strings
 from tests.fakes import Conn, FakeBackend, Req, default_handler
@@ -133,7 +133,7 @@ def test_the_span_queue_counts_what_it_drops() -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
     exporter = _Failing()
-    queue = tracing.SpanQueue(exporter, {"OTEL_BSP_SCHEDULE_DELAY": "600000", "OTEL_BSP_MAX_QUEUE_SIZE": "3"})
+    queue = span_export.SpanQueue(exporter, {"OTEL_BSP_SCHEDULE_DELAY": "600000", "OTEL_BSP_MAX_QUEUE_SIZE": "3"})
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(queue)  # type: ignore[arg-type]
     tracer = provider.get_tracer("t")
@@ -166,23 +166,28 @@ def test_a_streamed_chat_continues_the_clients_trace(start_gateway: StartGateway
     assert sent.header("tracestate") == "vendor=one"
     assert server.resource["service.name"] == "gateway-under-test"
     assert server.name == "POST /v1/chat/completions" and client.name == "chat fake"
+    a = client.attributes  # the GenAI call, after the conventions
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "vllm"
+    assert a["gen_ai.request.model"] == "fake" and a["gen_ai.response.model"] == "fake"
+    assert a["gen_ai.request.stream"] is True
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (3, 4)  # the usage chunk's
+    assert a["server.address"] == "127.0.0.1" and a["server.port"] == backend.port
+    assert a["gateway.replica"] == f"127.0.0.1:{backend.port}" and a["gateway.attempt"] == 1
+    s = server.attributes  # the gateway's request
+    assert s["http.route"] == "/v1/chat/completions" and s["http.request.method"] == "POST"
+    assert s["gateway.backend"] == "vllm" and s["gateway.balance"] == "single" and s["gateway.route"] == "chat"
+    assert s["gateway.end"] == "done"
     for span in (server, client):
-        a = span.attributes
-        assert a["gen_ai.operation.name"] == "chat"
-        assert a["gen_ai.request.model"] == "fake" and a["gen_ai.response.model"] == "fake"
-        assert a["gen_ai.request.stream"] is True
-        assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (3, 4)  # the usage chunk's
-        assert a["http.response.status_code"] == 200 and a["gateway.end"] == "done"
-        assert "error.type" not in a and span.status == "STATUS_CODE_UNSET"
-        ttft = a["gen_ai.response.time_to_first_chunk"]
+        assert span.attributes["http.response.status_code"] == 200
+        assert "error.type" not in span.attributes and span.status == "STATUS_CODE_UNSET"
+        ttft = span.attributes["gen_ai.response.time_to_first_chunk"]
         (event,) = [e for e in span.events if e[0] == "gen_ai.first_chunk"]
         assert span.start_ns < event[1] <= span.end_ns
         assert abs((event[1] - span.start_ns) / 1e9 - ttft) < 1e-3
-    c = client.attributes
-    assert c["gen_ai.provider.name"] == "vllm" and c["gateway.backend"] == "vllm"
-    assert c["server.address"] == "127.0.0.1" and c["server.port"] == backend.port
-    assert c["gateway.replica"] == f"127.0.0.1:{backend.port}" and c["gateway.balance"] == "single"
-    assert server.attributes["http.route"] == "/v1/chat/completions"
+    assert (
+        server.attributes["gen_ai.response.time_to_first_chunk"]
+        > client.attributes["gen_ai.response.time_to_first_chunk"]
+    )
 
 
 def test_each_attempt_is_a_client_span_and_only_the_last_ones_context_answers(start_gateway: StartGateway) -> None:
@@ -213,6 +218,20 @@ def test_each_attempt_is_a_client_span_and_only_the_last_ones_context_answers(st
     assert second.attributes["http.response.status_code"] == 200 and "error.type" not in second.attributes
     assert busy.requests[-1].header("traceparent") == f"00-{trace}-{first.span_id}-01"
     assert good.requests[-1].header("traceparent") == f"00-{trace}-{second.span_id}-01"
+
+
+def test_an_unsampled_request_passes_the_decision_on_and_records_nothing(
+    start_gateway: StartGateway, backend: FakeBackend
+) -> None:
+    with OtlpReceiver() as receiver:
+        env = otel_env(receiver.url, OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG="0")
+        g = start_gateway(BACKEND_BASE_URL=backend.url, **env).start()
+        headers = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+        assert g.request("POST", "/v1/chat/completions", STREAM, headers).status == 200
+        version, trace, span_id, flags = (backend.requests[-1].header("traceparent") or "").split("-")
+        assert (version, trace, flags) == ("00", TRACE, "00") and span_id != PARENT  # ours, not sampled
+        time.sleep(0.3)  # ten export intervals
+        assert receiver.spans == [] and receiver.posts == 0
 
 
 def test_every_worker_sends_its_spans(start_gateway: StartGateway, backend: FakeBackend) -> None:
