@@ -5,7 +5,9 @@ dead or hung never fails a request. Its cost is measured with ``just bench-ab`` 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import pytest
 from gateway import relay, span_export, tracing
 from gateway.app import Gateway
 from gateway.config import ConfigError, settings_from_strings
-from tests.fakes import Conn, FakeBackend, Req, default_handler
+from tests.fakes import Conn, FakeBackend, Req, default_handler, sse_events
 from tests.otlp import OtlpReceiver, Span
 from tests.promtext import metric
 from tests.servers import ROOT, StartGateway, free_port
@@ -218,6 +220,38 @@ def test_each_attempt_is_a_client_span_and_only_the_last_ones_context_answers(st
     assert second.attributes["http.response.status_code"] == 200 and "error.type" not in second.attributes
     assert busy.requests[-1].header("traceparent") == f"00-{trace}-{first.span_id}-01"
     assert good.requests[-1].header("traceparent") == f"00-{trace}-{second.span_id}-01"
+
+
+def test_a_client_leaving_mid_stream_ends_its_spans_without_an_error(
+    start_gateway: StartGateway, backend: FakeBackend
+) -> None:
+    async def slow(req: Req, conn: Conn) -> None:
+        await conn.start_chunked()
+        for event in sse_events(500):
+            await conn.chunk(event)
+            await asyncio.sleep(0.01)
+        await conn.end_chunked()
+
+    backend.handler = slow
+    with OtlpReceiver() as receiver:
+        g = start_gateway(BACKEND_BASE_URL=backend.url, **otel_env(receiver.url)).start()
+        s = socket.create_connection(("127.0.0.1", g.port))
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n"
+            b"traceparent: 00-" + TRACE.encode() + b"-" + PARENT.encode() + b"-01\r\n\r\n{}"
+        )
+        got = b""
+        while got.count(b"data:") < 3:
+            got += s.recv(65536)
+        s.close()
+        spans = wait_spans(receiver, TRACE, 2)
+    assert {s.kind for s in spans} == {"SPAN_KIND_SERVER", "SPAN_KIND_CLIENT"}
+    for span in spans:
+        assert "error.type" not in span.attributes and span.status == "STATUS_CODE_UNSET", span
+        assert span.attributes["http.response.status_code"] == 200
+        assert span.end_ns - span.start_ns < 3e9  # ended when the client left, not after 500 events
+    (server,) = [s for s in spans if s.kind == "SPAN_KIND_SERVER"]
+    assert server.attributes["gateway.end"] == "client_gone"
 
 
 def test_an_unsampled_request_passes_the_decision_on_and_records_nothing(
