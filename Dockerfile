@@ -10,8 +10,12 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
+# Optional extras, comma-separated: `docker build --build-arg EXTRAS=otel,redis .` for traces
+# (OTEL_EXPORTER_OTLP_ENDPOINT) and limits shared through Redis (REDIS_URL).
+ARG EXTRAS=""
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/venv/bin/pip install /wheels/*.whl
+ && wheel=$(ls /wheels/*.whl) \
+ && /opt/venv/bin/pip install "${wheel}${EXTRAS:+[$EXTRAS]}"
 
 # Runtime stage: the slim base plus that environment; no compiler, no pip cache, no sources.
 FROM python:3.12-slim

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import httpcore
 
-from gateway import engine_load, errors, local, probe, routes
+from gateway import engine_load, errors, local, probe, routes, tracing
 from gateway.access_log import AccessLog
 from gateway.auth import KeyRing
 from gateway.balance import Backend
@@ -49,7 +49,7 @@ from gateway.relay import Timeouts, send_error
 from gateway.stateful import Stateful
 from gateway.topology import Topology, check_capability, upstream_path
 from gateway.types import HTTPScope, Receive, Scope, Send
-from gateway.usage import read_usage
+from gateway.usage import Usage, read_usage
 from gateway.worker import build_topology, declared_backends
 
 log = logging.getLogger("gateway")
@@ -93,6 +93,11 @@ class Gateway:
             self.known_models.update(spec.models, spec.aliases)
         #: Where stored Responses live (``stateful``).
         self.stateful = Stateful()
+        #: Traces: asked for by the OTEL_* variables (checked here: a mistake stops start-up), and
+        #: built per worker at startup (after Granian forked it). None: the request path does no
+        #: tracing work beyond reading this attribute once.
+        self._trace = tracing.check(os.environ)
+        self.tracing: tracing.Tracing | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.inflight = 0
         self.draining = False
@@ -151,6 +156,11 @@ class Gateway:
         if control:
             self._drain = WorkerDrain(Path(control), lambda: self.inflight, self._begin_drain)
             self._drain.start()
+        if self._trace:
+            self.tracing = traces = tracing.Tracing()
+            self.forwarder.on_replica = traces.wrap(self.forwarder.on_replica)
+            if self.metrics is not None:
+                self.metrics.state.drops = traces.drops
         self._loop = loop = asyncio.get_running_loop()
         if topology.replicas > 1:
             probe_timeout = min(s.gateway_connect_timeout, 5.0)
@@ -160,6 +170,7 @@ class Gateway:
                 )
                 self._read_engine_load(backend, loop, probe_timeout)
         if self.metrics is not None:
+            self.metrics.state.backends = topology.backends
             self.metrics.start(loop)
             if topology.any_model is not None:
                 self._tasks.append(loop.create_task(self._refresh_models(topology.any_model)))
@@ -195,6 +206,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self.forwarder.watch.close()
+        if self.tracing is not None:  # what is queued goes out, for at most 2 s, off the loop
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         if self._drain is not None:
             await self._drain.stop()
         if self.metrics is not None:
@@ -215,7 +228,8 @@ class Gateway:
 
     async def _http(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
         """Dispatch one request, and the error boundary: every exception ends here."""
-        ex = Exchange(perf_counter())
+        traces = self.tracing
+        ex = Exchange(perf_counter()) if traces is None else traces.exchange(scope)
         path: str = scope["path"]
         method: str = scope["method"]
         route = routes.resolve(path)
@@ -254,10 +268,12 @@ class Gateway:
             # connection, so the client sees a failed transfer rather than a cut answer.
         finally:
             self.inflight -= 1
-            self._record(ex, route, method, path, model)
+            usage = self._record(ex, route, method, path, model)
+            if traces is not None:
+                traces.finish(ex, route.name if route is not None else "unknown", method, path, usage)
 
-    def _record(self, ex: Exchange, route: routes.Route | None, method: str, path: str, model: str) -> None:
-        """A finished request's metrics, token spend and access log line."""
+    def _record(self, ex: Exchange, route: routes.Route | None, method: str, path: str, model: str) -> Usage | None:
+        """A finished request's metrics, token spend and access log line; returns its usage."""
         ex.t_end = perf_counter()
         if ex.end == "client_gone" and not ex.started:
             ex.status = 499  # nginx's "client closed request": nothing was answered
@@ -270,6 +286,7 @@ class Gateway:
             (self.shared or self.limiter).spend(ex.limits, 0 if usage is None else usage.total)
         if self.access_log is not None:
             self.access_log.write(ex, method, path, name, model)
+        return usage
 
     async def _forward(self, route: routes.Route, scope: HTTPScope, receive: Receive, send: Send, ex: Exchange) -> str:
         """The forwarding stages, in order; returns the model label for metrics and logs."""
@@ -335,7 +352,15 @@ class Gateway:
         """The limits stage: 429 when the key is over its limits, else the headers to add."""
         ex.limits = limits
         shared = self.shared
-        ex.extra_headers = await shared.admit(limits) if shared is not None else self.limiter.admit(limits)
+        metrics = self.metrics
+        try:
+            ex.extra_headers = await shared.admit(limits) if shared is not None else self.limiter.admit(limits)
+        except GatewayError as err:
+            if metrics is not None:
+                metrics.child(metrics.limit_decisions, "rejected" if err.status == 429 else "unavailable").inc()
+            raise
+        if metrics is not None:
+            metrics.child(metrics.limit_decisions, "allowed").inc()
 
     def _route_by_model(
         self, route: routes.Route, body: bytes, known: Backend | None

@@ -50,6 +50,8 @@ class Replica:
         "engine_waiting",
         "engine_kv",
         "engine_until",
+        "ejections",
+        "cool_offs",
     )
 
     def __init__(self, target: Target, pool: Pool, ssl_context: ssl.SSLContext | None, weight: int) -> None:
@@ -76,6 +78,14 @@ class Replica:
         self.engine_waiting = 0.0
         self.engine_kv: float | None = None
         self.engine_until = 0.0
+        #: Times taken out of the rotation: after failures, and by a 429's Retry-After (read by
+        #: the metrics' sampler, ``gateway.state_metrics``, once a second).
+        self.ejections = 0
+        self.cool_offs = 0
+
+    def state_now(self, now: float) -> str:
+        """As /ready says it: ``ready``, ``ejected`` (cooling off), ``loading`` or ``unreachable``."""
+        return self.state if self.ejected_until <= now else "ejected"
 
     def usable(self, now: float) -> bool:
         """In the rotation: ready, not cooling off, and no trial request of it pending."""
@@ -92,7 +102,7 @@ class Replica:
     def report(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {
             "url": self.target.base_url,
-            "state": self.state if self.ejected_until <= now else "ejected",
+            "state": self.state_now(now),
             "in_flight": self.inflight,
             "latency_ms": self.latency_ms,
         }
@@ -143,6 +153,8 @@ class Backend:
         self.affinity = Affinity() if policy == "prefix" and self.single is None else None
         #: Why the last ``pick`` chose as it did (read at once by its caller: picks are synchronous).
         self.reason: Reason = "single" if self.single is not None else "p2c"
+        #: Requests refused by admission, by reason (read by the metrics' sampler).
+        self.rejected = {"queue_full": 0, "queue_timeout": 0, "draining": 0}
 
     # -- picking a replica ----------------------------------------------------------------------
 
@@ -199,11 +211,15 @@ class Backend:
         """A connect failure or a 5xx: after ``eject_after`` in a row, out for ``eject_seconds``."""
         r.failures += 1
         if r.trial or r.failures >= self.eject_after:
-            r.ejected_until = time.monotonic() + self.eject_seconds
+            now = time.monotonic()
+            if r.ejected_until <= now:
+                r.ejections += 1
+            r.ejected_until = now + self.eject_seconds
         r.trial = False
 
     def cool_off(self, r: Replica, seconds: float) -> None:
         """A 429 with Retry-After: no traffic to this replica for that long."""
+        r.cool_offs += 1
         r.ejected_until = max(r.ejected_until, time.monotonic() + min(seconds, 300.0))
         r.trial = False
 
@@ -262,14 +278,22 @@ class Backend:
             self.inflight += 1
             return
         if draining:
+            self.rejected["draining"] += 1
             raise errors.draining()
         if len(self._queue) >= self.queue_size:
+            self.rejected["queue_full"] += 1
             raise errors.overloaded(self.name)
         try:
             await self._queue.wait(self.queue_timeout, self._pass_on)
         except TimeoutError:
+            self.rejected["queue_timeout"] += 1
             raise errors.overloaded(self.name) from None
         # The slot was handed over by leave(): inflight already counts it.
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for admission now."""
+        return len(self._queue)
 
     def leave(self) -> None:
         """A request is done: its slot goes to the first queued one, else it is freed."""

@@ -82,8 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    import os
+
+    from gateway import tracing
     from gateway.server import serve
 
+    tracing.check(os.environ)  # traces asked for but impossible (say the extra missing): exit 2 here
     keys = settings.client_keys
     if settings.gateway_keys_file:
         from gateway.limits import load_keys

@@ -19,7 +19,7 @@ from gateway import errors
 from gateway.errors import GatewayError, error_class, map_error
 from gateway.exchange import Exchange, Outgoing
 from gateway.pool import PoolClosed, PoolTimeout
-from gateway.relay import Timeouts, fail, forward
+from gateway.relay import OnReplica, Timeouts, attempt, fail, forward
 from gateway.types import Receive, Send
 from gateway.watch import DisconnectWatch
 
@@ -39,7 +39,7 @@ BACKEND_ERRORS: tuple[type[Exception], ...] = (
 class Forwarder:
     """Runs ``Outgoing`` requests for one worker: its timeouts, retries and disconnect watcher."""
 
-    __slots__ = ("timeouts", "retries", "total_timeout", "watch", "_loop")
+    __slots__ = ("timeouts", "retries", "total_timeout", "watch", "_loop", "on_replica")
 
     def __init__(
         self,
@@ -53,6 +53,9 @@ class Forwarder:
         self.total_timeout = total_timeout
         self.watch = DisconnectWatch()
         self._loop = loop
+        #: Runs each attempt on a replica: ``relay.attempt``, or with tracing on, the same inside a
+        #: span (``tracing.Tracing.wrap``), chosen once at startup rather than checked per request.
+        self.on_replica: OnReplica = attempt
 
     async def run(self, out: Outgoing, receive: Receive, send: Send, ex: Exchange) -> None:
         """Forward with cancellation on client disconnect (and on the total timeout, if set)."""
@@ -64,7 +67,7 @@ class Forwarder:
         total = self.total_timeout
         timer = loop.call_later(total, _expire, ex, task) if total else None
         try:
-            await forward(out, self.timeouts, self.retries, send, ex)
+            await forward(out, self.timeouts, self.retries, send, ex, self.on_replica)
         except asyncio.CancelledError:
             if ex.cancelled_by is None:
                 raise

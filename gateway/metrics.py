@@ -24,6 +24,8 @@ import os
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
+from gateway.state_metrics import StateMetrics
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -59,6 +61,8 @@ class Metrics:
         reg = None if self.multiprocess else self.registry
         self._declare_timings(reg)
         self._declare_counts(reg)
+        #: Replicas, admission, pools and traces: sampled with every flush, nothing per request.
+        self.state = StateMetrics(reg)
         self._children: dict[tuple[Any, ...], Any] = {}
         self._ends: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._models: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -157,6 +161,12 @@ class Metrics:
             "Requests whose shared (Redis) rate-limit check failed and fell back (or were refused).",
             registry=reg,
         )
+        self.limit_decisions = Counter(
+            "gateway_limit_decisions_total",
+            "Per-key limit checks (keys with limits only): allowed, rejected (429), unavailable (503, fail-closed).",
+            ["decision"],
+            registry=reg,
+        )
 
     def child(self, family: Any, *labels: str) -> Any:
         """The accumulator for one label set of ``family`` (made on first use, then cached)."""
@@ -168,8 +178,9 @@ class Metrics:
         return c
 
     def flush(self) -> None:
-        """Write what was added up since the last flush to the prometheus-client values; one
-        value refused does not hold back the others."""
+        """Write the worker's state (``StateMetrics.sample``) and what was added up since the last
+        flush to the prometheus-client values; one value refused does not hold back the others."""
+        self.state.sample()
         for c in self._children.values():
             try:
                 c.flush()

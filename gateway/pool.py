@@ -88,6 +88,10 @@ class Pool:
         self._queue: HandOver[Connection | None] = HandOver()
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
+        #: Acquires that found every connection busy and waited, and those that gave up (read by
+        #: the metrics' sampler once a second).
+        self.waits = 0
+        self.wait_timeouts = 0
 
     # -- introspection, for tests, /metrics and humans --------------------------------------
 
@@ -102,6 +106,10 @@ class Pool:
     @property
     def open(self) -> int:
         return self._open
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     @property
     def waiting(self) -> int:
@@ -131,9 +139,11 @@ class Pool:
             self._active += 1
             return conn, True
         if self._open >= self._size:
+            self.waits += 1
             try:
                 handed = await self._queue.wait(self._pool_timeout, self._pass_on)
             except TimeoutError:
+                self.wait_timeouts += 1
                 raise PoolTimeout(self._pool_timeout) from None
             if handed is not None:
                 self._active += 1

@@ -9,7 +9,7 @@ response has started ends an event stream with a final error event in the surfac
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -52,15 +52,21 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _KEEP_LIMIT = 64 * 1024
 #: A retried answer, read to relay it if every attempt fails: status, headers, body.
 _Kept = tuple[int, list[tuple[bytes, bytes]], bytes]
+#: One attempt on one replica (``attempt``'s signature).
+OnReplica = Callable[[Outgoing, "Replica", Timeouts, bool, Send, Exchange], Awaitable[_Kept | None]]
 
 
-async def forward(out: Outgoing, timeouts: Timeouts, retries: int, send: Send, ex: Exchange) -> None:
+async def forward(
+    out: Outgoing, timeouts: Timeouts, retries: int, send: Send, ex: Exchange, on_replica: OnReplica | None = None
+) -> None:
     """Forward one request to one of its backend's replicas and relay the response.
 
     Connect failures and 429/502/503/504 answers are retried on another replica, up to
     ``retries`` more times, only while nothing has been sent to the client; when the budget is
-    spent the last answer is relayed unchanged. httpcore's exceptions propagate.
+    spent the last answer is relayed unchanged. httpcore's exceptions propagate. ``on_replica``
+    runs each attempt (``attempt``, or tracing's span around it: ``tracing.Tracing.wrap``).
     """
+    attempt_on = on_replica or attempt
     backend = out.backend
     tried: list[Replica] = []
     kept: _Kept | None = None
@@ -77,7 +83,7 @@ async def forward(out: Outgoing, timeouts: Timeouts, retries: int, send: Send, e
         may_retry = len(tried) <= retries and len(tried) < len(backend.replicas)
         replica.inflight += 1
         try:
-            answer = await _on_replica(out, replica, timeouts, may_retry, send, ex)
+            answer = await attempt_on(out, replica, timeouts, may_retry, send, ex)
         except (httpcore.ConnectError, httpcore.ConnectTimeout):
             backend.failed(replica)
             if may_retry:
@@ -95,7 +101,7 @@ async def forward(out: Outgoing, timeouts: Timeouts, retries: int, send: Send, e
         kept = answer
 
 
-async def _on_replica(
+async def attempt(
     out: Outgoing, replica: Replica, timeouts: Timeouts, may_retry: bool, send: Send, ex: Exchange
 ) -> _Kept | None:
     """The request on one replica: a connection from its pool (released here, whatever happens),

@@ -37,6 +37,8 @@ class Target:
             [(b"authorization", b"Bearer " + api_key.encode())] if api_key and profile.takes_key else []
         )
         self.base_url = base_url
+        #: The replica in metrics labels: ``host:port``, never the URL's credentials or path.
+        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.display = f"{profile.display_name} at {base_url}"
         #: Sent with every request: Host and the backend's key.
         self.static_headers: list[tuple[bytes, bytes]] = [(b"host", self.host_header), *self.auth_headers]

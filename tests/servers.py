@@ -26,6 +26,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlencode
+
+import orjson
 
 from gateway.sim import SimServer, make_config, sim_in_thread
 from tests import rawhttp
@@ -37,6 +40,7 @@ __all__ = [
     "ROOT",
     "FakeBackend",
     "Gateway",
+    "Prometheus",
     "Server",
     "ServerExited",
     "SimProc",
@@ -205,6 +209,51 @@ class Gateway(Server):
     ) -> rawhttp.Response:
         """One request on its own connection."""
         return rawhttp.request(self.port, method, path, body, headers)
+
+
+class Prometheus(Server):
+    """Debian's ``prometheus`` on a free 127.0.0.1 port, scraping ``targets`` (host:port) and
+    evaluating ``rule_files`` twice a second, its storage in ``workdir``."""
+
+    name = "prometheus"
+
+    def __init__(self, workdir: Path, targets: Sequence[str], rule_files: Sequence[Path] = ()) -> None:
+        self.port = free_port()
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            orjson.dumps(  # JSON is YAML
+                {
+                    "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms"},
+                    "rule_files": [str(p) for p in rule_files],
+                    "scrape_configs": [{"job_name": "gateway", "static_configs": [{"targets": list(targets)}]}],
+                }
+            ).decode()
+        )
+        argv = [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        super().__init__(argv, workdir / "prometheus.log", cwd=workdir)
+
+    def ready(self) -> bool:
+        return _answers(self.port, "/-/ready")
+
+    def api(self, path: str, **params: str) -> Any:
+        """``GET /api/v1/<path>``'s ``data``, or AssertionError with Prometheus's error."""
+        query = urlencode(params)
+        response = rawhttp.request(self.port, "GET", f"/api/v1/{path}?{query}" if query else f"/api/v1/{path}")
+        answer = orjson.loads(response.body)
+        assert answer.get("status") == "success", f"{path} {params}: {answer}"
+        return answer["data"]
+
+    def query(self, expr: str) -> list[Any]:
+        """An instant query's result (a vector's series; an empty list when nothing matched)."""
+        data = self.api("query", query=expr)
+        result: list[Any] = data["result"] if data["resultType"] in ("vector", "matrix") else [data["result"]]
+        return result
 
 
 #: What the ``start_gateway`` fixture gives: ``start_gateway(**env)`` makes a ``Gateway`` in the test's

@@ -69,9 +69,13 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+#: The compose profile `observability` (tests/test_monitoring_kit.py): not backends.
+MONITORING = {"prometheus", "grafana"}
+
+
 @pytest.fixture(scope="module")
 def backends(services: dict[str, Any]) -> dict[str, Any]:
-    return {name: s for name, s in services.items() if name != kit.GATEWAY_SERVICE}
+    return {name: s for name, s in services.items() if name != kit.GATEWAY_SERVICE and name not in MONITORING}
 
 
 def readme_block() -> str:

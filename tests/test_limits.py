@@ -17,6 +17,7 @@ from gateway.errors import GatewayError
 from gateway.limits import KeyLimits, Limiter, load_keys
 from tests.asgi import call
 from tests.fakes import FakeBackend
+from tests.promtext import metric
 from tests.servers import clean_env
 
 
@@ -125,6 +126,10 @@ def test_keys_file_keys_and_api_keys_both_work_and_limits_apply(tmp_path: Path) 
                     app, "POST", "/v1/chat/completions", b'{"model":"m"}', [(b"authorization", b"Bearer x")]
                 )
                 assert first.status == 401
+                assert app.metrics is not None
+                text = app.metrics.exposition()[0].decode()
+                assert metric(text, "gateway_limit_decisions_total", decision="allowed") == 3
+                assert metric(text, "gateway_limit_decisions_total", decision="rejected") == 1
             finally:
                 await app.shutdown()
 

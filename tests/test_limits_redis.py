@@ -101,6 +101,7 @@ def test_redis_stopped_mid_run_falls_back_to_local_limits(
     assert text.count("limits' Redis is unreachable") == 1  # logged once
     metrics = g.request("GET", "/metrics").body.decode()
     assert "gateway_limit_store_errors_total 5.0" in metrics
+    assert 'gateway_limit_decisions_total{decision="allowed"} 6.0' in metrics  # decided locally meanwhile
 
 
 def test_fail_closed_refuses_without_redis(start_gateway: StartGateway, backend: FakeBackend, tmp_path: Path) -> None:
@@ -115,3 +116,5 @@ def test_fail_closed_refuses_without_redis(start_gateway: StartGateway, backend:
     assert status == 503 and orjson.loads(body)["error"]["code"] == "limits_unavailable"
     assert headers["retry-after"] == "1"
     assert [r for r in backend.requests if r.method == "POST"] == []
+    metrics = g.request("GET", "/metrics").body.decode()
+    assert 'gateway_limit_decisions_total{decision="unavailable"} 1.0' in metrics

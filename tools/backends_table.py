@@ -209,7 +209,8 @@ def render(kit: Kit) -> str:
         "`force`). Edit it (at least `API_KEYS` and the model), then `just up PROFILE` builds the gateway "
         "image and starts it with that backend. The gateway starts once the backend's healthcheck passes "
         "(the first start downloads the model) and answers on "
-        f"http://localhost:{port}/v1; it is the only service that publishes a port. "
+        f"http://localhost:{port}/v1; no backend publishes a port (Prometheus and Grafana do, in the "
+        "`observability` profile: see Observability). "
         "`just logs` follows the logs, `just down` stops everything and keeps the model volumes. "
         "The GPU services need the NVIDIA Container Toolkit.",
         "",
