@@ -31,7 +31,7 @@ _ACCEPTED = {
     "aliases": 'a table of alias = "model" with models of this backend',
     "capabilities": "overrides such as -embeddings,+tools",
     "weights": "a list of integers 1-1000, one per url",
-    "balance": "p2c or prefix",
+    "balance": "auto, p2c or prefix",
 }
 
 

@@ -24,7 +24,7 @@ import httpcore
 
 from gateway import errors, probe
 from gateway.affinity import Affinity, Reason, load, rendezvous
-from gateway.config import Policy
+from gateway.config import Balance
 from gateway.handover import HandOver
 from gateway.pool import Pool
 from gateway.probe import ReplicaState
@@ -130,7 +130,7 @@ class Backend:
         max_inflight: int = 0,
         queue_size: int = 0,
         queue_timeout: float = 30.0,
-        policy: Policy = "p2c",
+        policy: Balance = "p2c",
     ) -> None:
         self.name = name
         self.profile = profile
@@ -147,7 +147,7 @@ class Backend:
         self.inflight = 0
         #: Requests waiting for a slot under ``max_inflight``.
         self._queue: HandOver[None] = HandOver()
-        self.policy: Policy = policy
+        self.policy: Balance = policy
         #: The prefix memory, only where it can matter: policy ``prefix`` and several replicas.
         #: None: requests carry no block hashes (no work added on the request path).
         self.affinity = Affinity() if policy == "prefix" and self.single is None else None

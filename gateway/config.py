@@ -27,8 +27,11 @@ Flag = Annotated[bool, Meta(description="true or false")]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "text"]
-#: How a backend with several replicas picks one (see ``gateway.balance``).
-Policy = Literal["p2c", "prefix"]
+#: How a backend with several replicas picks one (see ``gateway.balance``); ``auto`` is ``prefix``
+#: for the kinds with a prefix cache (``Profile.prefix_cache``) and ``p2c`` for the others.
+Policy = Literal["auto", "p2c", "prefix"]
+#: A policy once ``auto`` is resolved for a backend's kind.
+Balance = Literal["p2c", "prefix"]
 
 
 class ConfigError(Exception):
@@ -91,9 +94,10 @@ class Settings(Spec, frozen=True, rename="upper"):
     #: Optional stickiness across replicas, for prefix-cache reuse: ``key`` (the client key) or
     #: ``header:NAME`` (e.g. header:x-session-id). Empty: off.
     gateway_sticky: Annotated[str, Meta(description="empty, key, or header:NAME")] = ""
-    #: Balancing among a backend's replicas: ``p2c`` (power of two choices on load) or ``prefix``
-    #: (prefix-cache affinity bounded by load); a routes file's ``balance`` overrides it per backend.
-    gateway_balance: Annotated[Policy, Meta(description="one of " + ", ".join(typing.get_args(Policy)))] = "p2c"
+    #: Balancing among a backend's replicas: ``p2c`` (power of two choices on load), ``prefix``
+    #: (prefix-cache affinity bounded by load) or ``auto`` (``prefix`` for the kinds with a prefix
+    #: cache, else ``p2c``); a routes file's ``balance`` overrides it per backend.
+    gateway_balance: Annotated[Policy, Meta(description="one of " + ", ".join(typing.get_args(Policy)))] = "auto"
     #: Seconds between reads of each replica's engine load from its /metrics (policy ``prefix``,
     #: kinds that expose one); 0 turns them off.
     gateway_engine_metrics_interval: Annotated[

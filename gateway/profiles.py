@@ -181,6 +181,14 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     def support(self, capability: str) -> Support:
         return self.capabilities.get(capability, Support.SUPPORTED)
 
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether the engine keeps a prefix (KV) cache across requests, on by default, that
+        balancing by prefix can count on: the kinds whose metrics count its hits (vLLM's automatic
+        prefix caching, SGLang's radix cache). ``GATEWAY_BALANCE=auto`` balances those by prefix."""
+        m = self.engine_metrics
+        return m is not None and bool(m.prefix_hits)
+
 
 def _caps(**given: Support) -> Mapping[str, Support]:
     unknown = set(given) - set(CAPABILITIES)

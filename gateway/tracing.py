@@ -43,7 +43,13 @@ if TYPE_CHECKING:
 
 PROTOCOLS = ("http/protobuf", "grpc")
 #: The gateway's routes as GenAI operations (``gen_ai.operation.name``'s well-known values).
-OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings", "responses": "chat", "messages": "chat"}
+OPERATIONS = {
+    "chat": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "chat",
+    "messages": "chat",
+}
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 
 OnReplica = Callable[["Outgoing", "Replica", "Timeouts", bool, "Send", Exchange], Awaitable[Any]]

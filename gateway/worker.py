@@ -8,9 +8,9 @@ import httpcore
 
 from gateway.backends_file import BackendSpec, load_backends
 from gateway.balance import Backend, Replica
-from gateway.config import Settings
+from gateway.config import Balance, Policy, Settings
 from gateway.pool import Pool
-from gateway.profiles import PROFILES
+from gateway.profiles import PROFILES, Profile
 from gateway.target import Target, make_ssl_context
 from gateway.topology import Topology, settings_backend
 
@@ -66,5 +66,13 @@ def build_backend(spec: BackendSpec, key: str, settings: Settings, network: http
         max_inflight=s.gateway_max_inflight,
         queue_size=s.gateway_queue_size,
         queue_timeout=s.gateway_queue_timeout,
-        policy=spec.balance or s.gateway_balance,
+        policy=resolve_policy(spec.balance or s.gateway_balance, profile),
     )
+
+
+def resolve_policy(policy: Policy, profile: Profile) -> Balance:
+    """``auto``: by prefix for a kind with a prefix cache (``Profile.prefix_cache``), else power of
+    two choices; ``p2c`` and ``prefix`` as given. It matters only with several replicas."""
+    if policy == "auto":
+        return "prefix" if profile.prefix_cache else "p2c"
+    return policy

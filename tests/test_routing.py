@@ -108,7 +108,10 @@ models = ["nomic-embed-text"]
             "[[backends]]\nname='b'\nkind='vllm'\nurls=['http://h/v1']\nmodels=['m']\n",
             "backends[1].models[0] = 'm': expected a model not already served by 'a'",
         ),
-        ("[[backends]]\nname='a'\nkind='vllm'\nurls=['http://h/v1']\nbalance='rr'\n", "balance = 'rr': expected p2c"),
+        (
+            "[[backends]]\nname='a'\nkind='vllm'\nurls=['http://h/v1']\nbalance='rr'\n",
+            "balance = 'rr': expected auto, p2c",
+        ),
         ("this is not toml", "not valid TOML"),
     ],
 )
@@ -260,6 +263,7 @@ def test_retry_on_a_dead_replica_then_ejection_and_return() -> None:
                 BACKEND_BASE_URL=f"http://127.0.0.1:{dead_port}/v1,{live.url}",
                 GATEWAY_EJECT_AFTER="2",
                 GATEWAY_EJECT_SECONDS="0.5",
+                GATEWAY_BALANCE="p2c",  # the same prompt each time: by prefix it stays where it went
             )
             try:
                 for _ in range(20):

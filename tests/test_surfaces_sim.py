@@ -48,7 +48,8 @@ def gw(sims: dict[str, SimServer], module_tmp: Path) -> Iterator[Gateway]:
     routes_file = module_tmp / "routes.toml"
     v1, v2, llama, tgi = sims["v1"], sims["v2"], sims["llama"], sims["tgi"]
     routes_file.write_text(
-        "[[backends]]\nname='v'\nkind='vllm'\napi_key_env='SIM_KEY'\n"
+        # p2c: the same prompt then reaches both replicas (where a stored response lives matters).
+        "[[backends]]\nname='v'\nkind='vllm'\napi_key_env='SIM_KEY'\nbalance='p2c'\n"
         f"urls=['{v1.base_url}', '{v2.base_url}']\nmodels=['m-v']\naliases={{'claude-alias'='m-v'}}\n"
         "[[backends]]\nname='l'\nkind='llamacpp'\napi_key_env='SIM_KEY'\n"
         f"urls=['{llama.base_url}']\nmodels=['m-l']\n"

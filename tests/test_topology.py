@@ -163,7 +163,7 @@ def test_the_balance_policy_per_backend(tmp_path: Path) -> None:
     """GATEWAY_BALANCE for the settings' backend and as the routes file's default; ``balance``
     per backend overrides it. A prefix memory only where it can matter (several replicas)."""
     two = "http://h:1/v1,http://h:2/v1"
-    assert topology(BACKEND_BASE_URL=two).first.policy == "p2c"
+    assert topology(BACKEND_BASE_URL=two, GATEWAY_BALANCE="p2c").first.policy == "p2c"
     only = topology(BACKEND_BASE_URL=two, GATEWAY_BALANCE="prefix").first
     assert only.policy == "prefix" and only.affinity is not None
     assert topology(GATEWAY_BALANCE="prefix").first.affinity is None  # one replica: nothing to do
@@ -174,3 +174,30 @@ def test_the_balance_policy_per_backend(tmp_path: Path) -> None:
     )
     a, b = topology(GATEWAY_ROUTES=routes, GATEWAY_BALANCE="prefix").backends
     assert (a.policy, b.policy) == ("p2c", "prefix") and a.affinity is None and b.affinity is not None
+
+
+@pytest.mark.parametrize(
+    ("kind", "policy"),
+    [
+        ("vllm", "prefix"),
+        ("sglang", "prefix"),
+        ("tgi", "p2c"),
+        ("llamacpp", "p2c"),
+        ("ollama", "p2c"),
+        ("openai", "p2c"),
+    ],
+)
+def test_auto_balances_by_prefix_the_kinds_with_a_prefix_cache(kind: str, policy: str, tmp_path: Path) -> None:
+    """The default, ``auto``: by prefix for the kinds whose engines keep (and count) a prefix cache,
+    power of two choices for the others; a routes file's backends resolve it for their own kind."""
+    two = "http://h:1/v1,http://h:2/v1"
+    backend = topology(BACKEND_KIND=kind, BACKEND_BASE_URL=two).first
+    assert backend.policy == policy and (backend.affinity is not None) == (policy == "prefix")
+    assert topology(BACKEND_KIND=kind, BACKEND_BASE_URL="http://h:1/v1").first.affinity is None  # one replica
+    routes = backends_file(
+        tmp_path,
+        f"name='a'\nkind='{kind}'\nurls=['http://h:1/v1','http://h:2/v1']\nmodels=['m1']\n",
+        "name='b'\nkind='vllm'\nurls=['http://h:3/v1','http://h:4/v1']\nmodels=['m2']\nbalance='p2c'\n",
+    )
+    a, b = topology(GATEWAY_ROUTES=routes).backends
+    assert (a.policy, b.policy) == (policy, "p2c")
