@@ -34,7 +34,7 @@ test-fast *args:
 coverage *args:
     {{ bin }}/python -m pytest -m "not slow" --cov --cov-report=term {{ args }}
 
-# End-to-end benchmark, direct vs through the gateway (default: the simulator; flags: --help); --routing: the balancing policies on simulated replicas
+# End-to-end benchmark, direct vs through the gateway (default: the simulator; flags: --help; --floor: Granian alone, --nginx: nginx, in the gateway's place; --scenarios stream-paced-1000: 1,000 paced streams spread over 1 s, each stream's largest gap); --routing: the balancing policies on simulated replicas
 bench *args:
     {{ bin }}/python -m bench {{ args }}
 

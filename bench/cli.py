@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from bench import report
-from bench.loadgen import install_uvloop
+from bench.loadgen import Sample, install_uvloop, raise_nofile
 from bench.procstat import Tree, rss_bytes
 from bench.runner import (
     Endpoint,
@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench: unknown scenarios {sorted(unknown)}; known: {[s.name for s in FULL]}", file=sys.stderr)
             return 2
         scenarios = tuple(s for s in scenarios if s.name in wanted)
+    raise_nofile()  # a thousand connections to a target at once (stream-paced-1000); servers inherit it
     loop_name = install_uvloop()
     return asyncio.run(_run(args, scenarios, dict(args.gateway_env), loop_name))
 
@@ -162,7 +163,7 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
             rounds=args.rounds,
         )
         results = []
-        samples = {}
+        samples: dict[str, dict[str, list[Sample]]] = {}
         for sc in scenarios:
             progress(f"{sc.name}: {sc.description}")
             d_side, g_side = await runner.run(sc)
@@ -179,6 +180,7 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
                         "ttft_ms": sc.ttft_ms,
                         "itl_ms": sc.itl_ms,
                         "burst": sc.burst,
+                        "spread_seconds": sc.spread_seconds,
                         "abort_after": sc.abort_after,
                     },
                     "direct": d,
@@ -188,7 +190,7 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
                     "limits": report.limits(d, g),
                 }
             )
-            samples[sc.name] = (d_side.samples, g_side.samples)
+            samples[sc.name] = {"direct": d_side.samples, "gateway": g_side.samples}
         gw_stack.close()  # what follows gets the gateway's CPU to itself
         # The floor stands in for the backend too; nginx proxies to it, whose CPU is metered then.
         passes: list[Pass] = []
@@ -198,7 +200,7 @@ async def _run(args: argparse.Namespace, scenarios: Sequence[Any], extra_env: di
         if args.nginx:
             nginx = start_nginx(gw_cpu, logs / "nginx.log", direct.host, direct.port)
             passes.append(Pass("nginx", nginx, direct.base_path, report.against_nginx, backend=True))
-        failed = [p.name for p in passes if not await _alone_pass(p, runner, scenarios, results, logs)]
+        failed = [p.name for p in passes if not await _alone_pass(p, runner, scenarios, results, samples, logs)]
     env = report.environment(
         {
             "backend": "external" if args.backend_kind else args.backend,
@@ -253,7 +255,12 @@ class Pass:
 
 
 async def _alone_pass(
-    p: Pass, runner: Runner, scenarios: Sequence[Any], results: list[dict[str, Any]], logs: Path
+    p: Pass,
+    runner: Runner,
+    scenarios: Sequence[Any],
+    results: list[dict[str, Any]],
+    samples: dict[str, dict[str, list[Sample]]],
+    logs: Path,
 ) -> bool:
     """Each scenario again, with the pass's server in the gateway's place and its CPU metered the
     same way; the disconnect scenario is left out (it measures the backend's aborts). A pass that
@@ -270,6 +277,7 @@ async def _alone_pass(
                 side = await alone.run_alone(sc)
                 figures = report.side_figures(side, sc)
                 result[p.name] = figures
+                samples[sc.name][p.name] = side.samples
                 result[f"{p.name}_cost"] = report.gateway_cost(side, figures, sc)
                 result.update(p.compare(result))
     except (OSError, RuntimeError) as exc:  # TimeoutError is an OSError

@@ -9,6 +9,7 @@ It never decodes JSON or SSE: it only timestamps the arrival of body bytes and c
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,12 @@ class Sample:
     def gaps(self) -> list[float]:
         a = self.arrivals
         return [a[i] - a[i - 1] for i in range(1, len(a))]
+
+    def largest_gap(self) -> float | None:
+        """The longest wait between two reads of this response's body (a stream's worst stall
+        between tokens); None with fewer than two reads."""
+        a = self.arrivals
+        return max((a[i] - a[i - 1] for i in range(1, len(a))), default=None)
 
 
 class ProtocolError(Exception):
@@ -208,6 +215,18 @@ def _closed_while_idle(exc: BaseException) -> bool:
     if isinstance(exc, asyncio.IncompleteReadError):
         return not exc.partial
     return isinstance(exc, ConnectionResetError | BrokenPipeError)
+
+
+def raise_nofile(want: int = 16384) -> int:
+    """Raise this process's soft limit on open files towards ``want`` (never above the hard
+    limit, never lowered), for a thousand connections to each target at once; the servers the
+    bench starts inherit it. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
 
 
 def install_uvloop() -> str:

@@ -32,6 +32,18 @@ def dist(values: list[float]) -> dict[str, float | None]:
     return {f"p{p}": (None if (v := pct(values, p)) is None else round(v * 1000, 4)) for p in (50, 90, 99)}
 
 
+def largest_gaps(samples: list[Sample]) -> dict[str, float | None]:
+    """Over the streams, each one's largest gap between two body reads (its worst stall between
+    tokens): p50, p99 and the maximum, in milliseconds; streams with fewer than two reads have
+    no gap and are left out."""
+    worst = [g for s in samples if (g := s.largest_gap()) is not None]
+    out: dict[str, float | None] = {
+        f"p{p}": (None if (v := pct(worst, p)) is None else round(v * 1000, 4)) for p in (50, 99)
+    }
+    out["max"] = round(max(worst) * 1000, 4) if worst else None
+    return out
+
+
 def side_figures(side: Side, sc: Scenario) -> dict[str, Any]:
     ok: list[Sample] = []
     failed: list[Sample] = []
@@ -50,6 +62,7 @@ def side_figures(side: Side, sc: Scenario) -> dict[str, Any]:
         "ttft_ms": dist(ttft),
         "gap_ms": dist(gaps),
         "latency_ms": dist(lat),
+        "largest_gap_ms": largest_gaps(ok) if sc.stream else None,
         "throughput_rps": round(len(ok) / wall, 2),
         "events": events,
         "events_per_s": round(events / wall, 1),
@@ -135,10 +148,15 @@ def against_floor(result: dict[str, Any]) -> dict[str, Any]:
 def against_nginx(result: dict[str, Any]) -> dict[str, Any]:
     """nginx stands where the gateway does, in front of the same backend: what it adds, and the
     gateway's CPU as a multiple of its."""
-    return {
+    out: dict[str, Any] = {
         "nginx_added": added(result["direct"], result["nginx"]),
         "times_nginx": times(result["gateway_cost"], result["nginx_cost"]),
     }
+    g, n = result["gateway"].get("largest_gap_ms"), result["nginx"].get("largest_gap_ms")
+    if g is not None and n is not None:
+        # The 1,000-stream goal: the gateway's p99 of each stream's largest gap within nginx's + 2 ms.
+        out["largest_gap_p99_above_nginx_ms"] = _minus(g["p99"], n["p99"], 4)
+    return out
 
 
 def limits(direct: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
@@ -220,6 +238,17 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{fmt(cost['cpu_per_request_us'], 1) if cost else '':>10} "
                 f"{fmt(cost['cpu_per_chunk_us'], 2) if cost and cost['cpu_per_chunk_us'] is not None else '':>12}"
             )
+        if r["params"].get("spread_seconds"):
+            parts = [
+                f"{label} {fmt(w['p50'])}/{fmt(w['p99'])}/{fmt(w['max'])}"
+                for label in ("direct", "gateway", "floor", "nginx")
+                if label in r and (w := r[label].get("largest_gap_ms")) is not None
+            ]
+            lines.append(f"{'':<17} each stream's largest gap p50/p99/max ms: " + ", ".join(parts))
+            if "largest_gap_p99_above_nginx_ms" in r:
+                lines.append(
+                    f"{'':<17}   gateway's p99 of it minus nginx's: {fmt(r['largest_gap_p99_above_nginx_ms'])} ms"
+                )
         if "abort_share" in r["gateway"]:
             lines.append(
                 f"{'':<17} aborts seen by the backend within 1 s: direct {fmt(r['direct']['abort_share'], 3)}, "
@@ -250,29 +279,36 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], samples: dict[str, tuple[list[Sample], list[Sample]]], path: Path) -> None:
-    """TTFT (streams) or latency (non-streamed) distributions, direct vs gateway, one panel each."""
+def plot(results: list[dict[str, Any]], samples: dict[str, dict[str, list[Sample]]], path: Path) -> None:
+    """One panel per scenario, one line per target (direct, gateway, and the floor and nginx when
+    they ran): the distribution of TTFT (streams), latency (non-streamed), or each stream's
+    largest gap between tokens (the spread scenario, whose figure is stalls)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {"direct": "tab:blue", "gateway": "tab:orange", "floor": "tab:green", "nginx": "tab:red"}
     n = len(results)
     cols = 3
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, r in zip(axes.flat, results, strict=False):
-        direct, gateway = samples[r["scenario"]]
         stream = r["params"]["stream"]
-        for label, ss, color in (("direct", direct, "tab:blue"), ("gateway", gateway, "tab:orange")):
-            times = (s.ttft if stream else s.latency for s in ss if s.error is None)
+        stalls = bool(r["params"].get("spread_seconds"))
+        for label, ss in samples[r["scenario"]].items():
+            if stalls:
+                times = (s.largest_gap() for s in ss if s.error is None)
+            else:
+                times = (s.ttft if stream else s.latency for s in ss if s.error is None)
             vals = sorted(t * 1000 for t in times if t is not None)
             if vals:
                 ys = [(i + 1) / len(vals) for i in range(len(vals))]
-                ax.step(vals, ys, where="post", label=label, color=color)
+                ax.step(vals, ys, where="post", label=label, color=colors.get(label))
         ax.set_title(r["scenario"], fontsize=10)
-        ax.set_xlabel(("time to first byte" if stream else "latency") + " (ms)")
-        ax.set_ylabel("fraction of requests")
+        what = "each stream's largest gap" if stalls else "time to first byte" if stream else "latency"
+        ax.set_xlabel(what + " (ms)")
+        ax.set_ylabel("fraction of " + ("streams" if stalls else "requests"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:

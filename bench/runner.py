@@ -323,12 +323,25 @@ class Runner:
             nonlocal issued
             while issued < n and time.monotonic() < deadline:
                 issued += 1
-                s = await conn.request(raw, abort_after_events=sc.abort_after)
+                s = await conn.request(raw, abort_after_events=sc.abort_after, timeout=sc.timeout_seconds)
                 samples.append(s)
                 if sc.burst:
                     return
 
-        if sc.burst:
+        async def spread(conn: Connection, at: float) -> None:
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            samples.append(await conn.request(raw, timeout=sc.timeout_seconds))
+
+        if sc.spread_seconds:
+            # Open loop: one stream per connection, the wave's starts spread evenly over
+            # ``spread_seconds``, whatever the earlier streams are doing.
+            while issued < n and time.monotonic() < deadline:
+                wave = conns[: min(sc.concurrency, n - issued)]
+                issued += len(wave)
+                t0 = time.monotonic()
+                step = sc.spread_seconds / len(wave)
+                await asyncio.gather(*(spread(c, t0 + i * step) for i, c in enumerate(wave)))
+        elif sc.burst:
             while issued < n and time.monotonic() < deadline:
                 await asyncio.gather(*(user(c) for c in conns[: min(sc.concurrency, n - issued)]))
         else:

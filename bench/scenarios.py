@@ -22,10 +22,15 @@ class Scenario:
     itl_ms: float = 0.0
     #: All users start each round together (a burst), rather than a closed loop.
     burst: bool = False
+    #: Each round's streams start spread evenly over this many seconds (one stream per
+    #: connection, an open-loop wave: neither a burst nor a closed loop); 0 for none.
+    spread_seconds: float = 0.0
     #: Disconnect after this many events (the disconnect scenario).
     abort_after: int | None = None
     #: Seconds a round may take at most; a round stops issuing requests after it.
     round_seconds: float = 30.0
+    #: Seconds one request may take from its start; longer is a "timeout" error.
+    timeout_seconds: float = 60.0
 
 
 FULL: tuple[Scenario, ...] = (
@@ -83,6 +88,22 @@ FULL: tuple[Scenario, ...] = (
         itl_ms=5.0,
     ),
     Scenario(
+        "stream-paced-1000",
+        "1,000 paced streams (20 ms TTFT, 20 ms between tokens) starting spread over the first second, one "
+        "connection each: stalls show as each stream's largest gap between tokens",
+        stream=True,
+        concurrency=1000,
+        # One wave of 1,000 streams per measured round at the default 4 rounds.
+        requests=4000,
+        tokens=50,
+        ttft_ms=20.0,
+        itl_ms=20.0,
+        spread_seconds=1.0,
+        round_seconds=20.0,
+        # Each stream is bounded too (50 tokens take 1 s): one still open 10 s after its start is an error.
+        timeout_seconds=10.0,
+    ),
+    Scenario(
         "disconnect",
         "32 paced streams whose clients leave after 4 events: share of generations the backend aborted within 1 s",
         stream=True,
@@ -109,6 +130,7 @@ def smoke(scenarios: tuple[Scenario, ...] = FULL) -> tuple[Scenario, ...]:
                 requests=conc * 4,
                 tokens=min(s.tokens, 8) if s.abort_after is None else 50,
                 round_seconds=10.0,
+                spread_seconds=min(s.spread_seconds, 0.2),
             )
         )
     return tuple(out)

@@ -88,6 +88,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert sum(sc["gateway_cost"]["main_thread_cpu_per_request_us"] for sc in doc["scenarios"]) > 0
     assert "in the event loop's thread" in proc.stdout and "in Granian's other threads" in proc.stdout
     assert "nginx" not in proc.stdout and "floor_error" not in doc["scenarios"][0]
+    # The 1,000-stream scenario (a few streams here): each stream's largest gap, for every target.
+    (spread,) = (sc for sc in doc["scenarios"] if sc["scenario"] == "stream-paced-1000")
+    for side in ("direct", "gateway", "floor"):
+        gaps = spread[side]["largest_gap_ms"]
+        assert 0 < gaps["p50"] <= gaps["p99"] <= gaps["max"]
+    assert "each stream's largest gap p50/p99/max ms: direct " in proc.stdout
 
 
 @pytest.mark.slow
@@ -231,6 +237,43 @@ def test_side_figures_count_failures_once_each() -> None:
     assert (fig["requests"], fig["errors"]) == (8, 4)
     assert fig["error_examples"] == ["reset", "status 200", "status 502"]
     assert fig["throughput_rps"] == 4.0  # the three good ones and the abort
+
+
+def test_largest_gap_is_each_streams_worst_stall() -> None:
+    """Each stream's largest gap is the longest wait between two of its reads (not the mean, not
+    the time to first byte); the scenario's figures are percentiles of those, one per stream."""
+    from bench import report
+    from bench.loadgen import Sample
+
+    def stream(*arrivals: float) -> Sample:
+        return Sample(start=0.0, status=200, first_byte=arrivals[0] if arrivals else None, arrivals=list(arrivals))
+
+    assert stream(0.5, 0.52, 0.56, 0.57).largest_gap() == pytest.approx(0.04)
+    assert stream(0.5).largest_gap() is None and stream().largest_gap() is None
+    # One stall in the middle of a long stream is its figure however many even gaps surround it.
+    even = [1.0 + 0.02 * i for i in range(50)]
+    stalled = stream(*even[:20], even[19] + 0.3, *(even[19] + 0.3 + 0.02 * i for i in range(1, 30)))
+    assert stalled.largest_gap() == pytest.approx(0.3)
+    streams = [stream(*even) for _ in range(299)] + [stalled, stream(0.1)]
+    figures = report.largest_gaps(streams)
+    assert figures["p50"] == pytest.approx(20.0)  # ms
+    assert figures["p99"] == pytest.approx(20.0)  # one stall in 300 streams with a gap is past the 99th
+    assert figures["max"] == pytest.approx(300.0)
+    figures = report.largest_gaps([stalled, stalled, stream(*even)])
+    assert figures["p50"] == pytest.approx(300.0) and figures["p99"] == pytest.approx(300.0)
+    assert report.largest_gaps([stream(0.1)]) == {"p50": None, "p99": None, "max": None}
+
+
+def test_stream_paced_1000_spreads_a_thousand_streams() -> None:
+    """The 1,000-stream scenario: paced at 20 ms, starts spread over one second, bounded per
+    stream; smoke mode keeps its shape with a few streams."""
+    from bench.scenarios import smoke
+
+    (sc,) = (s for s in FULL if s.name == "stream-paced-1000")
+    assert (sc.concurrency, sc.ttft_ms, sc.itl_ms, sc.spread_seconds) == (1000, 20.0, 20.0, 1.0)
+    assert sc.stream and not sc.burst and sc.timeout_seconds < sc.round_seconds
+    (small,) = (s for s in smoke() if s.name == "stream-paced-1000")
+    assert small.concurrency <= 4 and 0 < small.spread_seconds <= 0.2
 
 
 @pytest.mark.slow
