@@ -38,7 +38,7 @@ coverage *args:
 bench *args:
     {{ bin }}/python -m bench {{ args }}
 
-# The gateway's CPU, this tree against a git revision, in paired alternating rounds (e.g. --base HEAD~1)
+# The gateway's CPU, this tree against a git revision, in paired alternating rounds (e.g. --base HEAD~1; --floor: Granian alone in every round too, and each side's CPU above it)
 bench-ab *args:
     {{ bin }}/python -m bench.ab {{ args }}
 

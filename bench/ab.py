@@ -8,7 +8,9 @@ with ``git archive``), both pinned to the gateway's CPU in front of one simulato
 scenario in alternating rounds. Each round's CPU (from ``/proc``) per request is paired with the
 other side's next to it, so a slow stretch of the machine touches both sides of a pair: the median
 of the paired differences resolves a few microseconds where whole ``just bench`` runs, minutes
-apart, differ by more. See bench/README.md.
+apart, differ by more. With ``--floor`` each round also runs Granian alone (``bench.floor``, the
+same settings, pinned alike) next to both gateways, and each gateway's CPU above the floor is
+taken within the round. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from io import BytesIO
 from pathlib import Path
 
 from bench import report
-from bench.loadgen import install_uvloop
+from bench.loadgen import install_uvloop, raise_nofile
 from bench.runner import (
     Endpoint,
     Runner,
@@ -36,6 +38,7 @@ from bench.runner import (
     add_gateway_env,
     pin_loadgen,
     settled_tree,
+    start_floor,
     start_gateway,
     start_sim,
 )
@@ -63,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="nonstream-c16", choices=[s.name for s in FULL if s.abort_after is None])
     p.add_argument("--pairs", type=int, default=10, help="rounds per side, alternating (default 10)")
     p.add_argument("--seconds", type=float, default=2.0, help="length of one round (default 2)")
-    add_gateway_env(p, "extra setting for both gateways")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="each round also runs Granian alone (bench.floor, with --gateway-env) next to both gateways: "
+        "each side's CPU above the floor, and the paired difference of it, per round",
+    )
+    add_gateway_env(p, "extra setting for both gateways (and the floor)")
     add_gateway_env(
         p, "extra setting for this tree's gateway only (with --base HEAD: what a setting costs)", "--this-env"
     )
@@ -152,10 +161,85 @@ def summary(base: Gateway, this: Gateway, sc: Scenario, pairs: int) -> str:
     return "\n".join(lines)
 
 
+ABOVE_FLOOR_KEYS = (
+    "rounds",
+    "base_above",
+    "this_above",
+    "base_times_floor",
+    "this_times_floor",
+    "this_share_of_base",
+    "diff_median",
+    "diff_mean",
+    "diff_min",
+    "diff_max",
+)
+
+
+def above_floor(
+    base: list[float | None], this: list[float | None], floor: list[float | None]
+) -> dict[str, float | int | None]:
+    """Each gateway's figure above the floor's in the same round (``base[i] - floor[i]``), paired
+    round by round: the medians of each side's share above the floor and of the floor's multiple,
+    the paired difference of the shares (this tree - base; the floor cancels out of it, so it is
+    the plain paired difference, now next to what it is a part of), and this tree's share as a
+    fraction of the base's. Rounds where any of the three has no figure are left out."""
+    rows = [(b, t, f) for b, t, f in zip(base, this, floor, strict=True) if None not in (b, t, f)]
+    if not rows:
+        return dict.fromkeys(ABOVE_FLOOR_KEYS, None)
+    base_above = [b - f for b, _, f in rows if b is not None and f is not None]
+    this_above = [t - f for _, t, f in rows if t is not None and f is not None]
+    diffs = [t - b for b, t in zip(base_above, this_above, strict=True)]
+    base_x = [b / f for b, _, f in rows if b is not None and f]
+    this_x = [t / f for _, t, f in rows if t is not None and f]
+    b_med, t_med = statistics.median(base_above), statistics.median(this_above)
+    return {
+        "rounds": len(rows),
+        "base_above": b_med,
+        "this_above": t_med,
+        "base_times_floor": statistics.median(base_x) if base_x else None,
+        "this_times_floor": statistics.median(this_x) if this_x else None,
+        "this_share_of_base": t_med / b_med if b_med > 0 else None,
+        "diff_median": statistics.median(diffs),
+        "diff_mean": statistics.mean(diffs),
+        "diff_min": min(diffs),
+        "diff_max": max(diffs),
+    }
+
+
+def floor_summary(base: Gateway, this: Gateway, floor: Gateway, sc: Scenario) -> str:
+    """The lines ``--floor`` adds: the floor's own medians, then per figure each side above it."""
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] or 0.0 for r in floor.rounds)
+
+    def f(v: float | int | None, digits: int, sign: str = "+") -> str:
+        return "-" if v is None else f"{v:{sign}.{digits}f}"
+
+    per_event = f", {med('event'):.2f} us/event" if sc.stream else ""
+    lines = [
+        f"  {floor.label:<24} median {med('all'):7.1f} us/req (event loop's thread {med('main'):6.1f}){per_event},"
+        f" time to first byte {med('ttft'):.3f} ms; rounds {[round(r['all'] or 0.0) for r in floor.rounds]}"
+    ]
+    figures = [("all", "all threads", "us/req", 1), ("main", "event loop's thread", "us/req", 1)]
+    if sc.stream:
+        figures.append(("event", "per event", "us/event", 2))
+    for key, what, unit, digits in figures:
+        a = above_floor([r[key] for r in base.rounds], [r[key] for r in this.rounds], [r[key] for r in floor.rounds])
+        lines.append(
+            f"  above the floor, {what} (each round's, median): base {f(a['base_above'], digits)} {unit}"
+            f" ({f(a['base_times_floor'], 2, '')}x the floor), this tree {f(a['this_above'], digits)} {unit}"
+            f" ({f(a['this_times_floor'], 2, '')}x); this tree's share / base's {f(a['this_share_of_base'], 2, '')};"
+            f" paired difference median {f(a['diff_median'], digits)} (mean {f(a['diff_mean'], digits)},"
+            f" from {f(a['diff_min'], digits)} to {f(a['diff_max'], digits)})"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.pairs < 1 or args.seconds <= 0:
         raise SystemExit("bench.ab: --pairs must be at least 1 and --seconds positive")
+    raise_nofile()  # stream-paced-1000 holds a thousand connections to each side
     install_uvloop()
     sc = replace(next(s for s in FULL if s.name == args.scenario), round_seconds=args.seconds)
     work = Path(tempfile.mkdtemp(prefix="bench-ab-"))  # the base tree and the servers' logs
@@ -187,12 +271,26 @@ def main(argv: list[str] | None = None) -> int:
                     progress=lambda _: None,
                 )
                 gateways.append(Gateway(label, runner))
+            if args.floor:
+                proc, port = stack.enter_context(start_floor(gateway_cpu, work / "floor.log", dict(args.gateway_env)))
+                endpoint = Endpoint("floor", "127.0.0.1", port, "/v1", None)
+                runner = Runner(
+                    endpoint,
+                    endpoint,
+                    model="sim-model",
+                    gateway_tree=settled_tree(proc),
+                    backend_tree=None,
+                    progress=lambda _: None,
+                )
+                gateways.append(Gateway("floor (Granian alone)", runner))
             asyncio.run(measure(gateways, sc, args.pairs))
     except BaseException:
         print(f"bench.ab: logs kept in {work}", file=sys.stderr)
         raise
     shutil.rmtree(work, ignore_errors=True)
     print(summary(gateways[0], gateways[1], sc, args.pairs))
+    if args.floor:
+        print(floor_summary(gateways[0], gateways[1], gateways[2], sc))
     failed = sum(gw.errors for gw in gateways)
     if failed:
         print(f"bench.ab: {failed} requests failed", file=sys.stderr)

@@ -276,6 +276,47 @@ def test_stream_paced_1000_spreads_a_thousand_streams() -> None:
     assert small.concurrency <= 4 and 0 < small.spread_seconds <= 0.2
 
 
+def test_above_floor_pairs_each_side_with_its_rounds_floor() -> None:
+    """``bench-ab --floor``: each side's share above the floor is taken round by round against
+    that round's floor, and the paired difference is of those shares."""
+    from bench.ab import ABOVE_FLOOR_KEYS, above_floor
+
+    base = [40.0, 50.0, 44.0]
+    this = [30.0, 41.0, 32.0]
+    floor = [20.0, 30.0, 22.0]  # the machine slowed in round 2: all three moved together
+    a = above_floor(base, this, floor)
+    assert a["rounds"] == 3
+    assert a["base_above"] == pytest.approx(20.0)  # median of 20, 20, 22
+    assert a["this_above"] == pytest.approx(10.0)  # median of 10, 11, 10
+    assert a["base_times_floor"] == pytest.approx(2.0)  # median of 2.0, 1.667, 2.0
+    assert a["this_times_floor"] == pytest.approx(32.0 / 22.0)  # median of 1.5, 1.367, 1.455
+    assert a["this_share_of_base"] == pytest.approx(0.5)
+    assert a["diff_median"] == pytest.approx(-10.0)  # median of -10, -9, -12
+    assert (a["diff_min"], a["diff_max"]) == (pytest.approx(-12.0), pytest.approx(-9.0))
+    assert a["diff_mean"] == pytest.approx(-31.0 / 3)
+    # A round with no figure on any side is left out of all of it; none at all gives no figures.
+    b = above_floor([*base, None], [*this, 5.0], [*floor, 1.0])
+    assert b == a
+    assert above_floor([None], [1.0], [1.0]) == dict.fromkeys(ABOVE_FLOOR_KEYS, None)
+    # A floor of zero (no 10 ms tick in a round) gives no multiple rather than a division by zero.
+    z = above_floor([10.0], [5.0], [0.0])
+    assert z["base_times_floor"] is None and z["this_share_of_base"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_bench_ab_pairs_the_floor_too() -> None:
+    """``bench.ab --floor``: Granian alone answers in every round next to both gateways, and each
+    side's CPU above it is printed."""
+    proc = _python_m("bench.ab", "--floor", "--pairs", "2", "--seconds", "0.3", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    (floor,) = (line for line in lines if line.strip().startswith("floor (Granian alone)"))
+    rounds = orjson.loads(floor.split("rounds ", 1)[1])
+    assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    above = [line for line in lines if line.startswith("  above the floor")]
+    assert len(above) == 2 and all("paired difference median" in line for line in above)
+
+
 @pytest.mark.slow
 def test_bench_routing_smoke(tmp_path: Path) -> None:
     """``bench --routing --smoke``: every policy ran every workload on two replicas, and the
