@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from io import BytesIO
@@ -176,7 +177,7 @@ ABOVE_FLOOR_KEYS = (
 
 
 def above_floor(
-    base: list[float | None], this: list[float | None], floor: list[float | None]
+    base: Sequence[float | None], this: Sequence[float | None], floor: Sequence[float | None]
 ) -> dict[str, float | int | None]:
     """Each gateway's figure above the floor's in the same round (``base[i] - floor[i]``), paired
     round by round: the medians of each side's share above the floor and of the floor's multiple,

@@ -292,7 +292,7 @@ def test_above_floor_pairs_each_side_with_its_rounds_floor() -> None:
     assert a["this_times_floor"] == pytest.approx(32.0 / 22.0)  # median of 1.5, 1.367, 1.455
     assert a["this_share_of_base"] == pytest.approx(0.5)
     assert a["diff_median"] == pytest.approx(-10.0)  # median of -10, -9, -12
-    assert (a["diff_min"], a["diff_max"]) == (pytest.approx(-12.0), pytest.approx(-9.0))
+    assert a["diff_min"] == pytest.approx(-12.0) and a["diff_max"] == pytest.approx(-9.0)
     assert a["diff_mean"] == pytest.approx(-31.0 / 3)
     # A round with no figure on any side is left out of all of it; none at all gives no figures.
     b = above_floor([*base, None], [*this, 5.0], [*floor, 1.0])
