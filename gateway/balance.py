@@ -178,6 +178,8 @@ class Backend:
             if r.due_trial(now):  # half-open: the first request after a cool-off is its trial
                 r.trial = True
                 self.reason = "trial"
+                if blocks and self.affinity is not None:
+                    self.affinity.remember(blocks, r)  # its cache now holds this prompt too
                 return r
         pool = [r for r in untried if r.usable(now)]
         if sticky is not None and pool:

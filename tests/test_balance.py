@@ -239,6 +239,20 @@ def test_the_trial_comes_first_even_while_other_replicas_are_usable() -> None:
     assert len(picks(b, 200)) == 2  # back in the rotation
 
 
+def test_a_trial_is_remembered_as_holding_its_prompt_under_the_prefix_policy() -> None:
+    """The trial request's prompt lands in that replica's cache: once the trial succeeds, the same
+    conversation's next turn (a longer prompt with the same first blocks) goes back there."""
+    a, b_ = replica(1), replica(2)
+    b = Backend("main", VLLM, VLLM.capabilities, [a, b_], eject_after=1, eject_seconds=0.05, policy="prefix")
+    assert b.affinity is not None
+    b.failed(a)
+    time.sleep(0.06)
+    first = b.pick(blocks=[11, 12]), b.reason
+    assert first == (a, "trial") and b.affinity.holders(12) == [a]
+    b.succeeded(a)
+    assert (b.pick(blocks=[11, 12, 13]), b.reason) == (a, "prefix")
+
+
 def test_a_trial_without_a_verdict_leaves_the_next_request_as_the_trial() -> None:
     a, b_ = replica(1), replica(2)
     b = backend(a, b_, eject_after=1, eject_seconds=0.01)
