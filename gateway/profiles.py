@@ -126,8 +126,9 @@ VLLM_PATHS = MappingProxyType(
 #: SGLang, python/sglang/srt/entrypoints/http_server.py at 0025436eab05: ``/v1/tokenize`` and
 #: ``/v1/detokenize`` (also without ``/v1``), ``/v1/rerank`` (cross-encoder models, served with
 #: ``--is-embedding``), ``/v1/score`` (its decoder-only scoring API: another body than vLLM's),
-#: ``/v1/responses`` with retrieve and cancel. ``/v1/messages`` is not in that commit; newer
-#: releases serve it (../shared/backends.md), so it depends on the version.
+#: ``/v1/responses`` with retrieve and cancel. ``/v1/messages`` is not in that commit; newer ones
+#: serve it and ``count_tokens`` by converting to chat (``AnthropicServing.handle_messages``,
+#: python/sglang/srt/entrypoints/anthropic/serving.py at 50e143a67729), so it depends on the version.
 SGLANG_PATHS = MappingProxyType(
     {"tokenize": "/v1/tokenize", "detokenize": "/v1/detokenize", "rerank": "/v1/rerank", "score": "/v1/score"}
 )
