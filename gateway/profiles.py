@@ -143,8 +143,9 @@ LLAMACPP_PATHS = MappingProxyType(
     {"tokenize": "/tokenize", "detokenize": "/detokenize", "rerank": "/v1/rerank", "score": None}
 )
 #: LocalAI serves ``/v1/messages`` and ``/v1/responses`` (../shared/backends.md); its Jina-style
-#: ``/v1/rerank`` needs a reranker model, and its ``/v1/tokenize`` (no detokenize) a backend that
-#: tokenizes: both depend on the models installed. Not checked against a LocalAI commit.
+#: ``POST /v1/rerank`` (core/http/routes/jina.go at db1159b6511e) needs a reranker model, and its
+#: ``POST /v1/tokenize`` (core/http/routes/localai.go at d055a518dfb0, a model with the tokenize
+#: use case; no detokenize) a backend that tokenizes: both depend on the models installed.
 LOCALAI_PATHS = MappingProxyType({"tokenize": "/v1/tokenize", "detokenize": None, "rerank": "/v1/rerank"})
 # Ollama and LM Studio: ``/v1/messages`` and ``/v1/responses`` (../shared/backends.md), none of
 # tokenize, rerank or score. A generic OpenAI-compatible endpoint: unknown, so every surface
