@@ -8,6 +8,7 @@ timers and, at the request's end, the metrics and the access log.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -106,6 +107,26 @@ class Exchange:
         self.head = b""
         #: The replica the request went to last (Responses: the id map records it).
         self.replica: Replica | None = None
+
+    def piece(self, chunk: bytes) -> float:
+        """A piece of the response body arrived (the relay, per piece): its time, the largest gap
+        so far, the byte count and the last two pieces; returns the time. The first piece also
+        ends the wait for the first token and is kept in ``head`` when nothing is there yet (a
+        Responses id is read from it)."""
+        now = perf_counter()
+        if self.t_first:
+            gap = now - self.t_last
+            if gap > self.max_gap:
+                self.max_gap = gap
+        else:
+            self.t_first = now
+            self.phase = "body"
+            self.head = self.head or chunk
+        self.t_last = now
+        self.nbytes += len(chunk)
+        self.prev = self.last
+        self.last = chunk
+        return now
 
     def tail(self) -> bytes:
         """The last two bytes sent to the client."""

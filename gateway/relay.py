@@ -226,20 +226,7 @@ async def _relay(
                     if await _relay_head(conn, body, marker, send, ex):
                         return True
             async for chunk in body:
-                # Per piece: a timestamp, one comparison, a byte count. Nothing else.
-                now = perf_counter()
-                if ex.t_first:
-                    gap = now - ex.t_last
-                    if gap > ex.max_gap:
-                        ex.max_gap = gap
-                else:
-                    ex.t_first = now
-                    ex.phase = "body"
-                    ex.head = ex.head or chunk  # the first piece (a Responses id is read from it)
-                ex.t_last = now
-                ex.nbytes += len(chunk)
-                ex.prev = ex.last
-                ex.last = chunk
+                ex.piece(chunk)  # per piece: a timestamp, one comparison, a byte count; nothing else
                 if conn.body_complete:
                     # The last piece ends the response: one send fewer, and a body whole in
                     # one piece is one message to Granian (a plain response, no streamed body).
@@ -268,19 +255,8 @@ async def _relay_head(conn: Connection, body: AsyncIterator[bytes], marker: byte
     pieces are searched; the rest of the stream goes through the usual loop."""
     width = len(marker)
     async for chunk in body:
-        now = perf_counter()
-        if ex.t_first:
-            gap = now - ex.t_last
-            if gap > ex.max_gap:
-                ex.max_gap = gap
-        else:
-            ex.t_first = now
-            ex.phase = "body"
-        ex.t_last = now
-        ex.nbytes += len(chunk)
-        ex.prev = ex.last
-        ex.last = chunk
-        if len(ex.head) < _HEAD_LIMIT:
+        now = ex.piece(chunk)
+        if len(ex.head) < _HEAD_LIMIT and ex.head is not chunk:  # the first one is in already (``piece``)
             ex.head += chunk
         # The marker may straddle the previous piece and this one.
         found = marker in chunk or marker in ex.prev[-width:] + chunk[:width]
