@@ -13,9 +13,10 @@ the right one).
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import TYPE_CHECKING
+
+from gateway.usage import value_after
 
 if TYPE_CHECKING:
     from gateway.balance import Backend, Replica
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 LIMIT = 65_536
 #: Ids are read from this many bytes at most of the first piece.
 _SCAN = 4096
-_decoder = json.JSONDecoder()
 
 
 class ResponseMap:
@@ -62,13 +62,5 @@ def first_id(head: bytes) -> str | None:
     at = head.find(b'"id"', 0, _SCAN)
     if at < 0:
         return None
-    try:
-        text = head[at + 4 : at + 4 + 512].decode("utf-8", "replace")
-        colon = text.index(":")
-        start = colon + 1
-        while start < len(text) and text[start] in " \t\r\n":
-            start += 1
-        value, _ = _decoder.raw_decode(text, start)
-    except (ValueError, IndexError):
-        return None
+    value = value_after(head, at + 4, at + 4 + 512)
     return value if isinstance(value, str) and value else None

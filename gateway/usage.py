@@ -143,17 +143,23 @@ def exchange_usage(ex: Exchange) -> tuple[int, int] | None:
     return find_usage(ex.prev + last) if ex.prev else None
 
 
-def _usage_value(tail: bytes, at: int) -> dict[str, object] | None:
-    """The JSON object after the ``"usage"`` key at ``at``; None when it is cut or not an object."""
+def value_after(data: bytes, key_end: int, end: int | None = None) -> object:
+    """The JSON value after the key that ends at ``key_end`` in ``data`` (up to ``end``), read
+    without parsing the rest; None when it is cut or not JSON."""
     try:
-        text = tail[at + 7 :].decode("utf-8", "replace")
-        colon = text.index(":")
-        start = colon + 1
+        text = data[key_end:end].decode("utf-8", "replace")
+        start = text.index(":") + 1
         while start < len(text) and text[start] in " \t\r\n":
             start += 1
         value, _ = _json_decoder.raw_decode(text, start)
     except (ValueError, IndexError):
         return None
+    return value
+
+
+def _usage_value(tail: bytes, at: int) -> dict[str, object] | None:
+    """The JSON object after the ``"usage"`` key at ``at``; None when it is cut or not an object."""
+    value = value_after(tail, at + 7)
     return value if isinstance(value, dict) else None
 
 
