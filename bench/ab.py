@@ -236,6 +236,13 @@ def floor_summary(base: Gateway, this: Gateway, floor: Gateway, sc: Scenario) ->
     return "\n".join(lines)
 
 
+def _runner(name: str, port: int, proc: subprocess.Popen[bytes]) -> Runner:
+    """The load runner for one server of the pairing (a gateway, or the floor) on ``port``."""
+    endpoint = Endpoint(name, "127.0.0.1", port, "/v1", None)
+    tree = settled_tree(proc)
+    return Runner(endpoint, endpoint, model="sim-model", gateway_tree=tree, backend_tree=None, progress=lambda _: None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.pairs < 1 or args.seconds <= 0:
@@ -262,28 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                 proc, port = stack.enter_context(
                     start_gateway(gateway_cpu, work / f"{name}.log", "vllm", url, None, env)
                 )
-                endpoint = Endpoint(name, "127.0.0.1", port, "/v1", None)
-                runner = Runner(
-                    endpoint,
-                    endpoint,
-                    model="sim-model",
-                    gateway_tree=settled_tree(proc),
-                    backend_tree=None,
-                    progress=lambda _: None,
-                )
-                gateways.append(Gateway(label, runner))
+                gateways.append(Gateway(label, _runner(name, port, proc)))
             if args.floor:
                 proc, port = stack.enter_context(start_floor(gateway_cpu, work / "floor.log", dict(args.gateway_env)))
-                endpoint = Endpoint("floor", "127.0.0.1", port, "/v1", None)
-                runner = Runner(
-                    endpoint,
-                    endpoint,
-                    model="sim-model",
-                    gateway_tree=settled_tree(proc),
-                    backend_tree=None,
-                    progress=lambda _: None,
-                )
-                gateways.append(Gateway("floor (Granian alone)", runner))
+                gateways.append(Gateway("floor (Granian alone)", _runner("floor", port, proc)))
             asyncio.run(measure(gateways, sc, args.pairs))
     except BaseException:
         print(f"bench.ab: logs kept in {work}", file=sys.stderr)
