@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests import rawhttp
+from tests.servers import Gateway
 from tests.tools import build_llama_server
 from tests.tools.llama_server import ALIAS, CTX, LlamaServer
 
@@ -152,3 +153,15 @@ def stable(doc: Any) -> Any:
     if isinstance(doc, list):
         return [stable(v) for v in doc]
     return doc
+
+
+def gateway_for(tmp: Path, server: LlamaServer, **env: str) -> Gateway:
+    """A gateway (not started) in front of ``server``, with the client and server keys."""
+    settings = {
+        "BACKEND_KIND": "llamacpp",
+        "BACKEND_BASE_URL": server.base_url,
+        "BACKEND_API_KEY": SERVER_KEY,
+        "API_KEYS": CLIENT_KEY,
+        **env,
+    }
+    return Gateway(tmp, **settings)

@@ -25,6 +25,7 @@ from tests.llamacpp import (
     SERVER_KEY,
     LlamaServer,
     StartServer,
+    gateway_for,
     request,
     sse_events,
     stable,
@@ -45,17 +46,6 @@ HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 TOO_LONG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello world " * 400}]
 #: Greedy sampling on a prompt evaluated afresh each time: the same request gives the same text.
 SAME_TEXT = {"temperature": 0, "cache_prompt": False}
-
-
-def gateway_for(tmp: Path, server: LlamaServer, **env: str) -> Gateway:
-    settings = {
-        "BACKEND_KIND": "llamacpp",
-        "BACKEND_BASE_URL": server.base_url,
-        "BACKEND_API_KEY": SERVER_KEY,
-        "API_KEYS": CLIENT_KEY,
-        **env,
-    }
-    return Gateway(tmp, **settings)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,16 @@ import orjson
 import pytest
 from anthropic.types import MessageParam
 
-from tests.llamacpp import ALIAS, CLIENT_KEY, SERVER_KEY, LlamaServer, StartServer, request, unavailable_reason
+from tests.llamacpp import (
+    ALIAS,
+    CLIENT_KEY,
+    SERVER_KEY,
+    LlamaServer,
+    StartServer,
+    gateway_for,
+    request,
+    unavailable_reason,
+)
 from tests.promtext import metric
 from tests.rawhttp import connect, request_bytes
 from tests.servers import Gateway, wait_until
@@ -36,16 +45,6 @@ if _reason is not None:
     pytest.skip(_reason, allow_module_level=True)
 
 HI: list[MessageParam] = [{"role": "user", "content": "hi"}]
-
-
-def gateway_for(tmp: Path, server: LlamaServer) -> Gateway:
-    return Gateway(
-        tmp,
-        BACKEND_KIND="llamacpp",
-        BACKEND_BASE_URL=server.base_url,
-        BACKEND_API_KEY=SERVER_KEY,
-        API_KEYS=CLIENT_KEY,
-    )
 
 
 @pytest.fixture(scope="module")
