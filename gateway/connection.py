@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import h11
 import httpcore
@@ -20,6 +20,8 @@ from httpcore import AsyncHTTP11Connection
 from gateway import h1
 from gateway.h1 import fields_valid, parse_head, plain_request, request_bytes
 from gateway.netio import Stream as NetStream
+from gateway.pump import Pump
+from gateway.types import Send
 
 try:  # h11's body readers: the body is taken over from them before they have read anything
     from h11._readers import ChunkedReader, ContentLengthReader
@@ -210,6 +212,52 @@ class Connection(AsyncHTTP11Connection):
         if type(reader) is ContentLengthReader and reader._remaining == reader._length > 0:
             return self._sized(first_timeout, idle_timeout)
         return self._h11_body(first_timeout, idle_timeout)
+
+    def pumped(
+        self, send: Send, handle: Callable[[bytes], object], first_timeout: float | None, idle_timeout: float | None
+    ) -> Awaitable[bool] | None:
+        """The body relayed to ``send`` by the socket's callbacks (``gateway.pump``), each piece
+        given to ``handle`` first: what ``iter_body`` and a loop of sends would do, without a task
+        wake-up per piece; True if the last piece went out as the final body message. None where
+        only ``iter_body`` serves: a body h11 read the head of, an empty one, another network."""
+        stream = self._network_stream
+        if not self._direct or not self._length or type(stream) is not NetStream:
+            return None
+        return self._pump(stream, send, handle, first_timeout, idle_timeout)
+
+    async def _pump(
+        self,
+        stream: NetStream,
+        send: Send,
+        handle: Callable[[bytes], object],
+        first_timeout: float | None,
+        idle_timeout: float | None,
+    ) -> bool:
+        proto = stream._proto
+        data, self._rest = self._rest, b""
+        if proto._chunks:
+            data += proto.take(proto._buffered)
+        length = self._length
+        if length == h1.CHUNKED:
+            decoder: h1.ChunkedBody | h1.SizedBody = h1.ChunkedBody(self._h11_state._max_incomplete_event_size)
+        else:
+            decoder = h1.SizedBody(length)
+        self._decoder = decoder
+        pump = Pump(proto, decoder, send, handle, stream._loop, first_timeout, idle_timeout)
+        try:
+            last_sent = await pump.run(data)
+        finally:
+            pump.detach()
+        if decoder.state is h1.BodyState.DONE:
+            self.body_complete, self._extra = True, decoder.extra
+            return last_sent
+        assert isinstance(decoder, h1.ChunkedBody)
+        if decoder.error is not None:
+            raise httpcore.RemoteProtocolError(str(decoder.error))
+        # Trailers, or their end still to come: h11 reads them from the last chunk on.
+        self._to_h11(self._head + decoder.tail)
+        await self._h11_end(idle_timeout)
+        return False
 
     async def close_response(self) -> None:
         """After a response: back to idle if it was read to the end, else closed."""

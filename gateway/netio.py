@@ -36,6 +36,7 @@ class _Protocol(asyncio.Protocol):
         "_paused",
         "_drain",
         "_write_paused",
+        "sink",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -51,6 +52,9 @@ class _Protocol(asyncio.Protocol):
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
+        #: Takes each read instead of the buffer while a body is relayed from these callbacks
+        #: (``gateway.pump.Pump``: its ``data`` and ``ended``).
+        self.sink: Any = None
 
     # -- callbacks from the event loop -----------------------------------------------------
 
@@ -58,6 +62,10 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.data(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
@@ -67,12 +75,16 @@ class _Protocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self.sink is not None:
+            self.sink.ended(None)
         self._wake()
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._exc = exc
+        if self.sink is not None:
+            self.sink.ended(exc)
         self._wake()
         drain = self._drain
         if drain is not None and not drain.done():

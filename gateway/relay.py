@@ -9,7 +9,7 @@ response has started ends an event stream with a final error event in the surfac
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -218,22 +218,25 @@ async def _relay(
             last_sent = True
             await send({"type": "http.response.body", "body": whole, "more_body": False})
         else:
-            body = conn.iter_body(first, timeouts.idle)
+            handle: Callable[[bytes], object] = ex.piece  # per piece: a timestamp, a comparison, a byte count
             if ex.sse and ex.surface != "openai":
                 marker = TOKEN_MARKERS.get(ex.surface)
                 if marker is not None:
                     searched = True
-                    if await _relay_head(conn, body, marker, send, ex):
-                        return True
-            async for chunk in body:
-                ex.piece(chunk)  # per piece: a timestamp, one comparison, a byte count; nothing else
-                if conn.body_complete:
-                    # The last piece ends the response: one send fewer, and a body whole in
-                    # one piece is one message to Granian (a plain response, no streamed body).
-                    last_sent = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                else:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    handle = _HeadSearch(ex, marker)
+            pumped = conn.pumped(send, handle, first, timeouts.idle)
+            if pumped is not None:  # the usual stream: relayed from the socket's callbacks
+                last_sent = await pumped
+            else:
+                async for chunk in conn.iter_body(first, timeouts.idle):
+                    handle(chunk)
+                    if conn.body_complete:
+                        # The last piece ends the response: one send fewer, and a body whole in
+                        # one piece is one message to Granian (a plain response, no streamed body).
+                        last_sent = True
+                        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    else:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
         ex.chunks = conn.body_chunks
         if searched:
@@ -248,27 +251,32 @@ async def _relay(
 _HEAD_LIMIT = 16 * 1024
 
 
-async def _relay_head(conn: Connection, body: AsyncIterator[bytes], marker: bytes, send: Send, ex: Exchange) -> bool:
-    """Relay the pieces of a stream up to the first one holding ``marker`` (its first token, for
-    the surfaces whose first events carry none: ``surfaces.TOKEN_MARKERS``), keeping them in
-    ``ex.head`` (up to ``_HEAD_LIMIT``); True if the final body message was sent. Only these first
-    pieces are searched; the rest of the stream goes through the usual loop."""
-    width = len(marker)
-    async for chunk in body:
+class _HeadSearch:
+    """``Exchange.piece`` for the surfaces whose first events carry no token
+    (``surfaces.TOKEN_MARKERS``): until a piece holds ``marker`` (the first token; it may straddle
+    two pieces), the pieces are also kept in ``ex.head`` (up to ``_HEAD_LIMIT``: where
+    ``message_start`` carries the input tokens), and its time goes to ``ex.t_token``. Only these
+    first pieces are searched."""
+
+    __slots__ = ("ex", "marker", "found")
+
+    def __init__(self, ex: Exchange, marker: bytes) -> None:
+        self.ex = ex
+        self.marker = marker
+        self.found = False
+
+    def __call__(self, chunk: bytes) -> None:
+        ex = self.ex
         now = ex.piece(chunk)
+        if self.found:
+            return
         if len(ex.head) < _HEAD_LIMIT and ex.head is not chunk:  # the first one is in already (``piece``)
             ex.head += chunk
-        # The marker may straddle the previous piece and this one.
-        found = marker in chunk or marker in ex.prev[-width:] + chunk[:width]
-        if found:
+        marker = self.marker
+        width = len(marker)
+        if marker in chunk or marker in ex.prev[-width:] + chunk[:width]:
             ex.t_token = now
-        if conn.body_complete:
-            await send({"type": "http.response.body", "body": chunk, "more_body": False})
-            return True
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if found:
-            return False
-    return False
+            self.found = True
 
 
 async def send_error(send: Send, err: GatewayError, ex: Exchange) -> None:
