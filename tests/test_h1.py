@@ -44,6 +44,20 @@ def test_request_bytes_put_host_first_and_keep_the_rest_in_order() -> None:
         ([(b"host", b"h"), (b"transfer-encoding", b"chunked")], False),
         ([(b"host", b"h"), (b"content-length", b"1"), (b"content-length", b"1")], False),
         ([(b"host", b"h"), (b"content-length", b"+1")], False),
+        ([(b"host", b"h"), (b"user-agent", b"Mozilla/5.0 (X11; Linux)\tx")], True),  # spaces inside
+        ([(b"host", b"h"), (b"x-a", b"")], True),  # an empty value
+        ([(b"x-a", b""), (b"host", b"h")], True),
+        ([(b"host", b"h"), (b"x-a", b"\x01\x7f\xff")], True),  # h11's [^\x00\s]: control bytes and obs-text
+        ([(b"host", b"h"), (b"x-a", b"a\t")], False),  # a tab at the end
+        ([(b"host", b"h"), (b"x-a", b"\ta")], False),
+        ([(b"x-a", b" "), (b"host", b"h")], False),
+        ([(b"host", b"h"), (b"x-a", b"a\x00b")], False),
+        ([(b"host", b"h"), (b"x-a", b"a\x0bb")], False),
+        ([(b"host", b"h"), (b"", b"v")], False),  # an empty name, last
+        ([(b"", b"v"), (b"host", b"h")], False),
+        ([(b"", b"v")], False),
+        ([], False),
+        ([(b"host", b"h"), (b"x a", b"v")], False),
     ],
 )
 def test_fields_valid(headers: list[tuple[bytes, bytes]], valid: bool) -> None:
