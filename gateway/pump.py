@@ -28,6 +28,19 @@ from gateway.types import Send
 _DONE = BodyState.DONE
 
 
+#: Per type of awaitable a ``send`` returned: whether it is done at its creation, always. True only
+#: for Granian's ``PyEmptyAwaitable``, what its ``send`` returns when the message went out at once
+#: (its ``__next__`` ends at once; granian ``src/callbacks.rs``, from ``empty_future_into_py``):
+#: a piece answered with one needs no driving. Granian does not export the class, so it is known
+#: by its name when first met; any other type is driven (the same result, slower).
+_AT_ONCE: dict[type, bool] = {}
+
+
+def _at_once(kind: type) -> bool:
+    found = _AT_ONCE[kind] = kind.__module__ == "granian._granian" and kind.__qualname__ == "PyEmptyAwaitable"
+    return found
+
+
 class Pump:
     """Relays one body from the protocol's callbacks; ``run`` starts it and returns the future the
     request's task waits on: its result says whether the last piece went out as the final body
@@ -172,7 +185,12 @@ class Pump:
     # -- the client side: ``send`` driven as a task would ---------------------------------------
 
     def _put(self, piece: bytes, more: bool) -> None:
-        it = self._send({"type": "http.response.body", "body": piece, "more_body": more}).__await__()
+        sent = self._send({"type": "http.response.body", "body": piece, "more_body": more})
+        kind = type(sent)
+        at_once = _AT_ONCE.get(kind)
+        if at_once or at_once is None and _at_once(kind):
+            return  # Granian's answer when its body channel had room: nothing to wait for
+        it = sent.__await__()
         try:
             awaited = next(it)
         except StopIteration:

@@ -13,10 +13,15 @@ while the client is the one being waited for; a cancelled relay must let go of e
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpcore
@@ -25,10 +30,12 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import pump
 from gateway.connection import Connection
 from gateway.netio import AsyncioBackend, Stream
 from gateway.types import Send
 from tests.asgi import Message
+from tests.servers import free_port
 
 ORIGIN = httpcore.Origin(b"http", b"127.0.0.1", 8000)
 REQUEST = [(b"host", b"backend:8000"), (b"content-type", b"application/json"), (b"content-length", b"2")]
@@ -436,3 +443,73 @@ def test_reads_that_keep_coming_never_time_out() -> None:
     parts = [CHUNKED_HEAD, *(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS[:15] * 2), b"0\r\n\r\n"]
     out = run(Upstream(parts[:16] + parts[-1:], gap=0.02), lambda c, s: by_pump(c, s, (0.05, 0.05)))
     assert out.error is None and out.reusable
+
+
+# -- Granian's send -----------------------------------------------------------------------------------
+
+_PROBE_APP = """
+from gateway import pump
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    sent = send({"type": "http.response.body", "body": b"data: 1\\n\\n", "more_body": True})
+    kind = type(sent)
+    verdict = pump._AT_ONCE.get(kind)
+    verdict = pump._at_once(kind) if verdict is None else verdict
+    await sent
+    await send({"type": "http.response.body", "body": b"%s.%s %s" % (
+        kind.__module__.encode(), kind.__qualname__.encode(), str(verdict).encode()), "more_body": False})
+"""
+
+
+def test_granians_done_answer_is_known_and_nothing_else_is(tmp_path: Path) -> None:
+    """The pump skips driving ``send``'s answer only for Granian's always-done awaitable: served by
+    the Granian the gateway runs on, a body piece's answer is that type and is recognised (if a
+    later Granian renamed it, every piece would be driven: correct, slower, and this test says so)."""
+    (tmp_path / "probe_app.py").write_text(_PROBE_APP)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{Path(__file__).resolve().parent.parent}"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "probe_app:app",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        answer = b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not answer:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert b"granian._granian.PyEmptyAwaitable True" in answer, answer
+    # Anything else is driven, whatever it claims to be.
+    assert not pump._at_once(type("PyEmptyAwaitable", (), {"__module__": "elsewhere"}))
+    assert not pump._at_once(Later)
