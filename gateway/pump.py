@@ -62,6 +62,7 @@ class Pump:
         "_waiting",
         "_awaited",
         "_ended",
+        "_lost",
     )
 
     def __init__(
@@ -92,6 +93,9 @@ class Pump:
         self._awaited: Any = None
         #: The body ended (its last piece handed to ``send``): the result once that send is done.
         self._ended: bool | None = None
+        #: The connection ended while a piece was with the client: the failure, raised once the
+        #: client has taken that piece (what the backend sent before it closed is never dropped).
+        self._lost: BaseException | None = None
 
     def run(self, data: bytes) -> asyncio.Future[bool]:
         """Relay ``data`` (what was read already), then every read as it arrives."""
@@ -150,9 +154,14 @@ class Pump:
     def ended(self, exc: BaseException | None) -> None:
         """The backend closed the connection before the body's end (or it was lost)."""
         if exc is not None:
-            self._fail(httpcore.ReadError(str(exc) or type(exc).__name__))
+            error: BaseException = httpcore.ReadError(str(exc) or type(exc).__name__)
         else:
-            self._fail(httpcore.RemoteProtocolError(str(self._decoder.eof_error())))
+            error = httpcore.RemoteProtocolError(str(self._decoder.eof_error()))
+        if self._waiting is not None:
+            if self._lost is None:
+                self._lost = error
+            return
+        self._fail(error)
 
     # -- the body's end -------------------------------------------------------------------------
 
@@ -218,7 +227,9 @@ class Pump:
             awaited = next(it)
         except StopIteration:
             self._waiting = self._awaited = None
-            if self._ended is not None:
+            if self._lost is not None:
+                self._fail(self._lost)
+            elif self._ended is not None:
                 self._finish()
             else:
                 self._resume_reading()

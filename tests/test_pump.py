@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from gateway import pump
 from gateway.connection import Connection
+from gateway.h1 import ChunkedBody
 from gateway.netio import AsyncioBackend, Stream
 from gateway.types import Send
 from tests.asgi import Message
@@ -513,3 +514,55 @@ def test_granians_done_answer_is_known_and_nothing_else_is(tmp_path: Path) -> No
     # Anything else is driven, whatever it claims to be.
     assert not pump._at_once(type("PyEmptyAwaitable", (), {"__module__": "elsewhere"}))
     assert not pump._at_once(Later)
+
+
+class _Transport:
+    """A transport that only says whether it is being read."""
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Proto:
+    def __init__(self) -> None:
+        self.sink: Any = None
+        self.transport = _Transport()
+        self._eof = False
+        self._exc: BaseException | None = None
+
+
+def test_the_end_of_the_connection_waits_for_the_piece_the_client_holds() -> None:
+    """The backend's connection ends while the client is still taking a piece: that piece is not
+    dropped (its send is not cancelled); the body fails once the client has it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        proto, pending, sent = _Proto(), Later(loop), list[Message]()
+
+        def send(message: Message) -> Any:
+            sent.append(message)
+            return pending
+
+        body = pump.Pump(proto, ChunkedBody(1 << 16), send, lambda piece: None, loop, 1.0, 1.0)  # type: ignore[arg-type]
+        done = body.run(b"")
+        body.data(b"5\r\nhello\r\n")
+        assert not proto.transport.reading  # the client's turn
+        body.ended(None)  # the backend closed meanwhile
+        body.ended(OSError("and the socket went"))
+        await asyncio.sleep(0.01)
+        assert not done.done() and not pending._fut.cancelled()
+        pending.finish()
+        with pytest.raises(httpcore.RemoteProtocolError):
+            await asyncio.wait_for(done, 1.0)
+        assert [m["body"] for m in sent] == [b"hello"] and proto.sink is None
+
+    uvloop.run(main())
