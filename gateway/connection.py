@@ -1,10 +1,12 @@
 """One HTTP/1.1 connection to a backend: ``gateway.h1`` driven over httpcore's network stream,
 with h11 (through httpcore's connection) as the fallback for all that ``h1`` does not take.
 
-The one module that touches private state of h11 and httpcore (h11's receive buffer, body
-readers, header list and size limit; httpcore's connection state, stream and expiry), pinned to
-their minor versions in pyproject.toml. h11 per exchange was over half of the app's own time per
-non-streamed request and most of the per-chunk cost: plain exchanges go past it (``DIRECT``).
+With ``gateway.h11_path`` (h11's own path, the fallback, and the private names of h11 and
+httpcore, looked up and checked there), the only module that touches private state of h11 and
+httpcore (h11's receive buffer, body readers, header list and size limit; httpcore's connection
+state, stream and expiry), pinned to their minor versions in pyproject.toml. h11 per exchange was
+over half of the app's own time per non-streamed request and most of the per-chunk cost: plain
+exchanges go past it (``DIRECT``).
 """
 
 from __future__ import annotations
@@ -15,60 +17,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import h11
 import httpcore
-from httpcore import AsyncHTTP11Connection
 
 from gateway import h1
 from gateway.h1 import fields_valid, parse_head, plain_request, request_bytes
+from gateway.h11_path import ACTIVE, IDLE, NEW, ChunkedReader, ContentLengthReader, H11Path, disconnected, h11_fields
+from gateway.h11_path import DIRECT as DIRECT
+from gateway.h11_path import FAST_CHUNKED as FAST_CHUNKED
 from gateway.netio import Stream as NetStream
 from gateway.pump import Pump
 from gateway.types import Send
 
-try:  # h11's body readers: the body is taken over from them before they have read anything
-    from h11._readers import ChunkedReader, ContentLengthReader
-except ImportError:  # pragma: no cover - a later h11 that moved them; then h11 frames bodies itself
-    ChunkedReader = ContentLengthReader = None  # type: ignore[assignment,misc]
-try:  # h11's header list: built directly once the headers are known to be valid
-    from h11._headers import Headers as H11Headers
-except ImportError:  # pragma: no cover - a later h11 that moved it; then h11 checks each header
-    H11Headers = None  # type: ignore[assignment,misc]
-from httpcore._async.http11 import HTTPConnectionState
 
-_IDLE, _NEW, _ACTIVE = HTTPConnectionState.IDLE, HTTPConnectionState.NEW, HTTPConnectionState.ACTIVE
-
-
-def _h11_internals_known() -> bool:
-    """Whether this h11 has the receive buffer, readers and limit used here."""
-    if ChunkedReader is None:
-        return False
-    probe, chunked, sized = h11.Connection(h11.CLIENT), ChunkedReader(), ContentLengthReader(1)
-    return (
-        all(hasattr(probe, a) for a in ("_reader", "_max_incomplete_event_size", "_receive_buffer"))
-        and all(hasattr(chunked, a) for a in ("_bytes_in_chunk", "_bytes_to_discard", "_reading_trailer"))
-        and all(hasattr(sized, a) for a in ("_length", "_remaining"))
-        and hasattr(probe._receive_buffer, "maybe_extract_at_most")
-    )
-
-
-#: Bodies h11 has started are decoded by ``h1`` (else h11 frames them, slower, equally correct).
-FAST_CHUNKED = _h11_internals_known()
-#: ``exchange`` goes past h11's state machine for the requests and responses that need none of it.
-DIRECT = FAST_CHUNKED and H11Headers is not None
-
-
-def _h11_fields(headers: list[tuple[bytes, bytes]]) -> H11Headers:
-    """h11's own header list for headers that ``fields_valid`` passed (h11 checks none again)."""
-    return H11Headers([(n, n, v) for n, v in headers])
-
-
-def _disconnected() -> httpcore.RemoteProtocolError:
-    return httpcore.RemoteProtocolError("Server disconnected without sending a response.")
-
-
-class Connection(AsyncHTTP11Connection):
+class Connection(H11Path):
     """One backend connection, used by one request at a time.
 
     The relay's interface: ``exchange`` (send a request, get the response head), then the body by
-    ``body_in_hand`` or ``iter_body`` (``body_complete`` says a piece was the last), then
+    ``body_in_hand``, ``pumped`` or ``iter_body`` (``body_complete`` says a piece was the last), then
     ``close_response``; ``reusable`` and ``request_sent`` for the pool and the resend rule.
     httpcore's ``handle_async_request`` works too, but its error paths need anyio (not a
     dependency): the gateway itself does not call it.
@@ -108,7 +72,7 @@ class Connection(AsyncHTTP11Connection):
     def reusable(self) -> bool:
         """Whether the response was read to its end and nothing came after it."""
         # h11's trailing_data would copy its buffer for the same answer: is anything in it.
-        return self._state is _IDLE and not self._h11_state._receive_buffer
+        return self._state is IDLE and not self._h11_state._receive_buffer
 
     @property
     def request_sent(self) -> bool:
@@ -136,10 +100,10 @@ class Connection(AsyncHTTP11Connection):
         reading the whole request.
         """
         state = self._state
-        if state is not _IDLE and state is not _NEW:
+        if state is not IDLE and state is not NEW:
             raise httpcore.ConnectionNotAvailable()
         self._request_count += 1
-        self._state = _ACTIVE
+        self._state = ACTIVE
         self._expire_at = None
         self.body_complete = False
         self._decoder, self._counted = None, 0
@@ -163,7 +127,7 @@ class Connection(AsyncHTTP11Connection):
                 pass  # read the answer anyway, as httpcore does
             received = await stream.read(self.READ_NUM_BYTES, timeout=timeout)
             if not received:
-                raise _disconnected()
+                raise disconnected()
             end = received.find(b"\r\n\r\n")
             head = parse_head(received, end) if end >= 0 else None
             if head is None:  # h11 reads this one: a head in several reads, or one that needs h11
@@ -248,16 +212,8 @@ class Connection(AsyncHTTP11Connection):
             last_sent = await pump.run(data)
         finally:
             pump.detach()
-        if decoder.state is h1.BodyState.DONE:
-            self.body_complete, self._extra = True, decoder.extra
-            return last_sent
-        assert isinstance(decoder, h1.ChunkedBody)
-        if decoder.error is not None:
-            raise httpcore.RemoteProtocolError(str(decoder.error))
-        # Trailers, or their end still to come: h11 reads them from the last chunk on.
-        self._to_h11(self._head + decoder.tail)
-        await self._h11_end(idle_timeout)
-        return False
+        await self._direct_end(decoder, idle_timeout)
+        return last_sent
 
     async def close_response(self) -> None:
         """After a response: back to idle if it was read to the end, else closed."""
@@ -266,7 +222,7 @@ class Connection(AsyncHTTP11Connection):
             self._direct = False
             self._head = self._rest = b""
             if self.body_complete and not self._extra:
-                self._state = _IDLE
+                self._state = IDLE
                 if self._keepalive_expiry is not None:
                     self._expire_at = time.monotonic() + self._keepalive_expiry
             else:
@@ -283,7 +239,7 @@ class Connection(AsyncHTTP11Connection):
         assert self._sent is not None
         method, target, headers, body = self._sent
         state = self._h11_state
-        state.send(h11.Request(method=method, target=target, headers=_h11_fields(headers), _parsed=True))
+        state.send(h11.Request(method=method, target=target, headers=h11_fields(headers), _parsed=True))
         if body:
             state.send(h11.Data(data=body))
         state.send(h11.EndOfMessage())
@@ -357,101 +313,24 @@ class Connection(AsyncHTTP11Connection):
             data = await read(size, timeout)
             if not data:
                 raise httpcore.RemoteProtocolError(str(decoder.eof_error()))
+        if direct:
+            await self._direct_end(decoder, idle_timeout)
+            return
         if decoder.error is not None:
             raise httpcore.RemoteProtocolError(str(decoder.error))
-        if not direct:
-            state.receive_data(decoder.tail)
-        elif decoder.state is h1.BodyState.DONE:
-            self.body_complete, self._extra = True, decoder.extra
-            return
-        else:  # trailers, or their end still to come: h11 reads them from the last chunk on
-            self._to_h11(self._head + decoder.tail)
+        state.receive_data(decoder.tail)
         await self._h11_end(idle_timeout)
 
-    # -- h11's path -----------------------------------------------------------------------------
-
-    async def _h11_exchange(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        timeout: float | None,  # noqa: ASYNC109
-        valid: bool,
-    ) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """``exchange`` through h11's events, which check and refuse what h11 refuses; the
-        connection is closed on any failure."""
-        fields = _h11_fields(headers) if valid and H11Headers is not None else None
-        h11_state = self._h11_state
-        try:
-            try:
-                event = (
-                    h11.Request(method=method, target=target, headers=headers)
-                    if fields is None
-                    else h11.Request(method=method, target=target, headers=fields, _parsed=True)
-                )
-                data = h11_state.send(event) or b""
-                if body:
-                    data += h11_state.send(h11.Data(data=body)) or b""
-                data += h11_state.send(h11.EndOfMessage()) or b""
-            except h11.LocalProtocolError as exc:
-                raise httpcore.LocalProtocolError(exc) from exc
-            try:
-                await self._network_stream.write(data, timeout=timeout)
-            except httpcore.WriteError:
-                pass
-            if not h11_state.trailing_data[0]:
-                # Nothing buffered (the pool reuses no connection with bytes left over): h11's first
-                # answer would be NEED_DATA, so read first.
-                received = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
-                if not received:
-                    raise _disconnected()
-                h11_state.receive_data(received)
-            return await self._h11_head(timeout)
-        except BaseException:
-            await self._response_closed()  # no await inside can be interrupted: no lock, see netio
-            raise
-
-    async def _receive_event(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:  # noqa: ASYNC109
-        # httpcore's own enters ``map_exceptions`` (a contextlib manager) per event; a plain try
-        # does the same work.
-        state = self._h11_state
-        while True:
-            try:
-                event = state.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise httpcore.RemoteProtocolError(exc) from exc
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            data = await self._network_stream.read(self.READ_NUM_BYTES, timeout=timeout)
-            if data == b"" and state.their_state == h11.SEND_RESPONSE:
-                raise _disconnected()
-            state.receive_data(data)
-
-    async def _h11_head(self, timeout: float | None) -> tuple[int, list[tuple[bytes, bytes]]]:  # noqa: ASYNC109
-        """h11's response head, past any 1xx (a 101 is the answer itself)."""
-        while True:
-            head = await self._receive_event(timeout)
-            if type(head) is h11.Response or (type(head) is h11.InformationalResponse and head.status_code == 101):
-                return head.status_code, head.headers.raw_items()
-
-    async def _h11_body(self, first_timeout: float | None, idle_timeout: float | None) -> AsyncIterator[bytes]:
-        """The body as h11 frames it (one generator, where ``response.stream`` nests two)."""
-        timeout = first_timeout
-        while True:
-            event = await self._receive_event(timeout)
-            timeout = idle_timeout
-            if type(event) is h11.Data:
-                self._counted += 1
-                yield bytes(event.data)  # h11 hands out a bytearray; ASGI bodies are bytes
-            elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
-                return
-
-    async def _h11_end(self, timeout: float | None) -> None:  # noqa: ASYNC109
-        while type(await self._receive_event(timeout)) is not h11.EndOfMessage:
-            pass
-
-    def _take_h11_buffer(self) -> bytes:
-        buffer = self._h11_state._receive_buffer
-        taken = buffer.maybe_extract_at_most(len(buffer))
-        return bytes(taken) if taken else b""
+    async def _direct_end(self, decoder: h1.ChunkedBody | h1.SizedBody, idle_timeout: float | None) -> None:  # noqa: ASYNC109
+        """A direct-path body's decoder finished: the message ended (``body_complete``; what came
+        after it is kept, so the pool does not reuse the connection), its framing broke (raised,
+        after the data before the fault went out), or trailers follow (h11 reads them from the
+        last chunk on)."""
+        if decoder.state is h1.BodyState.DONE:
+            self.body_complete, self._extra = True, decoder.extra
+            return
+        assert isinstance(decoder, h1.ChunkedBody)  # a sized body can only end
+        if decoder.error is not None:
+            raise httpcore.RemoteProtocolError(str(decoder.error))
+        self._to_h11(self._head + decoder.tail)
+        await self._h11_end(idle_timeout)
