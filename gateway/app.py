@@ -27,6 +27,7 @@ from time import perf_counter
 from urllib.parse import quote
 
 import httpcore
+import msgspec
 
 from gateway import engine_load, errors, local, probe, routes, tracing
 from gateway.access_log import AccessLog
@@ -305,11 +306,12 @@ class Gateway:
         model = "none"
         blocks = None
         pinned = None
+        previous: bytes | msgspec.Raw = b""
         if route.json_body:
-            backend, body, model, blocks = self._route_by_model(route, body, backend)
+            backend, body, model, blocks, previous = self._route_by_model(route, body, backend, ex)
         assert backend is not None
         if route.stateful is not None:
-            backend, pinned = self.stateful.route(route, scope["path"], body, backend)
+            backend, pinned = self.stateful.route(route, scope["path"], previous, backend)
         forwarded = client.forwarded
         if body or scope["method"] not in _BODILESS:
             forwarded.append((b"content-length", str(len(body)).encode()))
@@ -363,12 +365,14 @@ class Gateway:
             metrics.child(metrics.limit_decisions, "allowed").inc()
 
     def _route_by_model(
-        self, route: routes.Route, body: bytes, known: Backend | None
-    ) -> tuple[Backend, bytes, str, list[int] | None]:
-        """The routing stage for JSON bodies: the backend for the body's model (its capability
-        checked, unless it was ``known`` and checked before the body), the body to send (the model
-        rewritten for an alias or filled in), the model's metrics label, and the prompt's block
-        hashes when the backend balances by prefix (None otherwise: no work added)."""
+        self, route: routes.Route, body: bytes, known: Backend | None, ex: Exchange
+    ) -> tuple[Backend, bytes, str, list[int] | None, msgspec.Raw]:
+        """The routing stage for JSON bodies, from one decode: the backend for the body's model
+        (its capability checked, unless it was ``known`` and checked before the body), the body to
+        send (the model rewritten for an alias or filled in), the model's metrics label, the
+        prompt's block hashes when the backend balances by prefix (None otherwise: no work added)
+        and the raw ``previous_response_id`` (``stateful``). The model sent and whether a stream
+        was asked for go to ``ex`` (traces)."""
         prompt = b""
         if self.topology.by_prefix:  # the prompt read in the same decode, only where it may serve
             peeked, prompt = peek_prompt(body)
@@ -382,8 +386,10 @@ class Gateway:
         if peeked.wants_tools:
             check_capability(backend, "tools")
         name = served or peeked.model
+        ex.request_model, ex.stream = name, peeked.stream is True
         blocks = block_hashes(prompt, name or "") if backend.affinity is not None else None
-        return backend, body, (name if name in self.known_models else "other") if name else "none", blocks
+        label = (name if name in self.known_models else "other") if name else "none"
+        return backend, body, label, blocks, peeked.previous_response_id
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop

@@ -8,6 +8,7 @@ timers and, at the request's end, the metrics and the access log.
 
 from __future__ import annotations
 
+import copy
 from time import perf_counter
 from typing import TYPE_CHECKING, Literal
 
@@ -60,6 +61,8 @@ class Exchange:
         "t_token",
         "head",
         "replica",
+        "request_model",
+        "stream",
     )
 
     def __init__(self, t_start: float = 0.0) -> None:
@@ -107,6 +110,10 @@ class Exchange:
         self.head = b""
         #: The replica the request went to last (Responses: the id map records it).
         self.replica: Replica | None = None
+        #: A JSON body's model as sent upstream (after an alias) and whether it asked for a
+        #: stream, from the routing stage's one decode (traces read them); None and False else.
+        self.request_model: str | None = None
+        self.stream = False
 
     def piece(self, chunk: bytes) -> float:
         """A piece of the response body arrived (the relay, per piece): its time, the largest gap
@@ -167,3 +174,9 @@ class Outgoing:
         self.rooted = False
         #: The replica to try first (Responses: the one holding a stored response).
         self.pinned: Replica | None = None
+
+    def with_headers(self, headers: list[tuple[bytes, bytes]]) -> Outgoing:
+        """The same request with other headers (every other decision kept)."""
+        new = copy.copy(self)
+        new.headers = headers
+        return new

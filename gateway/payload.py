@@ -13,6 +13,9 @@ class Peek(msgspec.Struct):
     model: str | None = None
     stream: bool | None = None
     tools: msgspec.Raw = msgspec.Raw()
+    #: The Responses API's stored response to continue (``stateful``): raw, so a value of the
+    #: wrong type is the backend's to refuse, not a 400 of the gateway's on every route.
+    previous_response_id: msgspec.Raw = msgspec.Raw()
 
     @property
     def wants_tools(self) -> bool:

@@ -9,15 +9,9 @@ from gateway import routes
 from gateway.balance import Backend, Replica
 from gateway.exchange import Exchange
 from gateway.responses_map import ResponseMap, first_id
-from gateway.topology import check_capability
 from gateway.types import HTTPScope
 
-
-class _Continues(msgspec.Struct):
-    previous_response_id: str | None = None
-
-
-_continues = msgspec.json.Decoder(_Continues)
+_string = msgspec.json.Decoder(str)
 
 
 class Stateful:
@@ -28,21 +22,23 @@ class Stateful:
     def __init__(self) -> None:
         self.ids = ResponseMap()
 
-    def route(self, route: routes.Route, path: str, body: bytes, backend: Backend) -> tuple[Backend, Replica | None]:
+    def route(
+        self, route: routes.Route, path: str, previous: bytes | msgspec.Raw, backend: Backend
+    ) -> tuple[Backend, Replica | None]:
         """The backend and replica for a request that names a stored response (its path's id, or
-        a create's ``previous_response_id``), when the map holds it; else ``backend`` as routed."""
+        a create's ``previous_response_id``, ``previous`` as the body has it: raw JSON, read by
+        the routing stage's decode), when the map holds it; else ``backend`` as routed."""
         if route.stateful == "by_id":
             response_id: str | None = routes.response_id(path)
         else:
             try:
-                response_id = _continues.decode(body).previous_response_id
-            except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
-                response_id = None  # the backend says what is wrong with it
+                response_id = _string.decode(previous) if previous else None
+            except (msgspec.MsgspecError, UnicodeDecodeError):
+                response_id = None  # not a string: the backend says what is wrong with it
         found = self.ids.get(response_id) if response_id else None
         if found is None:
             return backend, None
-        check_capability(found[0], route.capability)
-        return found
+        return found  # its backend created it: it serves the Responses routes
 
     def remember(self, route: routes.Route, scope: HTTPScope, ex: Exchange, backend: Backend) -> None:
         """After the answer: a created response's id is recorded; a deleted one forgotten."""

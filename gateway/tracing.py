@@ -105,7 +105,7 @@ def check(environ: Mapping[str, str]) -> bool:
 class TracedExchange(Exchange):
     """An ``Exchange`` with its trace: made instead of one when tracing is on."""
 
-    __slots__ = ("span", "recording", "wall", "attempts", "request_model", "stream")
+    __slots__ = ("span", "recording", "wall", "attempts")
 
     def __init__(self, t_start: float, span: ApiSpan, wall: int) -> None:
         super().__init__(t_start)
@@ -117,8 +117,6 @@ class TracedExchange(Exchange):
         self.wall = wall
         #: One per attempt on a replica.
         self.attempts: list[Attempt] = []
-        self.request_model: str | None = None
-        self.stream = False
 
     def ns(self, t: float) -> int:
         return self.wall + int((t - self.t_start) * 1e9)
@@ -175,8 +173,6 @@ class Tracing:
         """``relay.attempt`` with a CLIENT span around each attempt, its context sent on."""
         from opentelemetry.trace import SpanKind, set_span_in_context
 
-        from gateway.payload import peek
-
         tracer = self.tracer
 
         async def traced(
@@ -185,10 +181,6 @@ class Tracing:
             assert isinstance(ex, TracedExchange)
             if not ex.recording:  # not sampled: the backend only learns the decision
                 return await on_replica(_with_context(out, ex.span), replica, timeouts, may_retry, send, ex)
-            if not ex.attempts:  # the body as sent upstream (the model after an alias), read once
-                peeked = peek(out.body) if out.body[:1] == b"{" else None
-                ex.request_model = peeked.model if peeked is not None else None
-                ex.stream = bool(peeked is not None and peeked.stream)
             # Attributes are set once, at the end (``finish``): each costs a validation in the SDK,
             # and those given here would be validated twice (the sampler's copy).
             span = tracer.start_span(
@@ -307,7 +299,7 @@ def _with_context(out: Outgoing, span: ApiSpan) -> Outgoing:
     headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (ctx.trace_id, ctx.span_id, ctx.trace_flags)))
     if ctx.trace_state:
         headers.append((b"tracestate", ctx.trace_state.to_header().encode("latin-1")))
-    return Outgoing(out.backend, out.method, out.path, out.query, headers, out.body, out.sticky, out.blocks)
+    return out.with_headers(headers)
 
 
 def _set_error(span: ApiSpan) -> None:

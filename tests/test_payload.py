@@ -28,3 +28,27 @@ def test_with_model_keeps_other_values_raw() -> None:
     assert b'"content":"caf\\u00e9 \xf0\x9f\x98\x80"' in out  # untouched bytes
     assert b'"n":1.50' in out
     assert orjson.loads(with_model(b"{}", "x")) == {"model": "x"}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"model":"m","previous_response_id":"resp_1"}', "resp_1"),
+        (b'{"model":"m","previous_response_id":5}', None),  # the backend's to refuse: no 400 here
+        (b'{"model":"m","previous_response_id":null}', None),
+        (b'{"model":"m"}', None),
+    ],
+)
+def test_the_previous_response_id_is_read_in_the_same_decode(body: bytes, expected: str | None) -> None:
+    from gateway import routes
+    from gateway.stateful import Stateful
+
+    peeked = peek(body)  # never a 400 for this field, on any route
+    state = Stateful()
+    fallback, stored = object(), object()  # stand-ins for a backend and a replica
+    if expected is not None:
+        state.ids.put(expected, stored, stored)  # type: ignore[arg-type]
+    create = routes.resolve("/v1/responses")
+    assert create is not None
+    found = state.route(create, "/v1/responses", peeked.previous_response_id, fallback)  # type: ignore[arg-type]
+    assert found == ((stored, stored) if expected is not None else (fallback, None))

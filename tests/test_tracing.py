@@ -192,6 +192,20 @@ def test_a_streamed_chat_continues_the_clients_trace(start_gateway: StartGateway
     )
 
 
+def test_tracing_changes_nothing_that_is_sent(start_gateway: StartGateway, backend: FakeBackend) -> None:
+    """With traces on, a request goes where and as it would without them: a route with the kind's
+    own path spelling keeps it (``/tokenize`` at the server's root, not under ``/v1``), a body the
+    gateway does not read (a passthrough route) is forwarded whatever its fields hold, and an
+    aliased model is traced as it was sent."""
+    with OtlpReceiver() as receiver:
+        g = start_gateway(BACKEND_BASE_URL=backend.url, **otel_env(receiver.url)).start()
+        g.request("POST", "/tokenize", b'{"model":"fake","prompt":"hi"}')  # the fake answers what it answers
+        assert backend.requests[-1].target == "/tokenize"
+        r = g.request("POST", "/v1/whatever/else", b'{"model": 5, "stream": "yes"}', {"content-type": "x"})
+        assert backend.requests[-1].target == "/v1/whatever/else" and r.status != 400
+        assert backend.requests[-1].body == b'{"model": 5, "stream": "yes"}'
+
+
 def test_each_attempt_is_a_client_span_and_only_the_last_ones_context_answers(start_gateway: StartGateway) -> None:
     async def unavailable(req: Req, conn: Conn) -> None:
         if req.method == "POST":
