@@ -71,6 +71,12 @@ class HeaderPass:
             if name == b"authorization":
                 authorization = value
                 auth_count += 1
+                if name == sticky_header:  # a key header can be the sticky one too
+                    sticky = value
+            elif name == b"x-api-key":
+                api_key = [value] if api_key is None else [*api_key, value]
+                if name == sticky_header:
+                    sticky = value
             elif name == b"content-length":
                 content_length = value
             elif name == b"x-request-id":
@@ -81,8 +87,6 @@ class HeaderPass:
                     forwarded.append((name, value))
             elif name == b"connection":
                 connection.append(value)
-            elif name == b"x-api-key":
-                api_key = [value] if api_key is None else [*api_key, value]
         if connection and connection != [b"keep-alive"]:  # what HTTP/1.1 clients send names nothing
             forwarded = _without_listed(forwarded, connection)
         rid = request_id(given_id)

@@ -56,6 +56,17 @@ def test_neither_credential_is_forwarded_and_both_are_seen() -> None:
     assert HeaderPass()([]).api_key is None
 
 
+@pytest.mark.parametrize("name", [b"x-api-key", b"authorization"])
+def test_a_key_header_can_be_the_sticky_header_and_still_authenticate(name: bytes) -> None:
+    """GATEWAY_STICKY=header:x-api-key keeps a client on one replica by its key: the key is still
+    seen for authentication (and still not forwarded)."""
+    value = b"k" if name == b"x-api-key" else b"Bearer k"
+    seen = HeaderPass(sticky_header=name)([(name, value), (b"accept", b"*/*")])
+    assert seen.sticky == value
+    assert (seen.api_key, seen.authorization) == (([b"k"], None) if name == b"x-api-key" else (None, b"Bearer k"))
+    assert [n for n, _ in seen.forwarded] == [b"accept", b"x-request-id"]
+
+
 def test_x_api_key_on_local_routes_too(tmp_path: Path) -> None:
     with FakeBackend() as fb:
         file = tmp_path / "routes.toml"
