@@ -80,7 +80,9 @@ async def forward(
             ex.balance = backend.reason
         ex.replica = replica
         tried.append(replica)
-        may_retry = len(tried) <= retries and len(tried) < len(backend.replicas)
+        # A request pinned to the replica holding its stored response is not retried elsewhere:
+        # no other replica has that response, so the pinned one's answer is the one to relay.
+        may_retry = pinned is None and len(tried) <= retries and len(tried) < len(backend.replicas)
         replica.inflight += 1
         try:
             answer = await attempt_on(out, replica, timeouts, may_retry, send, ex)

@@ -498,3 +498,40 @@ def test_sticky_setting_is_checked() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_STICKY"):
         settings_from_strings({"GATEWAY_STICKY": "cookie"})
     assert settings_from_strings({"GATEWAY_STICKY": "key"}).gateway_sticky == "key"
+
+
+def test_a_request_pinned_to_its_stored_response_is_not_retried_elsewhere() -> None:
+    """The replica holding a stored response answers 503: that answer is relayed, not a retry on a
+    replica that has never heard of the response."""
+
+    async def holder(req: Req, conn: Conn) -> None:
+        if req.method == "POST" and req.target.endswith("/responses"):
+            await conn.json(200, {"id": "resp_held", "object": "response", "status": "completed", "output": []})
+        elif req.target.endswith("/responses/resp_held"):
+            await conn.json(503, {"error": {"message": "busy", "type": "x", "param": None, "code": 503}})
+        else:
+            await default_handler(req, conn)
+
+    async def other(req: Req, conn: Conn) -> None:
+        if "/responses" in req.target:
+            await conn.json(404, {"error": {"message": "no such response", "type": "x", "param": None, "code": 404}})
+        else:
+            await default_handler(req, conn)
+
+    with FakeBackend(handler=holder) as a, FakeBackend(handler=other) as b:
+
+        async def go() -> None:
+            app = await started(BACKEND_BASE_URL=f"{a.url},{b.url}", GATEWAY_BALANCE="p2c", GATEWAY_RETRIES="2")
+            try:
+                for _ in range(10):  # until a create lands on the holder
+                    created = await call(app, "POST", "/v1/responses", b'{"model":"m","input":"hi"}')
+                    if created.status == 200:
+                        break
+                assert created.status == 200
+                r = await call(app, "GET", "/v1/responses/resp_held")
+                assert r.status == 503 and r.json()["error"]["message"] == "busy"
+                assert not any("resp_held" in q.target for q in b.requests)
+            finally:
+                await app.shutdown()
+
+        run(go())
