@@ -128,7 +128,7 @@ class Exchange:
         else:
             self.t_first = now
             self.phase = "body"
-            self.head = self.head or chunk
+            self.head = chunk
         self.t_last = now
         self.nbytes += len(chunk)
         self.prev = self.last

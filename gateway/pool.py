@@ -108,10 +108,6 @@ class Pool:
         return self._open
 
     @property
-    def size(self) -> int:
-        return self._size
-
-    @property
     def waiting(self) -> int:
         return len(self._queue)
 

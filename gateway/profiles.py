@@ -139,9 +139,7 @@ TGI_PATHS = MappingProxyType({"tokenize": "/tokenize", "detokenize": None})
 #: ``/rerank``, ``/reranking``, ``/v1/rerank`` and ``/v1/reranking`` (one handler, which answers 501
 #: unless the server runs with ``--reranking``, and needs a reranking model); ``/v1/messages`` and
 #: ``/v1/messages/count_tokens``; ``/v1/responses`` (create only); no score.
-LLAMACPP_PATHS = MappingProxyType(
-    {"tokenize": "/tokenize", "detokenize": "/detokenize", "rerank": "/v1/rerank", "score": None}
-)
+LLAMACPP_PATHS = MappingProxyType({"tokenize": "/tokenize", "detokenize": "/detokenize", "rerank": "/v1/rerank"})
 #: LocalAI serves ``/v1/messages`` and ``/v1/responses`` (../shared/backends.md); its Jina-style
 #: ``POST /v1/rerank`` (core/http/routes/jina.go at db1159b6511e) needs a reranker model, and its
 #: ``POST /v1/tokenize`` (core/http/routes/localai.go at d055a518dfb0, a model with the tokenize
@@ -175,7 +173,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: then relies on the gateway's own in-flight counts).
     engine_metrics: EngineMetrics | None = None
     #: Where the kind serves the routes outside ``/v1`` whose spelling differs between engines
-    #: (``routes.MAPPED``: tokenize, detokenize, rerank, score), relative to the server root; None:
+    #: (the routes with a ``Route.default_path``: tokenize, detokenize, rerank, score), relative to
+    #: the server root; None:
     #: the kind does not serve it (the gateway answers 501). A route not named here goes to the
     #: route's own default spelling (``Route.default_path``).
     paths: Mapping[str, str | None] = MappingProxyType({})

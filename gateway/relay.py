@@ -57,7 +57,7 @@ OnReplica = Callable[[Outgoing, "Replica", Timeouts, bool, Send, Exchange], Awai
 
 
 async def forward(
-    out: Outgoing, timeouts: Timeouts, retries: int, send: Send, ex: Exchange, on_replica: OnReplica | None = None
+    out: Outgoing, timeouts: Timeouts, retries: int, send: Send, ex: Exchange, on_replica: OnReplica
 ) -> None:
     """Forward one request to one of its backend's replicas and relay the response.
 
@@ -66,7 +66,6 @@ async def forward(
     spent the last answer is relayed unchanged. httpcore's exceptions propagate. ``on_replica``
     runs each attempt (``attempt``, or tracing's span around it: ``tracing.Tracing.wrap``).
     """
-    attempt_on = on_replica or attempt
     backend = out.backend
     tried: list[Replica] = []
     kept: _Kept | None = None
@@ -85,7 +84,7 @@ async def forward(
         may_retry = pinned is None and len(tried) <= retries and len(tried) < len(backend.replicas)
         replica.inflight += 1
         try:
-            answer = await attempt_on(out, replica, timeouts, may_retry, send, ex)
+            answer = await on_replica(out, replica, timeouts, may_retry, send, ex)
         except (httpcore.ConnectError, httpcore.ConnectTimeout):
             backend.failed(replica)
             if may_retry:

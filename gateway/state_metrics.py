@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 #: Every state a replica can be reported in (``Replica.state_now``): each is a series, 0 or 1 per
 #: worker, so a dashboard sees a state go to 0 rather than a series vanish.
 REPLICA_STATES = ("ready", "ejected", "loading", "unreachable")
-ADMISSION_REASONS = ("queue_full", "queue_timeout", "draining")
 
 
 class StateMetrics:
@@ -120,8 +119,8 @@ class StateMetrics:
         for backend in self.backends:
             name = backend.name
             self._set(self.queue, backend.queued, name)
-            for reason in ADMISSION_REASONS:
-                self._add(self.rejections, backend.rejected[reason], name, reason)
+            for reason, total in backend.rejected.items():
+                self._add(self.rejections, total, name, reason)
             for replica in backend.replicas:
                 label = replica.target.label
                 state = replica.state_now(now)

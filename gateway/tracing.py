@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from time import perf_counter, time_ns
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span as ApiSpan
 
     from gateway.balance import Replica
-    from gateway.relay import Timeouts
+    from gateway.relay import OnReplica, Timeouts
     from gateway.types import HTTPScope, Send
     from gateway.usage import Usage
 
@@ -51,8 +51,6 @@ OPERATIONS = {
     "messages": "chat",
 }
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
-
-OnReplica = Callable[["Outgoing", "Replica", "Timeouts", bool, "Send", Exchange], Awaitable[Any]]
 
 
 def wanted(environ: Mapping[str, str]) -> bool:
@@ -237,9 +235,7 @@ class Tracing:
                     attrs["gen_ai.usage.input_tokens"] = usage.prompt
                     attrs["gen_ai.usage.output_tokens"] = usage.completion
                 _first_chunk(span, ex, attrs, attempt.started)
-                # A client leaving is no error of the backend's (cancelled on purpose).
-                if ex.status >= 500 or ex.end not in ("done", "client_gone"):
-                    error = str(ex.status) if ex.status >= 500 else (ex.error_class or ex.end)
+                error = _error_type(ex)
             if error is not None:
                 attrs["error.type"] = error
                 _set_error(span)
@@ -254,14 +250,15 @@ class Tracing:
             "gateway.backend": ex.backend,
             "gateway.end": ex.end,
         }
-        if route != "unknown":  # the gateway's routes are fixed paths: low cardinality
+        if path in routes.TABLE:  # a fixed path (not a stored response's id, not a passthrough one)
             server.update_name(f"{method} {path}")
             attrs["http.route"] = path
         if ex.balance != "-":
             attrs["gateway.balance"] = ex.balance
         _first_chunk(server, ex, attrs, ex.t_start)
-        if ex.status >= 500 or ex.end not in ("done", "client_gone"):
-            attrs["error.type"] = str(ex.status) if ex.status >= 500 else (ex.error_class or ex.end)
+        error = _error_type(ex)
+        if error is not None:
+            attrs["error.type"] = error
             _set_error(server)
         server.set_attributes(attrs)
         server.end(end_time=ex.ns(ex.t_end))
@@ -300,6 +297,14 @@ def _with_context(out: Outgoing, span: ApiSpan) -> Outgoing:
     if ctx.trace_state:
         headers.append((b"tracestate", ctx.trace_state.to_header().encode("latin-1")))
     return out.with_headers(headers)
+
+
+def _error_type(ex: Exchange) -> str | None:
+    """The span's ``error.type``: a 5xx status, else why the exchange failed; None when it did not
+    (a client leaving is no error of the backend's: it was cancelled on purpose)."""
+    if ex.status >= 500:
+        return str(ex.status)
+    return None if ex.end in ("done", "client_gone") else ex.error_class or ex.end
 
 
 def _set_error(span: ApiSpan) -> None:

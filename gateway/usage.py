@@ -106,7 +106,8 @@ def _anthropic_input(usage: dict[str, object]) -> int | None:
 
 
 def _tail_usage(ex: Exchange) -> dict[str, object] | None:
-    """The last ``"usage"`` object in the last two pieces relayed."""
+    """The last ``"usage"`` object in the last two pieces relayed, without joining them when the
+    last one holds ``"usage"`` (the last occurrence in both is then the last one in it)."""
     last = ex.last
     at = last.rfind(b'"usage"')
     if at >= 0:
@@ -134,13 +135,9 @@ def find_usage(tail: bytes) -> tuple[int, int] | None:
 
 
 def exchange_usage(ex: Exchange) -> tuple[int, int] | None:
-    """``find_usage`` over the last two pieces relayed, without joining them when the last one
-    holds ``"usage"`` (the last occurrence in both is then the last one in it)."""
-    last = ex.last
-    at = last.rfind(b'"usage"')
-    if at >= 0:
-        return _usage_at(last, at)
-    return find_usage(ex.prev + last) if ex.prev else None
+    """``find_usage`` over the last two pieces relayed (``_tail_usage``)."""
+    value = _tail_usage(ex)
+    return None if value is None else _counts(value)
 
 
 def value_after(data: bytes, key_end: int, end: int | None = None) -> object:
@@ -165,13 +162,10 @@ def _usage_value(tail: bytes, at: int) -> dict[str, object] | None:
 
 def _usage_at(tail: bytes, at: int) -> tuple[int, int] | None:
     value = _usage_value(tail, at)
-    if value is None:
-        return None
-    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    # Counts a backend can mean: ints (not bools), never negative (a counter cannot go down),
-    # and not beyond what a float counter holds exactly.
-    if type(prompt) is not int or type(completion) is not int:
-        return None
-    if not (0 <= prompt <= MAX_USAGE and 0 <= completion <= MAX_USAGE):
-        return None
-    return prompt, completion
+    return None if value is None else _counts(value)
+
+
+def _counts(usage: dict[str, object]) -> tuple[int, int] | None:
+    """The chat/completions usage's (prompt, completion) counts, both as ``_count`` takes them."""
+    prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
+    return None if prompt is None or completion is None else (prompt, completion)

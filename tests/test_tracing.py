@@ -201,9 +201,15 @@ def test_tracing_changes_nothing_that_is_sent(start_gateway: StartGateway, backe
         g = start_gateway(BACKEND_BASE_URL=backend.url, **otel_env(receiver.url)).start()
         g.request("POST", "/tokenize", b'{"model":"fake","prompt":"hi"}')  # the fake answers what it answers
         assert backend.requests[-1].target == "/tokenize"
-        r = g.request("POST", "/v1/whatever/else", b'{"model": 5, "stream": "yes"}', {"content-type": "x"})
+        headers = {"content-type": "x", "traceparent": f"00-{TRACE}-{PARENT}-01"}
+        r = g.request("POST", "/v1/whatever/else", b'{"model": 5, "stream": "yes"}', headers)
         assert backend.requests[-1].target == "/v1/whatever/else" and r.status != 400
         assert backend.requests[-1].body == b'{"model": 5, "stream": "yes"}'
+        spans = wait_spans(receiver, TRACE, 2)
+    server = next(s for s in spans if s.kind == "SPAN_KIND_SERVER")
+    # Not one of the gateway's fixed paths: no http.route, and the path stays out of the name.
+    assert server.name == "POST" and "http.route" not in server.attributes
+    assert server.attributes["url.path"] == "/v1/whatever/else"
 
 
 def test_each_attempt_is_a_client_span_and_only_the_last_ones_context_answers(start_gateway: StartGateway) -> None:
