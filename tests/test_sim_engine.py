@@ -52,6 +52,19 @@ def test_prompt_text_keeps_roles_and_order() -> None:
     assert prompt_text({"prompt": [1, 2, 3]}, "completion") == "1 2 3"
 
 
+def test_messages_and_responses_prompts_are_cached_like_chats() -> None:
+    """The Anthropic Messages API's ``system`` and the Responses API's ``instructions`` come first,
+    as a chat's system message would: the same conversation on either surface is the same prefix."""
+    chat = prompt_text({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]}, "chat")
+    messages = prompt_text({"system": "S", "messages": [{"role": "user", "content": "hi"}]}, "messages")
+    responses = prompt_text({"instructions": "S", "input": [{"role": "user", "content": "hi"}]}, "responses")
+    assert chat == messages == responses
+    assert prompt_text({"input": "hi"}, "responses") == prompt_text(
+        {"messages": [{"role": "user", "content": "hi"}]}, "chat"
+    )
+    assert prompt_text({"system": [{"type": "text", "text": "S"}], "messages": []}, "messages") == "<|system|>S"
+
+
 def test_block_hashes_are_chained_and_seeded_by_the_model() -> None:
     a = "a" * BLOCK_CHARS
     b = "b" * BLOCK_CHARS

@@ -362,3 +362,19 @@ def test_the_simulator_serves_what_the_kind_serves(kind: str, embeddings: bool, 
         r = rawhttp.request(s.port, "POST", path, body)
     assert (r.status == 200) is served, (r.status, r.body)
     assert served or r.status in (404, 405)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "opening"),
+    [
+        ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": HI, "stream": True, "n": 2}, b"message_start"),
+        ("/v1/responses", {"model": "m", "input": "hi", "stream": True, "n": 2}, b"response.created"),
+    ],
+)
+def test_n_is_a_chat_field_the_other_surfaces_ignore(path: str, body: dict[str, object], opening: bytes) -> None:
+    """llama.cpp's simulator honours ``n`` (several choices) on chats; a Messages or Responses
+    stream has no choices: one opening event, each token once."""
+    with sim(kind="llamacpp", **NO_DELAY) as s:
+        r = rawhttp.request(s.port, "POST", path, body)
+    assert r.status == 200, r.body
+    assert r.body.count(opening) == 2  # one event: its type is named twice (event line, data)

@@ -2,8 +2,8 @@
 
 What makes routing matter on a real engine, in the manner of vLLM's automatic prefix caching:
 
-* The prompt, as the engine would see it (chat messages in order with their roles, or the
-  completions prompt: ``prompt_text``), is cut into blocks of ``block_tokens`` tokens (tokens
+* The prompt, as the engine would see it (chat, Messages and Responses messages in order with
+  their roles, or the completions prompt: ``prompt_text``), is cut into blocks of ``block_tokens`` tokens (tokens
   estimated from characters, four to a token, as everywhere in the simulator). Each full block is
   named by a hash chained over every block before it, seeded by the model name
   (``block_hashes``), so a block can be found in the cache only if every block before it can.
@@ -70,16 +70,29 @@ def _text(value: object) -> str:
     return ""
 
 
+def _messages(messages: object, first: object = None) -> str:
+    """Each message as its role and its content, in order, after ``first`` (a system prompt or
+    instructions, as the system role)."""
+    parts = [f"<|system|>{_text(first)}"] if first else []
+    if isinstance(messages, str):  # a Responses input given as text
+        parts.append(f"<|user|>{messages}")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            role = message.get("role")
+            parts.append(f"<|{role if isinstance(role, str) else ''}|>{_text(message.get('content'))}")
+    return "\n".join(parts)
+
+
 def prompt_text(body: dict[str, Any], kind: str) -> str:
-    """What the engine's prefix cache sees of a request: each chat message as its role and its
-    content, in order, or the completions prompt (token ids as numbers)."""
+    """What the engine's prefix cache sees of a request: each message as its role and its
+    content, in order (chat; Messages after its ``system``; Responses' ``input`` after its
+    ``instructions``), or the completions prompt (token ids as numbers)."""
     if kind == "chat":
-        parts: list[str] = []
-        for message in body.get("messages") or ():
-            if isinstance(message, dict):
-                role = message.get("role")
-                parts.append(f"<|{role if isinstance(role, str) else ''}|>{_text(message.get('content'))}")
-        return "\n".join(parts)
+        return _messages(body.get("messages"))
+    if kind == "messages":
+        return _messages(body.get("messages"), body.get("system"))
+    if kind == "responses":
+        return _messages(body.get("input"), body.get("instructions"))
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         return " ".join(str(p) if isinstance(p, int) else _text(p) for p in prompt)

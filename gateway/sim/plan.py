@@ -18,7 +18,6 @@ from gateway.sim.http import Request
 from gateway.sim.kinds import ContextError, Wire
 from gateway.sim.kv import Engine, block_hashes
 from gateway.sim.kv import prompt_text as kv_prompt_text
-from gateway.sim.surface_routes import prompt_text
 from gateway.sim.surfaces import MessagesFrames, ResponsesFrames
 
 #: Per-request timing overrides: header -> ``Timing`` field.
@@ -87,16 +86,24 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def surface_chars(body: dict[str, Any], kind: str) -> int:
+    """The characters a Messages request (``system`` and ``messages``) or a Responses request
+    (``instructions`` and ``input``) gives the model, unchecked (count_tokens counts any body)."""
+    if kind == "messages":
+        return responses.prompt_chars([body.get("system"), body.get("messages")])
+    return responses.prompt_chars([body.get("instructions"), body.get("input")])
+
+
 def _prompt_chars(body: dict[str, Any], kind: str) -> int:
     """The length of a chat's ``messages`` or a completion's ``prompt`` (checked)."""
     if kind == "messages":
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             raise PlanError("messages: Field required")
-        return len(prompt_text(body, kind))
+        return surface_chars(body, kind)
     if kind == "responses":
         if not isinstance(body.get("input"), str | list):
             raise PlanError("`input` must be a string or a list.")
-        return len(prompt_text(body, kind))
+        return surface_chars(body, kind)
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -144,7 +151,7 @@ class Planner:
         if not wire.echoes_model:
             model = self.config.model
         plan = Plan(kind, model, responses.estimate_tokens(_prompt_chars(body, kind)), timing, fault)
-        if wire.choices:
+        if wire.choices and kind not in ("messages", "responses"):  # those surfaces have no ``n``
             plan.n = self._choices(body.get("n"))
         plan.stream = body.get("stream") is True
         options = body.get("stream_options")
@@ -154,7 +161,7 @@ class Planner:
             self._fit_context(plan, wire.context_error)
         if kind in ("messages", "responses"):
             self._surface_plan(plan, body)
-        elif self.engine is not None:
+        if self.engine is not None:
             text = kv_prompt_text(body, kind)
             plan.hashes = block_hashes(text, model, self.engine.block_tokens, plan.prompt_tokens)
         return plan
@@ -170,7 +177,7 @@ class Planner:
 
     def prompt_tokens(self, body: dict[str, Any], kind: str) -> int:
         """What a request's prompt counts in the simulated tokens (count_tokens)."""
-        return responses.estimate_tokens(len(prompt_text(body, kind)))
+        return responses.estimate_tokens(surface_chars(body, kind))
 
     def _fit_context(self, plan: Plan, context_error: ContextError) -> None:
         """The kind's context window (llama.cpp): a prompt that fills it is refused, a generation

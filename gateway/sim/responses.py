@@ -29,7 +29,7 @@ WORDS: tuple[str, ...] = tuple(
         "that check usage against the number of content chunks in a stream of simulated text"
     ).split()
 )
-_WORDS_JSON: tuple[bytes, ...] = tuple(orjson.dumps(w) for w in WORDS)
+WORDS_JSON: tuple[bytes, ...] = tuple(orjson.dumps(w) for w in WORDS)
 
 _ID_PREFIX = os.urandom(4).hex()
 _ids = itertools.count(1)
@@ -114,7 +114,7 @@ class StreamFrames:
         )
 
     def token(self, i: int, index: int) -> bytes:
-        return self._heads[index] + _WORDS_JSON[i % len(_WORDS_JSON)] + self._tail
+        return self._heads[index] + WORDS_JSON[i % len(WORDS_JSON)] + self._tail
 
     def ends(
         self, index: int, reason: str, prompt_tokens: int, n_tokens: int, include_usage: bool, elapsed: Elapsed
@@ -310,7 +310,7 @@ class LlamaCppFrames(StreamFrames):
         return self._chunk([choice], self._after)
 
     def token(self, i: int, index: int) -> bytes:
-        return self._heads[index] + _WORDS_JSON[i % len(_WORDS_JSON)] + self._tails[index]
+        return self._heads[index] + WORDS_JSON[i % len(WORDS_JSON)] + self._tails[index]
 
     def ends(
         self, index: int, reason: str, prompt_tokens: int, n_tokens: int, include_usage: bool, elapsed: Elapsed

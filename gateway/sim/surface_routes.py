@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import orjson
 
 from gateway import routes
 from gateway.profiles import PROFILES, Support
 from gateway.sim import responses
-from gateway.sim.surfaces import rerank_body, score_body, text_of, tokens_of
+from gateway.sim.surfaces import anthropic_error, rerank_body, score_body, text_of, tokens_of
 
 if TYPE_CHECKING:
     from gateway.sim.app import SimApp
@@ -31,17 +31,6 @@ Handler = Callable[["HttpConnection", "Request"], Awaitable[None]]
 #: Stored responses kept for retrieval, most recent.
 STORED = 1024
 _BY_ID = "/v1/responses/"
-
-
-def _text(value: object) -> str:
-    """The text of a message list, content parts or a plain string, joined."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return " ".join(_text(v) for v in value)
-    if isinstance(value, dict):
-        return " ".join(_text(value.get(k)) for k in ("content", "text") if k in value)
-    return ""
 
 
 class SurfaceRoutes:
@@ -137,7 +126,9 @@ class SurfaceRoutes:
         if body is None:
             return
         if not isinstance(body.get("messages"), list):
-            conn.respond(400, self.app._json_headers, _anthropic_invalid("messages: Field required"))
+            conn.respond(
+                400, self.app._json_headers, anthropic_error("invalid_request_error", "messages: Field required")
+            )
             return
         tokens = self.app.prompt_tokens(body, "messages")
         conn.respond(200, self.app._json_headers, orjson.dumps({"input_tokens": tokens}))
@@ -177,11 +168,7 @@ class SurfaceRoutes:
         if body is None:
             return
         query, documents, top_n = body.get("query"), body.get("documents"), body.get("top_n")
-        if (
-            not isinstance(query, str)
-            or not isinstance(documents, list)
-            or not all(isinstance(d, str) for d in documents)
-        ):
+        if not isinstance(query, str) or not _strings(documents):
             self._error(
                 conn, self.app.wire.invalid_status, "`query` must be a string and `documents` a list of strings."
             )
@@ -198,11 +185,7 @@ class SurfaceRoutes:
         query = body.get("text_1", body.get("query"))
         given = body.get("text_2", body.get("items"))
         documents = [given] if isinstance(given, str) else given
-        if (
-            not isinstance(query, str)
-            or not isinstance(documents, list)
-            or not all(isinstance(d, str) for d in documents)
-        ):
+        if not isinstance(query, str) or not _strings(documents):
             self._error(conn, self.app.wire.invalid_status, "`text_1` must be a string and `text_2` strings.")
             return
         tokens = responses.estimate_tokens(len(query) + sum(len(d) for d in documents))
@@ -210,17 +193,5 @@ class SurfaceRoutes:
         conn.respond(200, self.app._json_headers, score_body(str(model), query, documents, tokens, None))
 
 
-def _strings(value: object) -> bool:
+def _strings(value: object) -> TypeGuard[list[str]]:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _anthropic_invalid(message: str) -> bytes:
-    return orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
-
-
-def prompt_text(body: dict[str, Any], kind: str) -> str:
-    """The text a Messages request (``system`` and ``messages``) or a Responses request
-    (``instructions`` and ``input``) gives the model."""
-    if kind == "messages":
-        return _text(body.get("system")) + " " + _text(body.get("messages"))
-    return _text(body.get("instructions")) + " " + _text(body.get("input"))

@@ -19,9 +19,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sim.responses import WORDS, Elapsed, completion_text, new_id
-
-_WORDS_JSON: tuple[bytes, ...] = tuple(orjson.dumps(w) for w in WORDS)
+from gateway.sim.responses import WORDS, WORDS_JSON, Elapsed, completion_text, new_id
 
 
 def _event(name: str, payload: dict[str, Any]) -> bytes:
@@ -79,7 +77,7 @@ class MessagesFrames:
         )
 
     def token(self, i: int, index: int) -> bytes:
-        word = _WORDS_JSON[i % len(_WORDS_JSON)]
+        word = WORDS_JSON[i % len(WORDS_JSON)]
         if self.tool is not None:
             piece = (b'{"text": "' if i == 0 else b"") + word[1:-1]
             delta: dict[str, Any] = {"type": "input_json_delta", "partial_json": piece.decode()}
