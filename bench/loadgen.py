@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from gateway.server import nofile_plan
+
 
 @dataclass(slots=True)
 class Sample:
@@ -52,8 +54,7 @@ class Sample:
     def largest_gap(self) -> float | None:
         """The longest wait between two reads of this response's body (a stream's worst stall
         between tokens); None with fewer than two reads."""
-        a = self.arrivals
-        return max((a[i] - a[i - 1] for i in range(1, len(a))), default=None)
+        return max(self.gaps(), default=None)
 
 
 class ProtocolError(Exception):
@@ -222,11 +223,11 @@ def raise_nofile(want: int = 16384) -> int:
     limit, never lowered), for a thousand connections to each target at once; the servers the
     bench starts inherit it. Returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft
+    new_soft, _ = nofile_plan(soft, hard, want)  # the gateway's own rule for its workers
+    if new_soft is None:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+    return new_soft
 
 
 def install_uvloop() -> str:

@@ -9,6 +9,8 @@ first skips itself when ``unavailable_reason()`` says the server cannot run here
 from __future__ import annotations
 
 import itertools
+import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +35,7 @@ __all__ = [
     "request",
     "sse_events",
     "stable",
+    "task_started",
     "unavailable_reason",
 ]
 
@@ -165,3 +168,18 @@ def gateway_for(tmp: Path, server: LlamaServer, **env: str) -> Gateway:
         **env,
     }
     return Gateway(tmp, **settings)
+
+
+#: The server's log line when a slot starts a task (``tools/server``'s ``launch_slot_``).
+_LAUNCH = re.compile(r"launch_slot_: id +\d+ \| task (\d+) \| processing task")
+
+
+def task_started(server: LlamaServer, since: int, timeout: float = 5.0) -> str:
+    """The id of the first task the server's log says a slot started after offset ``since``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = _LAUNCH.search(server.output()[since:])
+        if m:
+            return m.group(1)
+        time.sleep(0.01)
+    raise AssertionError(f"no task started in the server's log:\n{server.output()[since:]}")

@@ -29,6 +29,7 @@ from tests.llamacpp import (
     request,
     sse_events,
     stable,
+    task_started,
     unavailable_reason,
 )
 from tests.rawhttp import Connection, connect, request_bytes
@@ -269,22 +270,10 @@ def test_ready_unreachable_until_the_server_starts(start_llama: StartServer, tmp
 
 # -- a client that leaves: the server cancels the generation ------------------------------------------
 
-_LAUNCH = re.compile(r"launch_slot_: id +\d+ \| task (\d+) \| processing task")
-
 
 def _send(port: int, body: dict[str, object]) -> Connection:
     headers = {"authorization": f"Bearer {CLIENT_KEY}"}
     return connect(port, request_bytes("POST", "/v1/chat/completions", body, headers, close=False))
-
-
-def _task_of(server: LlamaServer, since: int, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = _LAUNCH.search(server.output()[since:])
-        if m:
-            return m.group(1)
-        time.sleep(0.01)
-    raise AssertionError(f"no task started in the server's log:\n{server.output()[since:]}")
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "non-streamed"])
@@ -298,7 +287,7 @@ def test_client_disconnect_cancels_generation(
         since = len(server.output())
         s = _send(g.port, {"model": ALIAS, "messages": HI, "max_tokens": 2000, "stream": stream})
         try:
-            task = _task_of(server, since)
+            task = task_started(server, since)
             if stream:
                 seen = b""
                 while seen.count(b"data: ") < 5:

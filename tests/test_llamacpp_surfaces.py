@@ -12,7 +12,6 @@ Needs the binary from ``tests/tools/build_llama_server.py``; without it the modu
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from tests.llamacpp import (
     StartServer,
     gateway_for,
     request,
+    task_started,
     unavailable_reason,
 )
 from tests.promtext import metric
@@ -125,21 +125,8 @@ def test_rerank_relayed_and_score_refused(gw: Gateway, llama: LlamaServer) -> No
 # -- a backend that dies mid-stream; a client that leaves -------------------------------------------
 
 
-_LAUNCH = re.compile(r"launch_slot_: id +\d+ \| task (\d+) \| processing task")
-
-
-def _task_of(server: LlamaServer, since: int, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = _LAUNCH.search(server.output()[since:])
-        if m:
-            return m.group(1)
-        time.sleep(0.01)
-    raise AssertionError(f"no task started in the server's log:\n{server.output()[since:]}")
-
-
 def _kill_after_first_token(server: LlamaServer, since: int) -> None:
-    _task_of(server, since)
+    task_started(server, since)
     time.sleep(0.3)
     assert server.proc is not None
     os.kill(server.proc.pid, signal.SIGKILL)
@@ -187,7 +174,7 @@ def test_client_disconnect_cancels_generation(
         since = len(server.output())
         headers = {"authorization": f"Bearer {CLIENT_KEY}"}
         s = connect(g.port, request_bytes("POST", path, body, headers, close=False))
-        task = _task_of(server, since)
+        task = task_started(server, since)
         seen = b""
         while seen.count(marker) < 3:
             chunk = s.read_until(marker)
