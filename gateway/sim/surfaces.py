@@ -39,6 +39,19 @@ def stop_reason(finish: str, tool: str | None) -> str:
     return "max_tokens" if finish == "length" else "end_turn"
 
 
+def _delta(delta: dict[str, Any]) -> bytes:
+    return _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+
+
+#: The Messages stream's token events, one per word: a text block's, and a tool call's input as
+#: ``input_json_delta`` pieces of ``{"text": "<the words>"}`` (the first piece opens the object).
+_TEXT_DELTAS = tuple(_delta({"type": "text_delta", "text": w}) for w in WORDS)
+_JSON_DELTAS = tuple(_delta({"type": "input_json_delta", "partial_json": w[1:-1].decode()}) for w in WORDS_JSON)
+_FIRST_JSON_DELTAS = tuple(
+    _delta({"type": "input_json_delta", "partial_json": '{"text": "' + w[1:-1].decode()}) for w in WORDS_JSON
+)
+
+
 class MessagesFrames:
     """One streamed Messages answer: a text block, or a ``tool_use`` block calling ``tool`` with
     ``{"text": <the words>}`` as its input, sent as ``input_json_delta`` pieces."""
@@ -77,13 +90,10 @@ class MessagesFrames:
         )
 
     def token(self, i: int, index: int) -> bytes:
-        word = WORDS_JSON[i % len(WORDS_JSON)]
-        if self.tool is not None:
-            piece = (b'{"text": "' if i == 0 else b"") + word[1:-1]
-            delta: dict[str, Any] = {"type": "input_json_delta", "partial_json": piece.decode()}
-        else:
-            delta = {"type": "text_delta", "text": WORDS[i % len(WORDS)]}
-        return _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+        """One word's ``content_block_delta`` (built once per word, at import)."""
+        if self.tool is None:
+            return _TEXT_DELTAS[i % len(_TEXT_DELTAS)]
+        return _FIRST_JSON_DELTAS[i] if i == 0 else _JSON_DELTAS[i % len(_JSON_DELTAS)]
 
     def ends(
         self, index: int, finish: str, prompt_tokens: int, n_tokens: int, include_usage: bool, elapsed: Elapsed
@@ -177,11 +187,24 @@ def _message_item(item_id: str, text: str | None) -> dict[str, Any]:
     }
 
 
+_DELTA_TAIL = b',"logprobs":[]}\n\n'
+
+
 class ResponsesFrames:
     """One streamed Responses answer with one message of text; ``final`` is the completed
     response object (what the simulator stores for retrieval)."""
 
-    __slots__ = ("model", "prompt_tokens", "response_id", "item_id", "seq", "done", "final")
+    __slots__ = (
+        "model",
+        "prompt_tokens",
+        "response_id",
+        "item_id",
+        "seq",
+        "done",
+        "final",
+        "_delta_head",
+        "_delta_mid",
+    )
 
     def __init__(self, model: str, prompt_tokens: int) -> None:
         self.model = model
@@ -191,6 +214,9 @@ class ResponsesFrames:
         self.seq = 0
         self.done = b""
         self.final: dict[str, Any] | None = None
+        name = b"response.output_text.delta"
+        self._delta_head = b"event: " + name + b'\ndata: {"type":"' + name + b'","sequence_number":'
+        self._delta_mid = b',"item_id":' + orjson.dumps(self.item_id) + b',"output_index":0,"content_index":0,"delta":'
 
     def _ev(self, name: str, **fields: Any) -> bytes:
         payload = {"type": name, "sequence_number": self.seq, **fields}
@@ -211,14 +237,11 @@ class ResponsesFrames:
         )
 
     def token(self, i: int, index: int) -> bytes:
-        return self._ev(
-            "response.output_text.delta",
-            item_id=self.item_id,
-            output_index=0,
-            content_index=0,
-            delta=WORDS[i % len(WORDS)],
-            logprobs=[],
-        )
+        """One word's ``response.output_text.delta``: the bytes ``_ev`` would write, with the
+        parts around the sequence number and the word built once per response."""
+        seq = self.seq
+        self.seq = seq + 1
+        return self._delta_head + b"%d" % seq + self._delta_mid + WORDS_JSON[i % len(WORDS_JSON)] + _DELTA_TAIL
 
     def ends(
         self, index: int, finish: str, prompt_tokens: int, n_tokens: int, include_usage: bool, elapsed: Elapsed
