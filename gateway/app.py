@@ -229,11 +229,12 @@ class Gateway:
 
     async def _http(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
         """Dispatch one request, and the error boundary: every exception ends here."""
+        t_start = perf_counter()
         traces = self.tracing
-        ex = Exchange(perf_counter()) if traces is None else traces.exchange(scope)
         path: str = scope["path"]
         method: str = scope["method"]
         route = routes.resolve(path)
+        ex = Exchange(t_start) if traces is None else traces.exchange(scope, route, t_start)
         model = "none"
         self.inflight += 1
         try:

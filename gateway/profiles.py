@@ -10,8 +10,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import msgspec
+
+if TYPE_CHECKING:
+    from gateway.routes import Route
 
 
 class Support(enum.Enum):
@@ -178,6 +182,11 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: the kind does not serve it (the gateway answers 501). A route not named here goes to the
     #: route's own default spelling (``Route.default_path``).
     paths: Mapping[str, str | None] = MappingProxyType({})
+
+    def path_for(self, route: Route) -> str | None:
+        """Where the kind serves ``route`` (``paths``, else the route's ``default_path``),
+        relative to the server root; None: it does not serve it."""
+        return self.paths.get(route.name, route.default_path)
 
     def support(self, capability: str) -> Support:
         return self.capabilities.get(capability, Support.SUPPORTED)

@@ -109,7 +109,7 @@ def upstream_path(backend: Backend, route: Route) -> bytes:
     """The backend kind's own spelling of a route whose path differs between engines
     (``Profile.paths``, else the route's default), relative to the server root; 501 when the kind
     does not serve it (TGI's detokenize)."""
-    path = backend.profile.paths.get(route.name, route.default_path)
+    path = backend.profile.path_for(route)
     if path is None:
         raise errors.not_supported(backend.profile.display_name, route.name)
     return path.encode()

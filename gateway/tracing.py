@@ -148,12 +148,10 @@ class Tracing:
 
     # -- the request path (only when tracing is on) --------------------------------------------
 
-    def exchange(self, scope: HTTPScope) -> Exchange:
-        """A request's ``Exchange``: for a route that goes to a backend, with its SERVER span
-        started (continuing the client's trace); the gateway's own answers (health, metrics,
-        errors for unknown paths) are not traced."""
-        t_start = perf_counter()
-        route = routes.resolve(scope["path"])
+    def exchange(self, scope: HTTPScope, route: routes.Route | None, t_start: float) -> Exchange:
+        """A request's ``Exchange`` (begun at ``t_start``, on ``route``): for a route that goes to
+        a backend, with its SERVER span started (continuing the client's trace); the gateway's own
+        answers (health, metrics, errors for unknown paths) are not traced."""
         if route is None or not route.upstream:
             return Exchange(t_start)
         wall = time_ns()

@@ -202,7 +202,7 @@ def test_every_kind_names_a_spelling_or_none_for_what_it_serves() -> None:
     for kind, profile in PROFILES.items():
         for route in (routes.TOKENIZE, routes.DETOKENIZE, routes.RERANK, routes.SCORE):
             assert route.capability is not None
-            path = profile.paths.get(route.name, route.default_path)
+            path = profile.path_for(route)
             if profile.support(route.capability) is Support.UNSUPPORTED:
                 continue
             assert path is None or path.startswith("/"), (kind, route.name)

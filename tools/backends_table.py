@@ -237,13 +237,13 @@ def render(kit: Kit) -> str:
     return "\n".join(parts)
 
 
-def splice(readme: str, block: str) -> str:
-    """``readme`` with the text from START to END replaced by ``block``."""
-    start = readme.find(START)
-    end = readme.find(END, start + 1)
+def splice(readme: str, block: str, start_marker: str = START, end_marker: str = END) -> str:
+    """``readme`` with the text from ``start_marker`` to ``end_marker`` replaced by ``block``."""
+    start = readme.find(start_marker)
+    end = readme.find(end_marker, start + 1)
     if start < 0 or end < 0:
-        raise KitError(f"README.md needs the markers {START} and {END}, in that order")
-    return readme[:start] + block + readme[end + len(END) :]
+        raise KitError(f"README.md needs the markers {start_marker} and {end_marker}, in that order")
+    return readme[:start] + block + readme[end + len(end_marker) :]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

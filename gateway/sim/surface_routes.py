@@ -63,7 +63,7 @@ class SurfaceRoutes:
         )
         for route, handler in mapped:
             assert route.capability is not None
-            path = profile.paths.get(route.name, route.default_path)
+            path = profile.path_for(route)
             if path is not None and serves(route.capability):
                 self.routes[path] = (("POST",), handler)
 
