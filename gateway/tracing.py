@@ -314,5 +314,7 @@ def _set_error(span: ApiSpan) -> None:
 def _response_model(ex: Exchange) -> str | None:
     """The ``model`` of the answer, from its last bytes (a stream's final chunks, or a short
     body): the body is never parsed."""
-    found = _MODEL.findall(ex.prev + ex.last)
+    found = _MODEL.findall(ex.last)  # the last one there is the last one of both: no join
+    if not found and ex.prev:
+        found = _MODEL.findall(ex.prev + ex.last)
     return found[-1].decode("utf-8", "replace") if found else None

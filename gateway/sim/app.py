@@ -245,9 +245,9 @@ class SimApp(Planner):
         )
 
     def _frames(self, plan: Plan) -> Frames:
-        wire = self.wire
         if plan.frames is not None:
             return plan.frames
+        wire = self.wire
         return wire.answers.frames(sse_data=wire.sse_data, chat=plan.kind == "chat", model=plan.model, n=plan.n)
 
     def _stored(self, frames: Frames) -> None:
