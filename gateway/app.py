@@ -304,9 +304,7 @@ class Gateway:
                 sticky = ex.key_id.encode()
         backend = self.topology.known_before_body(route)
         body = await self.read_body(receive, client.content_length)
-        model = "none"
-        blocks = None
-        pinned = None
+        model, blocks, pinned = "none", None, None
         previous: bytes | msgspec.Raw = b""
         if route.json_body:
             backend, body, model, blocks, previous = self._route_by_model(route, body, backend, ex)
@@ -374,11 +372,8 @@ class Gateway:
         prompt's block hashes when the backend balances by prefix (None otherwise: no work added)
         and the raw ``previous_response_id`` (``stateful``). The model sent and whether a stream
         was asked for go to ``ex`` (traces)."""
-        prompt = b""
-        if self.topology.by_prefix:  # the prompt read in the same decode, only where it may serve
-            peeked, prompt = peek_prompt(body)
-        else:
-            peeked = peek(body)
+        # The prompt read in the same decode, only where it may serve.
+        peeked, prompt = peek_prompt(body) if self.topology.by_prefix else (peek(body), b"")
         backend, served = self.topology.route_model(peeked.model)
         if backend is not known:
             check_capability(backend, route.capability)
