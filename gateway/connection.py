@@ -178,7 +178,7 @@ class Connection(H11Path):
         return self._h11_body(first_timeout, idle_timeout)
 
     def pumped(
-        self, send: Send, handle: Callable[[bytes], object], first_timeout: float | None, idle_timeout: float | None
+        self, send: Send, handle: Callable[[bytes], float], first_timeout: float | None, idle_timeout: float | None
     ) -> Awaitable[bool] | None:
         """The body relayed to ``send`` by the socket's callbacks (``gateway.pump``), each piece
         given to ``handle`` first: what ``iter_body`` and a loop of sends would do, without a task
@@ -193,7 +193,7 @@ class Connection(H11Path):
         self,
         stream: NetStream,
         send: Send,
-        handle: Callable[[bytes], object],
+        handle: Callable[[bytes], float],
         first_timeout: float | None,
         idle_timeout: float | None,
     ) -> bool:

@@ -179,6 +179,23 @@ _LAST, _DONE, _ERROR = BodyState.LAST, BodyState.DONE, BodyState.ERROR
 #: skipped, trailing blanks tolerated.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*\r\n")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+#: Bare hex size lines already read, and their sizes: a paced stream's events are of a few sizes,
+#: so its size lines are looked up rather than checked and parsed again (``int(line, 16)`` alone
+#: costs more than the rest of a chunk's framing). Only lines of hex digits are kept, and at most
+#: ``_SIZES_KEPT`` of them (then the others are parsed each time).
+_SIZES: dict[bytes, int] = {}
+_SIZES_KEPT = 4096
+
+
+def _hex_size(line: bytes) -> int:
+    """The size a bare size line of 1 to 20 bytes says (kept in ``_SIZES``), or 0 if it holds
+    anything but hex digits (``_frame`` then reads it, as the general case)."""
+    if line.strip(_HEX_DIGITS):
+        return 0
+    n = int(line, 16)
+    if len(_SIZES) < _SIZES_KEPT:
+        _SIZES[line] = n
+    return n
 
 
 def _line_too_long() -> ProtocolError:
@@ -277,13 +294,14 @@ class ChunkedBody:
         elif self.state is _SIZE:
             # The paced stream's shape: one whole chunk per read, its size line bare hex digits
             # (what _CHUNK_LINE accepts, minus extensions and blanks: those take _frame).
-            end = data.find(b"\r\n", 0, 22)
-            if end > 0 and not data[:end].strip(_HEX_DIGITS):
-                n = int(data[:end], 16)
-                start = end + 2
-                if n and len(data) == start + n + 2 and data[-2] == 13 and data[-1] == 10:
+            end = data.find(b"\r\n")
+            if 0 < end <= 20:
+                n = _SIZES.get(data[:end])
+                if n is None:
+                    n = _hex_size(data[:end])
+                if n and len(data) == end + n + 4 and data[-2] == 13 and data[-1] == 10:
                     self.chunks += 1
-                    return data[start:-2]
+                    return data[end + 2 : -2]
         return self._frame(data)
 
     def _frame(self, data: bytes) -> bytes:

@@ -12,12 +12,15 @@ full), the upstream socket stops being read until it is, so the client's backpre
 backend as before, and the pieces stay in order. A coroutine ``send`` (another server, the tests)
 runs the same way. Timeouts are one deadline per read, checked by one timer per body, as in
 ``netio.Stream``; a read that only brings framing resets the deadline too, as a read does there.
+A piece's deadline is taken from the time its bookkeeping already read (``handle``'s answer),
+so a piece reads the clock once.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from time import perf_counter
 from typing import Any
 
 import httpcore
@@ -34,10 +37,15 @@ _DONE = BodyState.DONE
 #: a piece answered with one needs no driving. Granian does not export the class, so it is known
 #: by its name when first met; any other type is driven (the same result, slower).
 _AT_ONCE: dict[type, bool] = {}
+#: The type found done at once (Granian's), checked first.
+_DONE_TYPE: type | None = None
 
 
 def _at_once(kind: type) -> bool:
+    global _DONE_TYPE
     found = _AT_ONCE[kind] = kind.__module__ == "granian._granian" and kind.__qualname__ == "PyEmptyAwaitable"
+    if found:
+        _DONE_TYPE = kind
     return found
 
 
@@ -70,7 +78,7 @@ class Pump:
         proto: Any,  # netio._Protocol (not imported: netio imports nothing of the gateway's)
         decoder: ChunkedBody | SizedBody,
         send: Send,
-        handle: Callable[[bytes], object],
+        handle: Callable[[bytes], float],
         loop: asyncio.AbstractEventLoop,
         first_timeout: float | None,
         idle_timeout: float | None,
@@ -78,13 +86,15 @@ class Pump:
         self._proto = proto
         self._decoder = decoder
         self._send = send
-        #: Called with each piece before it is sent (the relay's bookkeeping: ``Exchange.piece``).
+        #: Called with each piece before it is sent (the relay's bookkeeping: ``Exchange.piece``);
+        #: answers the piece's time (``time.perf_counter``), which the read deadline starts from.
         self._handle = handle
         self._loop = loop
         self._first = first_timeout
         self._idle = idle_timeout
         #: The timeout of the read now awaited: ``first`` until a piece has come, then ``idle``.
         self._timeout = first_timeout
+        #: When the read awaited is late (``time.perf_counter``).
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[bool] = loop.create_future()
@@ -137,17 +147,17 @@ class Pump:
                 self._end(piece)
                 return
             if piece:
+                now = self._handle(piece)
                 idle = self._idle
                 if self._timeout is not idle:  # the first piece: from here on, the idle timeout
                     self._timeout = idle
                     if self._timer is None and self._proto.sink is self:
                         self._arm()
                 if idle is not None:
-                    self._deadline = self._loop.time() + idle
-                self._handle(piece)
+                    self._deadline = now + idle
                 self._put(piece, True)
             elif self._timeout is not None:
-                self._deadline = self._loop.time() + self._timeout
+                self._deadline = perf_counter() + self._timeout
         except BaseException as exc:  # noqa: BLE001 - a callback: whatever it was ends the body
             self._fail(exc)
 
@@ -196,6 +206,8 @@ class Pump:
     def _put(self, piece: bytes, more: bool) -> None:
         sent = self._send({"type": "http.response.body", "body": piece, "more_body": more})
         kind = type(sent)
+        if kind is _DONE_TYPE:
+            return  # Granian's answer when its body channel had room: nothing to wait for
         at_once = _AT_ONCE.get(kind)
         if at_once or at_once is None and _at_once(kind):
             return  # Granian's answer when its body channel had room: nothing to wait for
@@ -251,17 +263,17 @@ class Pump:
         timeout = self._timeout
         if timeout is None:
             return
-        self._deadline = self._loop.time() + timeout
-        self._timer = self._loop.call_at(self._deadline, self._check)
+        self._deadline = perf_counter() + timeout
+        self._timer = self._loop.call_later(timeout, self._check)
 
     def _check(self) -> None:
         self._timer = None
         if self._done.done() or self._ended is not None:
             return
-        now = self._loop.time()
+        now = perf_counter()
         if self._waiting is not None:  # the client's turn: no read is awaited while it takes a piece
             self._deadline = now + (self._timeout or 0.0)
         elif now >= self._deadline:
             self._fail(httpcore.ReadTimeout(f"no data within {self._timeout:g} s"))
             return
-        self._timer = self._loop.call_at(self._deadline, self._check)
+        self._timer = self._loop.call_later(self._deadline - now, self._check)

@@ -219,7 +219,7 @@ async def _relay(
             last_sent = True
             await send({"type": "http.response.body", "body": whole, "more_body": False})
         else:
-            handle: Callable[[bytes], object] = ex.piece  # per piece: a timestamp, a comparison, a byte count
+            handle: Callable[[bytes], float] = ex.piece  # per piece: a timestamp, a comparison, a byte count
             if ex.sse and ex.surface != "openai":
                 marker = TOKEN_MARKERS.get(ex.surface)
                 if marker is not None:
@@ -266,11 +266,11 @@ class _HeadSearch:
         self.marker = marker
         self.found = False
 
-    def __call__(self, chunk: bytes) -> None:
+    def __call__(self, chunk: bytes) -> float:
         ex = self.ex
         now = ex.piece(chunk)
         if self.found:
-            return
+            return now
         if len(ex.head) < _HEAD_LIMIT and ex.head is not chunk:  # the first one is in already (``piece``)
             ex.head += chunk
         marker = self.marker
@@ -278,6 +278,7 @@ class _HeadSearch:
         if marker in chunk or marker in ex.prev[-width:] + chunk[:width]:
             ex.t_token = now
             self.found = True
+        return now
 
 
 async def send_error(send: Send, err: GatewayError, ex: Exchange) -> None:

@@ -126,6 +126,23 @@ def test_one_whole_chunk_per_piece() -> None:
     assert (body.state, body.finished, body.extra, body.tail) == (BodyState.DONE, True, b"next", b"0\r\n\r\nnext")
 
 
+def test_size_lines_read_before_are_looked_up_and_only_hex_ones_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h1, "_SIZES", {})
+    monkeypatch.setattr(h1, "_SIZES_KEPT", 3)
+    pieces = [b"5\r\nhello\r\n", b"05\r\nworld\r\n", b"5;x\r\nagain\r\n", b"5 \r\nspace\r\n", b"5\r\nthird\r\n"]
+    for _ in range(2):  # the first time each line is parsed, the second looked up: the same answers
+        body = ChunkedBody(LIMIT)
+        assert feed_all(body, pieces) == [b"hello", b"world", b"again", b"space", b"third"]
+        assert (body.state, body.chunks) == (BodyState.SIZE, 5)
+    assert h1._SIZES == {b"5": 5, b"05": 5}  # extensions and blanks are _frame's, never kept
+    more = [b"%x\r\n%s\r\n" % (n, b"x" * n) for n in (7, 8, 9)]
+    assert feed_all(ChunkedBody(LIMIT), more) == [b"x" * 7, b"x" * 8, b"x" * 9]
+    assert h1._SIZES == {b"5": 5, b"05": 5, b"7": 7}  # bounded: the lines past the bound are parsed each time
+    # A kept size that does not frame this piece (the piece is cut short) is read by _frame.
+    body = ChunkedBody(LIMIT)
+    assert (body.feed(b"7\r\nxxx"), body.state) == (b"xxx", BodyState.DATA)
+
+
 def test_data_is_handed_out_as_it_arrives_through_every_state() -> None:
     body = ChunkedBody(LIMIT)
     assert (body.feed(b"a\r\n0123"), body.state) == (b"0123", BodyState.DATA)

@@ -44,6 +44,11 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-
 EVENTS = [b'data: {"i":%d,"text":"%s"}\n\n' % (i, b"x" * (i * 7 % 50)) for i in range(12)]
 
 
+def stamp(piece: bytes) -> float:
+    """The relay's bookkeeping reduced to what the pump needs of it: the piece's time."""
+    return time.perf_counter()
+
+
 def chunked(events: list[bytes], end: bytes = b"0\r\n\r\n") -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + end
 
@@ -121,7 +126,7 @@ def recorder(out: Relayed) -> Send:
 async def by_pump(conn: Connection, stream: Stream, timeouts: tuple[float, float] = (5.0, 5.0)) -> Relayed:
     out = Relayed()
     await conn.exchange(b"POST", b"/v1/chat/completions", REQUEST, b"{}", 5.0)
-    pumped = conn.pumped(recorder(out), lambda piece: None, *timeouts)
+    pumped = conn.pumped(recorder(out), stamp, *timeouts)
     assert pumped is not None, "a direct-path body on a netio stream is pumped"
     try:
         out.final = await pumped
@@ -223,7 +228,7 @@ def test_a_backend_that_closed_before_the_pump_began() -> None:
         await conn.exchange(b"POST", b"/v1/chat/completions", REQUEST, b"{}", 5.0)
         await asyncio.sleep(0.1)  # the rest and the EOF arrive meanwhile
         out = Relayed()
-        pumped = conn.pumped(recorder(out), lambda piece: None, 5.0, 5.0)
+        pumped = conn.pumped(recorder(out), stamp, 5.0, 5.0)
         assert pumped is not None
         with pytest.raises(httpcore.RemoteProtocolError):
             await asyncio.wait_for(pumped, 2.0)
@@ -236,7 +241,7 @@ def test_a_backend_that_closed_before_the_pump_began() -> None:
 def test_only_a_netio_stream_on_the_direct_path_is_pumped() -> None:
     async def relay(conn: Connection, stream: Stream) -> Relayed:
         conn._direct = False  # as after h11 read the head
-        assert conn.pumped(recorder(Relayed()), lambda piece: None, 1.0, 1.0) is None
+        assert conn.pumped(recorder(Relayed()), stamp, 1.0, 1.0) is None
         return Relayed()
 
     run(Upstream([]), relay)
@@ -311,7 +316,7 @@ def test_a_slow_client_stops_the_upstream_reads_and_keeps_the_order(kind: str) -
     async def relay(conn: Connection, stream: Stream) -> Relayed:
         out, paused = Relayed(), list[bool]()
         await conn.exchange(b"POST", b"/v1/chat/completions", REQUEST, b"{}", 5.0)
-        pumped = conn.pumped(slow_client(kind, 0.02, out, paused, stream), lambda piece: None, 0.01, 0.01)
+        pumped = conn.pumped(slow_client(kind, 0.02, out, paused, stream), stamp, 0.01, 0.01)
         assert pumped is not None
         out.final = await pumped
         await conn.close_response()
@@ -333,7 +338,7 @@ def test_a_send_that_fails_ends_the_body_and_closes_the_connection() -> None:
         async def send(message: Message) -> None:
             raise RuntimeError("transport closed")
 
-        pumped = conn.pumped(send, lambda piece: None, 1.0, 1.0)  # type: ignore[arg-type]
+        pumped = conn.pumped(send, stamp, 1.0, 1.0)  # type: ignore[arg-type]
         assert pumped is not None
         with pytest.raises(RuntimeError, match="transport closed"):
             await pumped
@@ -352,7 +357,7 @@ def test_a_send_that_fails_after_waiting_ends_the_body() -> None:
             await asyncio.sleep(0.01)
             raise RuntimeError("client gone mid-write")
 
-        pumped = conn.pumped(send, lambda piece: None, 1.0, 1.0)  # type: ignore[arg-type]
+        pumped = conn.pumped(send, stamp, 1.0, 1.0)  # type: ignore[arg-type]
         assert pumped is not None
         with pytest.raises(RuntimeError, match="client gone mid-write"):
             await pumped
@@ -372,7 +377,7 @@ def test_a_failing_handle_ends_the_body() -> None:
     async def relay(conn: Connection, stream: Stream) -> Relayed:
         await conn.exchange(b"POST", b"/v1/chat/completions", REQUEST, b"{}", 5.0)
 
-        def handle(piece: bytes) -> None:
+        def handle(piece: bytes) -> float:
             raise ValueError("bookkeeping bug")
 
         pumped = conn.pumped(recorder(Relayed()), handle, 1.0, 1.0)
@@ -398,7 +403,7 @@ def test_a_cancelled_relay_lets_go_of_a_pending_send() -> None:
             return later
 
         await conn.exchange(b"POST", b"/v1/chat/completions", REQUEST, b"{}", 5.0)
-        pumped = conn.pumped(send, lambda piece: None, 1.0, 1.0)  # type: ignore[arg-type]
+        pumped = conn.pumped(send, stamp, 1.0, 1.0)  # type: ignore[arg-type]
         assert pumped is not None
         task = asyncio.ensure_future(pumped)
         while not pending:
@@ -552,7 +557,7 @@ def test_the_end_of_the_connection_waits_for_the_piece_the_client_holds() -> Non
             sent.append(message)
             return pending
 
-        body = pump.Pump(proto, ChunkedBody(1 << 16), send, lambda piece: None, loop, 1.0, 1.0)  # type: ignore[arg-type]
+        body = pump.Pump(proto, ChunkedBody(1 << 16), send, stamp, loop, 1.0, 1.0)  # type: ignore[arg-type]
         done = body.run(b"")
         body.data(b"5\r\nhello\r\n")
         assert not proto.transport.reading  # the client's turn
