@@ -19,7 +19,7 @@ import h11
 import httpcore
 
 from gateway import h1
-from gateway.h1 import fields_valid, parse_head, plain_request, request_bytes
+from gateway.h1 import fields_valid, plain_request, read_head, request_bytes
 from gateway.h11_path import ACTIVE, IDLE, NEW, ChunkedReader, ContentLengthReader, H11Path, disconnected, h11_fields
 from gateway.h11_path import DIRECT as DIRECT
 from gateway.h11_path import FAST_CHUNKED as FAST_CHUNKED
@@ -129,7 +129,7 @@ class Connection(H11Path):
             if not received:
                 raise disconnected()
             end = received.find(b"\r\n\r\n")
-            head = parse_head(received, end) if end >= 0 else None
+            head = read_head(received, end) if end >= 0 else None
             if head is None:  # h11 reads this one: a head in several reads, or one that needs h11
                 self._to_h11(received)
                 return await self._h11_head(timeout)

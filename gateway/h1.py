@@ -16,59 +16,58 @@ import re
 # -- the request -------------------------------------------------------------------------------
 
 #: The bytes a field name may hold (h11's token, lower-case: an ASGI server's and the gateway's own
-#: names), and the newline that joins the names checked together.
-_NAME_BYTES = b"\n-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+#: names).
+_NAME_BYTES = b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 #: The bytes a field value may hold anywhere (h11's ``[^\x00\s]``); spaces and tabs only inside it.
 _VALUE_BYTES = bytes(b for b in range(256) if b not in b"\x00\t\n\x0b\x0c\r ")
-#: What is left of the joined values once those bytes are taken out, in order to be valid: the
-#: newlines that join them, and spaces or tabs (inside a value: see ``_EDGES``).
-_SPACES = b"\n \t"
+_BLANKS = b" \t"
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 #: Request fields that change how h11 runs the exchange (its keep-alive, 100-continue and
 #: upgrade handling): requests with them take h11's path.
 _STATEFUL = frozenset({b"connection", b"expect", b"upgrade"})
+#: Fields found valid before, as (name, value): most of a request's fields are the same in every
+#: request (the backend's own, the client's content type and accept), so each is checked once. At
+#: most ``_VALID_KEPT`` (then all are let go and checked again). Never a Content-Length (its count
+#: is checked per request) nor a request id (new in every request: it would only crowd the others).
+_VALID: set[tuple[bytes, bytes]] = set()
+_VALID_KEPT = 1024
 
 
 def fields_valid(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether h11 would accept ``headers`` as they are, checked in one pass over all of them.
+    """Whether h11 would accept ``headers`` as they are.
 
-    h11 matches each name and each value against its grammar, one regex call each. Here all
-    names are joined by newlines (a newline is in neither grammar, so a count of them shows no
-    value held one) and checked at once by deleting the bytes they may hold (``bytes.translate``:
-    nothing may be left), and all values likewise; a space or tab, the one byte allowed only
-    inside a value, is then looked for at the values' edges. No regex runs per request: they are
-    costly on a cold cache, which is what a request finds after the loop slept. Lower-case names
-    (all an ASGI server hands over, and the gateway's own) and the gateway's own framing (at most
-    one ``content-length``, all digits, and no ``transfer-encoding``) pass; anything else is
-    refused here: h11 then checks it field by field.
+    h11 matches each name and each value against its grammar, one regex call each. Here a field
+    seen valid before is looked up (``_VALID``); any other is checked by deleting the bytes its
+    name and value may hold (``bytes.translate``: nothing may be left of the name, and of the value
+    only spaces or tabs, never at its edges). No regex runs per request: they are costly on a cold
+    cache, which is what a request finds after the loop slept. Lower-case names (all an ASGI
+    server hands over, and the gateway's own) and the gateway's own framing (at most one
+    ``content-length``, all digits, and no ``transfer-encoding``) pass; anything else is refused
+    here: h11 then checks it field by field.
     """
     if not headers:
         return False
-    names = b"\n".join([n for n, _ in headers])
-    values = b"\n".join([v for _, v in headers])
-    newlines = len(headers) - 1
-    if (
-        names.count(b"\n") != newlines
-        or values.count(b"\n") != newlines
-        or names.translate(None, _NAME_BYTES)
-        or not names
-        or b"\n\n" in names  # an empty name: between two others, or first or last
-        or names[:1] == b"\n"
-        or names[-1:] == b"\n"
-        or b"transfer-encoding" in names
-    ):
-        return False
-    rest = values.translate(None, _VALUE_BYTES)
-    if len(rest) != newlines:  # spaces or tabs, or bytes never allowed (NUL, CR, VT, FF)
-        if rest.translate(None, _SPACES) or values[:1] in (b" ", b"\t") or values[-1:] in (b" ", b"\t"):
+    valid = _VALID
+    lengths = 0
+    for field in headers:
+        if field in valid:
+            continue
+        name, value = field
+        if name == b"content-length":
+            lengths += 1
+            if lengths > 1 or not value.isdigit() or len(value) > 20:
+                return False
+            continue
+        if not name or name.translate(None, _NAME_BYTES) or name == b"transfer-encoding":
             return False
-        if b"\n " in values or b"\n\t" in values or b" \n" in values or b"\t\n" in values:
-            return False
-    if b"content-length" in names:
-        lengths = [v for n, v in headers if n == b"content-length"]
-        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 20:
-            return False
+        rest = value.translate(None, _VALUE_BYTES)
+        if rest and (rest.translate(None, _BLANKS) or value[:1] in _BLANKS or value[-1:] in _BLANKS):
+            return False  # bytes never allowed (NUL, CR, LF, VT, FF), or a blank at an edge
+        if name != b"x-request-id":
+            if len(valid) >= _VALID_KEPT:
+                valid.clear()
+            valid.add(field)
     return True
 
 
@@ -110,6 +109,26 @@ _FIELD_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):([^\x00\n\r\x0b\x0c]*)
 
 #: The framing ``parse_head`` reports for a chunked body (else the Content-Length).
 CHUNKED = -1
+
+#: ``read_head``'s answers by the head's bytes: a backend sends the same head again and again (a
+#: stream's differs only in its Date, once a second), so it is parsed once. At most ``_HEADS_KEPT``
+#: (then all are let go and parsed again).
+_HEADS: dict[bytes, tuple[int, list[tuple[bytes, bytes]], int] | None] = {}
+_HEADS_KEPT = 64
+_UNREAD: tuple[int, list[tuple[bytes, bytes]], int] = (0, [], 0)
+
+
+def read_head(data: bytes, end: int) -> tuple[int, list[tuple[bytes, bytes]], int] | None:
+    """``parse_head``'s answer, looked up when the same head was read before. The fields list
+    is shared by every response with that head: the caller must not change it."""
+    key = data[:end]
+    found = _HEADS.get(key, _UNREAD)
+    if found is _UNREAD:
+        found = parse_head(data, end)
+        if len(_HEADS) >= _HEADS_KEPT:
+            _HEADS.clear()
+        _HEADS[key] = found
+    return found
 
 
 def parse_head(data: bytes, end: int) -> tuple[int, list[tuple[bytes, bytes]], int] | None:

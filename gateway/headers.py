@@ -50,8 +50,26 @@ SSE_EXTRA_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"n
 _DROP_SSE = DROP_RESPONSE_HEADERS | {b"cache-control", b"x-accel-buffering", b"content-length"}
 
 
+#: ``response_headers``'s answers by the backend's fields (a backend repeats its heads: see
+#: ``h1.read_head``), at most ``_RELAYED_KEPT``.
+_RELAYED: dict[tuple[tuple[bytes, bytes], ...], tuple[list[tuple[bytes, bytes]], bool]] = {}
+_RELAYED_KEPT = 64
+
+
 def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """Relayed headers (hop-by-hop ones dropped) and whether the body is an event stream."""
+    """Relayed headers (hop-by-hop ones dropped) and whether the body is an event stream; the
+    list is the caller's own (a copy of the one kept for the same fields)."""
+    key = tuple(raw)
+    found = _RELAYED.get(key)
+    if found is None:
+        found = _relayed(raw)
+        if len(_RELAYED) >= _RELAYED_KEPT:
+            _RELAYED.clear()
+        _RELAYED[key] = found
+    return found[0].copy(), found[1]
+
+
+def _relayed(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
     sse = False
     listed: set[bytes] | None = None
     for name, value in raw:

@@ -6,7 +6,11 @@ Its agreement with h11 on every input is checked through the connection in
 
 from __future__ import annotations
 
+import h11
 import pytest
+from h11._headers import normalize_and_validate
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import h1
 from gateway.h1 import BodyState, ChunkedBody, SizedBody
@@ -62,6 +66,30 @@ def test_request_bytes_put_host_first_and_keep_the_rest_in_order() -> None:
 )
 def test_fields_valid(headers: list[tuple[bytes, bytes]], valid: bool) -> None:
     assert h1.fields_valid(headers) is valid
+    assert h1.fields_valid(headers) is valid  # again, with the fields found valid looked up
+
+
+_NAMES = st.sampled_from(
+    [b"host", b"x-a", b"content-length", b"x-request-id", b"X-Up", b"", b"x a", b"transfer-encoding"]
+)
+_VALUES = st.binary(max_size=6).map(lambda v: v.replace(b"\n", b"\t")) | st.sampled_from([b"12", b"+1", b" a", b"a b"])
+
+
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=5))
+@settings(max_examples=400, deadline=None)
+def test_fields_valid_passes_only_what_h11_accepts_also_when_looked_up(headers: list[tuple[bytes, bytes]]) -> None:
+    try:
+        normalize_and_validate(headers)
+        accepted = True
+    except h11.LocalProtocolError:
+        accepted = False
+    valid = h1.fields_valid(headers)
+    assert h1.fields_valid(headers) is valid  # looked up the second time: the same answer
+    if valid:
+        assert accepted
+    elif accepted and headers:  # refused though h11 takes it: only what the engine leaves to h11
+        names = [n for n, _ in headers]
+        assert any(n != n.lower() for n in names) or b"transfer-encoding" in names or names.count(b"content-length") > 1
 
 
 # -- the response head -----------------------------------------------------------------------------
@@ -88,6 +116,32 @@ def test_fields_valid(headers: list[tuple[bytes, bytes]], valid: bool) -> None:
 )
 def test_parse_head(head: bytes, parsed: tuple[int, list[tuple[bytes, bytes]], int] | None) -> None:
     assert h1.parse_head(head, head.find(b"\r\n\r\n")) == parsed
+    assert h1.read_head(head + b"body", head.find(b"\r\n\r\n")) == parsed  # looked up or not: the same
+
+
+def test_a_head_read_before_is_looked_up_and_the_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h1, "_HEADS", {})
+    monkeypatch.setattr(h1, "_HEADS_KEPT", 2)
+    calls: list[bytes] = []
+    parse = h1.parse_head
+
+    def counted(data: bytes, end: int) -> tuple[int, list[tuple[bytes, bytes]], int] | None:
+        calls.append(data[:end])
+        return parse(data, end)
+
+    monkeypatch.setattr(h1, "parse_head", counted)
+    sse = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    first = h1.read_head(sse + b"5\r\nhello\r\n", len(sse) - 4)
+    again = h1.read_head(sse + b"other body", len(sse) - 4)  # the body after the head plays no part
+    assert first == (200, [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")], h1.CHUNKED)
+    assert again is first and len(calls) == 1
+    close = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    assert h1.read_head(close, len(close) - 4) is None and h1.read_head(close, len(close) - 4) is None
+    assert len(calls) == 2  # a head left to h11 is remembered too
+    other = b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n"
+    assert h1.read_head(other, len(other) - 4) == (404, [(b"content-length", b"2")], 2)
+    assert len(h1._HEADS) == 1  # full at two: let go, then this one kept
+    assert h1.read_head(sse, len(sse) - 4) == first and len(calls) == 4
 
 
 # -- a sized body ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway import headers
 from gateway.headers import SSE_EXTRA_HEADERS, response_headers
 
 Headers = list[tuple[bytes, bytes]]
@@ -30,6 +31,19 @@ def test_response_headers() -> None:
     ]
     out, sse = response_headers([(b"content-type", b"application/json"), (b"content-length", b"12")])
     assert not sse and out == [(b"content-type", b"application/json"), (b"content-length", b"12")]
+
+
+def test_the_same_fields_again_are_looked_up_and_each_caller_gets_its_own_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(headers, "_RELAYED", {})
+    monkeypatch.setattr(headers, "_RELAYED_KEPT", 1)
+    raw = [(b"content-type", b"text/event-stream"), (b"date", b"Mon, 07 Dec 2026 16:13:11 GMT")]
+    out, sse = response_headers(raw)
+    out.append((b"x-request-id", b"one"))  # what the relay does with its list
+    again, sse_again = response_headers(list(raw))
+    assert sse and sse_again and again == [(b"content-type", b"text/event-stream"), *SSE_EXTRA_HEADERS]
+    assert list(headers._RELAYED) == [tuple(raw)]
+    plain = [(b"content-type", b"application/json")]
+    assert response_headers(plain) == (plain, False) and list(headers._RELAYED) == [tuple(plain)]  # bounded
 
 
 @pytest.mark.parametrize(
