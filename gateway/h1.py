@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import re
 
+from gateway.memo import keep
+
 # -- the request -------------------------------------------------------------------------------
 
 #: The bytes a field name may hold (h11's token, lower-case: an ASGI server's and the gateway's own
@@ -30,7 +32,7 @@ _STATEFUL = frozenset({b"connection", b"expect", b"upgrade"})
 #: request (the backend's own, the client's content type and accept), so each is checked once. At
 #: most ``_VALID_KEPT`` (then all are let go and checked again). Never a Content-Length (its count
 #: is checked per request) nor a request id (new in every request: it would only crowd the others).
-_VALID: set[tuple[bytes, bytes]] = set()
+_VALID: dict[tuple[bytes, bytes], bool] = {}
 _VALID_KEPT = 1024
 
 
@@ -65,9 +67,7 @@ def fields_valid(headers: list[tuple[bytes, bytes]]) -> bool:
         if rest and (rest.translate(None, _BLANKS) or value[:1] in _BLANKS or value[-1:] in _BLANKS):
             return False  # bytes never allowed (NUL, CR, LF, VT, FF), or a blank at an edge
         if name != b"x-request-id":
-            if len(valid) >= _VALID_KEPT:
-                valid.clear()
-            valid.add(field)
+            keep(valid, field, True, _VALID_KEPT)
     return True
 
 
@@ -123,12 +123,7 @@ def read_head(data: bytes, end: int) -> tuple[int, list[tuple[bytes, bytes]], in
     is shared by every response with that head: the caller must not change it."""
     key = data[:end]
     found = _HEADS.get(key, _UNREAD)
-    if found is _UNREAD:
-        found = parse_head(data, end)
-        if len(_HEADS) >= _HEADS_KEPT:
-            _HEADS.clear()
-        _HEADS[key] = found
-    return found
+    return keep(_HEADS, key, parse_head(data, end), _HEADS_KEPT) if found is _UNREAD else found
 
 
 def parse_head(data: bytes, end: int) -> tuple[int, list[tuple[bytes, bytes]], int] | None:
@@ -315,9 +310,8 @@ class ChunkedBody:
             # (what _CHUNK_LINE accepts, minus extensions and blanks: those take _frame).
             end = data.find(b"\r\n")
             if 0 < end <= 20:
-                n = _SIZES.get(data[:end])
-                if n is None:
-                    n = _hex_size(data[:end])
+                size_line = data[:end]
+                n = _SIZES.get(size_line) or _hex_size(size_line)
                 if n and len(data) == end + n + 4 and data[-2] == 13 and data[-1] == 10:
                     self.chunks += 1
                     return data[end + 2 : -2]

@@ -5,6 +5,8 @@ Pure functions over ``list[tuple[bytes, bytes]]``: nothing here does I/O.
 
 from __future__ import annotations
 
+from gateway.memo import keep
+
 #: Request headers never forwarded: hop-by-hop ones (RFC 9110 7.6.1), the client's credentials,
 #: and those the gateway sets itself (host, content-length).
 DROP_REQUEST_HEADERS = frozenset(
@@ -60,12 +62,7 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
     """Relayed headers (hop-by-hop ones dropped) and whether the body is an event stream; the
     list is the caller's own (a copy of the one kept for the same fields)."""
     key = tuple(raw)
-    found = _RELAYED.get(key)
-    if found is None:
-        found = _relayed(raw)
-        if len(_RELAYED) >= _RELAYED_KEPT:
-            _RELAYED.clear()
-        _RELAYED[key] = found
+    found = _RELAYED.get(key) or keep(_RELAYED, key, _relayed(raw), _RELAYED_KEPT)
     return found[0].copy(), found[1]
 
 

@@ -31,22 +31,21 @@ from gateway.types import Send
 _DONE = BodyState.DONE
 
 
-#: Per type of awaitable a ``send`` returned: whether it is done at its creation, always. True only
-#: for Granian's ``PyEmptyAwaitable``, what its ``send`` returns when the message went out at once
-#: (its ``__next__`` ends at once; granian ``src/callbacks.rs``, from ``empty_future_into_py``):
-#: a piece answered with one needs no driving. Granian does not export the class, so it is known
-#: by its name when first met; any other type is driven (the same result, slower).
-_AT_ONCE: dict[type, bool] = {}
-#: The type found done at once (Granian's), checked first.
+#: The type of awaitable a ``send`` returns done at its creation, always: Granian's
+#: ``PyEmptyAwaitable``, what its ``send`` returns when the message went out at once (its
+#: ``__next__`` ends at once; granian ``src/callbacks.rs``, from ``empty_future_into_py``): a piece
+#: answered with one needs no driving. Granian does not export the class, so it is known by its
+#: name when first met (None until then); any other type is driven (the same result, slower).
 _DONE_TYPE: type | None = None
 
 
 def _at_once(kind: type) -> bool:
+    """Whether ``kind`` is Granian's always-done awaitable (then kept as ``_DONE_TYPE``)."""
     global _DONE_TYPE
-    found = _AT_ONCE[kind] = kind.__module__ == "granian._granian" and kind.__qualname__ == "PyEmptyAwaitable"
-    if found:
+    if kind.__module__ == "granian._granian" and kind.__qualname__ == "PyEmptyAwaitable":
         _DONE_TYPE = kind
-    return found
+        return True
+    return False
 
 
 class Pump:
@@ -61,7 +60,6 @@ class Pump:
         "_send",
         "_handle",
         "_loop",
-        "_first",
         "_idle",
         "_timeout",
         "_deadline",
@@ -90,7 +88,6 @@ class Pump:
         #: answers the piece's time (``time.perf_counter``), which the read deadline starts from.
         self._handle = handle
         self._loop = loop
-        self._first = first_timeout
         self._idle = idle_timeout
         #: The timeout of the read now awaited: ``first`` until a piece has come, then ``idle``.
         self._timeout = first_timeout
@@ -206,10 +203,7 @@ class Pump:
     def _put(self, piece: bytes, more: bool) -> None:
         sent = self._send({"type": "http.response.body", "body": piece, "more_body": more})
         kind = type(sent)
-        if kind is _DONE_TYPE:
-            return  # Granian's answer when its body channel had room: nothing to wait for
-        at_once = _AT_ONCE.get(kind)
-        if at_once or at_once is None and _at_once(kind):
+        if kind is _DONE_TYPE or _DONE_TYPE is None and _at_once(kind):
             return  # Granian's answer when its body channel had room: nothing to wait for
         it = sent.__await__()
         try:

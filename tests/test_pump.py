@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -30,11 +29,12 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import pump
+from gateway import h1, pump
 from gateway.connection import Connection
 from gateway.h1 import ChunkedBody
 from gateway.netio import AsyncioBackend, Stream
 from gateway.types import Send
+from tests import rawhttp
 from tests.asgi import Message
 from tests.servers import free_port
 
@@ -44,13 +44,18 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-
 EVENTS = [b'data: {"i":%d,"text":"%s"}\n\n' % (i, b"x" * (i * 7 % 50)) for i in range(12)]
 
 
+def frames(events: list[bytes]) -> list[bytes]:
+    """Each event in a chunk of its own, one read each."""
+    return [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+
+
 def stamp(piece: bytes) -> float:
     """The relay's bookkeeping reduced to what the pump needs of it: the piece's time."""
     return time.perf_counter()
 
 
 def chunked(events: list[bytes], end: bytes = b"0\r\n\r\n") -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + end
+    return b"".join(frames(events)) + end
 
 
 @dataclass
@@ -74,9 +79,8 @@ class Upstream:
                 await asyncio.sleep(self.gap)
             writer.write(part)
             await writer.drain()
-        if self.abort:  # SO_LINGER 0: the close is a reset
-            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+        if self.abort:
+            rawhttp.abort(writer)
         elif self.close:
             writer.close()
 
@@ -151,9 +155,9 @@ async def by_iteration(conn: Connection, stream: Stream) -> Relayed:
     return out
 
 
-def same_outcome(parts: list[bytes], close: bool = False) -> tuple[Relayed, Relayed]:
-    pumped = run(Upstream(parts, close=close), by_pump)
-    iterated = run(Upstream(parts, close=close), by_iteration)
+def same_outcome(parts: list[bytes], close: bool = False, gap: float = 0.002) -> tuple[Relayed, Relayed]:
+    pumped = run(Upstream(parts, gap, close), by_pump)
+    iterated = run(Upstream(parts, gap, close), by_iteration)
     assert pumped.body == iterated.body
     assert (pumped.error, pumped.message) == (iterated.error, iterated.message)
     assert pumped.reusable == iterated.reusable
@@ -171,7 +175,8 @@ def splits(data: bytes, cuts: list[int]) -> list[bytes]:
 
 def test_a_stream_one_event_a_read_ends_with_a_final_piece() -> None:
     body = chunked(EVENTS)
-    pumped, _ = same_outcome([CHUNKED_HEAD, *(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS), b"0\r\n\r\n"])
+    # 20 ms apart, so that the terminating chunk is a read of its own even on a loaded machine.
+    pumped, _ = same_outcome([CHUNKED_HEAD, *frames(EVENTS), b"0\r\n\r\n"], gap=0.02)
     assert pumped.body == b"".join(EVENTS) and len(body) > len(pumped.body)
     assert pumped.error is None and pumped.reusable and pumped.chunks == len(EVENTS)
     # The terminating chunk came in a read of its own: the last piece was a plain one, and the
@@ -226,7 +231,13 @@ def test_a_backend_that_closed_before_the_pump_began() -> None:
 
     async def relay(conn: Connection, stream: Stream) -> Relayed:
         await conn.exchange(b"POST", b"/v1/chat/completions", REQUEST, b"{}", 5.0)
-        await asyncio.sleep(0.1)  # the rest and the EOF arrive meanwhile
+
+        async def closed() -> None:  # the rest and the EOF arrive before the pump begins
+            while not stream._proto._eof:
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(closed(), 10)
+        assert stream._proto._eof
         out = Relayed()
         pumped = conn.pumped(recorder(out), stamp, 5.0, 5.0)
         assert pumped is not None
@@ -242,6 +253,10 @@ def test_only_a_netio_stream_on_the_direct_path_is_pumped() -> None:
     async def relay(conn: Connection, stream: Stream) -> Relayed:
         conn._direct = False  # as after h11 read the head
         assert conn.pumped(recorder(Relayed()), stamp, 1.0, 1.0) is None
+        conn._direct, conn._length = True, h1.CHUNKED  # a direct-path body on another network's stream
+        conn._network_stream = rawhttp  # type: ignore[assignment]  # anything but a netio stream
+        assert conn.pumped(recorder(Relayed()), stamp, 1.0, 1.0) is None
+        conn._network_stream = stream
         return Relayed()
 
     run(Upstream([]), relay)
@@ -324,9 +339,7 @@ def test_a_slow_client_stops_the_upstream_reads_and_keeps_the_order(kind: str) -
         assert paused and all(paused), paused
         return out
 
-    out = run(
-        Upstream([CHUNKED_HEAD, *(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS), b"0\r\n\r\n"], gap=0.001), relay
-    )
+    out = run(Upstream([CHUNKED_HEAD, *frames(EVENTS), b"0\r\n\r\n"], gap=0.001), relay)
     assert out.body == b"".join(EVENTS), [p[:12] for p in out.pieces]
     assert out.reusable and len(out.pieces) >= 2  # what came while paused is read at once afterwards
 
@@ -406,8 +419,12 @@ def test_a_cancelled_relay_lets_go_of_a_pending_send() -> None:
         pumped = conn.pumped(send, stamp, 1.0, 1.0)  # type: ignore[arg-type]
         assert pumped is not None
         task = asyncio.ensure_future(pumped)
-        while not pending:
-            await asyncio.sleep(0.001)
+
+        async def first_send() -> None:
+            while not pending:
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(first_send(), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -417,7 +434,7 @@ def test_a_cancelled_relay_lets_go_of_a_pending_send() -> None:
         assert conn.is_closed()
         return Relayed()
 
-    run(Upstream([CHUNKED_HEAD, *(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS)], gap=0.001), relay)
+    run(Upstream([CHUNKED_HEAD, *frames(EVENTS)], gap=0.001), relay)
 
 
 # -- read deadlines ----------------------------------------------------------------------------------
@@ -445,9 +462,10 @@ def test_a_stalled_backend_times_out_at_the_reads_deadline(parts: list[bytes], m
 
 
 def test_reads_that_keep_coming_never_time_out() -> None:
-    """Pieces 20 ms apart for 300 ms with a 50 ms idle timeout: the deadline moves with each read."""
-    parts = [CHUNKED_HEAD, *(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS[:15] * 2), b"0\r\n\r\n"]
-    out = run(Upstream(parts[:16] + parts[-1:], gap=0.02), lambda c, s: by_pump(c, s, (0.05, 0.05)))
+    """Pieces 50 ms apart for 750 ms with a 150 ms idle timeout: the deadline moves with each read
+    (a stall of the loop shorter than 100 ms does not make a read late)."""
+    parts = [CHUNKED_HEAD, *frames(EVENTS + EVENTS[:3]), b"0\r\n\r\n"]
+    out = run(Upstream(parts, gap=0.05), lambda c, s: by_pump(c, s, (0.15, 0.15)))
     assert out.error is None and out.reusable
 
 
@@ -468,8 +486,7 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     sent = send({"type": "http.response.body", "body": b"data: 1\\n\\n", "more_body": True})
     kind = type(sent)
-    verdict = pump._AT_ONCE.get(kind)
-    verdict = pump._at_once(kind) if verdict is None else verdict
+    verdict = kind is pump._DONE_TYPE or pump._at_once(kind)
     await sent
     await send({"type": "http.response.body", "body": b"%s.%s %s" % (
         kind.__module__.encode(), kind.__qualname__.encode(), str(verdict).encode()), "more_body": False})
@@ -490,6 +507,10 @@ def test_granians_done_answer_is_known_and_nothing_else_is(tmp_path: Path) -> No
             "granian",
             "--interface",
             "asgi",
+            "--loop",  # as gateway.server.run_granian runs it
+            "uvloop",
+            "--http",
+            "1",
             "--host",
             "127.0.0.1",
             "--port",

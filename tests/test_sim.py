@@ -930,3 +930,21 @@ def test_cli_rejects_bad_flags() -> None:
     assert config_from_args(parser.parse_args(["--kind", "llamacpp", "--ctx-size", "512"])).ctx_size == 512
     with pytest.raises(ConfigError):
         config_from_args(parser.parse_args(["--ctx-size", "0"]))
+
+
+def test_a_responses_token_event_is_the_bytes_the_generic_writer_writes() -> None:
+    """The Responses stream's token events are built from pre-made parts: byte for byte what
+    ``_ev`` writes for the same event (a drift between the two would change what clients parse)."""
+    import orjson
+
+    from gateway.sim.responses import WORDS_JSON
+    from gateway.sim.surfaces import ResponsesFrames
+
+    frames = ResponsesFrames("m", 3)
+    for i in range(3):
+        token = frames.token(i, 0)
+        frames.seq -= 1  # the same sequence number again, for the generic writer
+        where = {"item_id": frames.item_id, "output_index": 0, "content_index": 0}
+        word = orjson.loads(WORDS_JSON[i])
+        assert token == frames._ev("response.output_text.delta", **where, delta=word, logprobs=[])
+    assert frames.seq == 3

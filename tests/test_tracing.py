@@ -194,9 +194,8 @@ def test_a_streamed_chat_continues_the_clients_trace(start_gateway: StartGateway
 
 def test_tracing_changes_nothing_that_is_sent(start_gateway: StartGateway, backend: FakeBackend) -> None:
     """With traces on, a request goes where and as it would without them: a route with the kind's
-    own path spelling keeps it (``/tokenize`` at the server's root, not under ``/v1``), a body the
-    gateway does not read (a passthrough route) is forwarded whatever its fields hold, and an
-    aliased model is traced as it was sent."""
+    own path spelling keeps it (``/tokenize`` at the server's root, not under ``/v1``), and a body
+    the gateway does not read (a passthrough route) is forwarded whatever its fields hold."""
     with OtlpReceiver() as receiver:
         g = start_gateway(BACKEND_BASE_URL=backend.url, **otel_env(receiver.url)).start()
         g.request("POST", "/tokenize", b'{"model":"fake","prompt":"hi"}')  # the fake answers what it answers
@@ -204,6 +203,7 @@ def test_tracing_changes_nothing_that_is_sent(start_gateway: StartGateway, backe
         headers = {"content-type": "x", "traceparent": f"00-{TRACE}-{PARENT}-01"}
         r = g.request("POST", "/v1/whatever/else", b'{"model": 5, "stream": "yes"}', headers)
         assert backend.requests[-1].target == "/v1/whatever/else" and r.status != 400
+        assert r.status == 404  # the fake backend's own answer, relayed
         assert backend.requests[-1].body == b'{"model": 5, "stream": "yes"}'
         spans = wait_spans(receiver, TRACE, 2)
     server = next(s for s in spans if s.kind == "SPAN_KIND_SERVER")
@@ -326,3 +326,18 @@ def test_a_dead_or_hung_collector_never_fails_a_request(
         if collector == "hung":
             assert hung.posts >= 1  # it did reach the collector, which never answered
         assert g.stop() == 0  # and shutting down does not hang on it either
+
+
+def test_an_outgoing_with_other_headers_keeps_every_other_decision() -> None:
+    """``Outgoing.with_headers`` (the trace context added to each attempt) copies every slot but
+    the headers: a slot added to ``Outgoing`` and not copied there fails here."""
+    from gateway.exchange import Outgoing
+
+    out = Outgoing(object(), b"POST", b"/tokenize", b"q=1", [(b"a", b"1")], b"{}", b"sticky", [1, 2])  # type: ignore[arg-type]
+    out.rooted, out.pinned = True, object()  # type: ignore[assignment]
+    headers = [(b"traceparent", b"00-x")]
+    new = out.with_headers(headers)
+    assert new.headers is headers and out.headers == [(b"a", b"1")]
+    for name in Outgoing.__slots__:
+        if name != "headers":
+            assert getattr(new, name) is getattr(out, name), name

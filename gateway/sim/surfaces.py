@@ -47,9 +47,7 @@ def _delta(delta: dict[str, Any]) -> bytes:
 #: ``input_json_delta`` pieces of ``{"text": "<the words>"}`` (the first piece opens the object).
 _TEXT_DELTAS = tuple(_delta({"type": "text_delta", "text": w}) for w in WORDS)
 _JSON_DELTAS = tuple(_delta({"type": "input_json_delta", "partial_json": w[1:-1].decode()}) for w in WORDS_JSON)
-_FIRST_JSON_DELTAS = tuple(
-    _delta({"type": "input_json_delta", "partial_json": '{"text": "' + w[1:-1].decode()}) for w in WORDS_JSON
-)
+_FIRST_JSON_DELTA = _delta({"type": "input_json_delta", "partial_json": '{"text": "' + WORDS_JSON[0][1:-1].decode()})
 
 
 class MessagesFrames:
@@ -93,7 +91,7 @@ class MessagesFrames:
         """One word's ``content_block_delta`` (built once per word, at import)."""
         if self.tool is None:
             return _TEXT_DELTAS[i % len(_TEXT_DELTAS)]
-        return _FIRST_JSON_DELTAS[i] if i == 0 else _JSON_DELTAS[i % len(_JSON_DELTAS)]
+        return _FIRST_JSON_DELTA if i == 0 else _JSON_DELTAS[i % len(_JSON_DELTAS)]
 
     def ends(
         self, index: int, finish: str, prompt_tokens: int, n_tokens: int, include_usage: bool, elapsed: Elapsed
@@ -187,7 +185,9 @@ def _message_item(item_id: str, text: str | None) -> dict[str, Any]:
     }
 
 
+#: A ``response.output_text.delta`` event's bytes around its sequence number, item id and word.
 _DELTA_TAIL = b',"logprobs":[]}\n\n'
+_DELTA_HEAD = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
 
 
 class ResponsesFrames:
@@ -202,7 +202,6 @@ class ResponsesFrames:
         "seq",
         "done",
         "final",
-        "_delta_head",
         "_delta_mid",
     )
 
@@ -214,8 +213,6 @@ class ResponsesFrames:
         self.seq = 0
         self.done = b""
         self.final: dict[str, Any] | None = None
-        name = b"response.output_text.delta"
-        self._delta_head = b"event: " + name + b'\ndata: {"type":"' + name + b'","sequence_number":'
         self._delta_mid = b',"item_id":' + orjson.dumps(self.item_id) + b',"output_index":0,"content_index":0,"delta":'
 
     def _ev(self, name: str, **fields: Any) -> bytes:
@@ -241,7 +238,7 @@ class ResponsesFrames:
         parts around the sequence number and the word built once per response."""
         seq = self.seq
         self.seq = seq + 1
-        return self._delta_head + b"%d" % seq + self._delta_mid + WORDS_JSON[i % len(WORDS_JSON)] + _DELTA_TAIL
+        return _DELTA_HEAD + b"%d" % seq + self._delta_mid + WORDS_JSON[i % len(WORDS_JSON)] + _DELTA_TAIL
 
     def ends(
         self, index: int, finish: str, prompt_tokens: int, n_tokens: int, include_usage: bool, elapsed: Elapsed
