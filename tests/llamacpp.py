@@ -32,7 +32,10 @@ __all__ = [
     "SERVER_KEY",
     "LlamaServer",
     "StartServer",
+    "gateway_for",
+    "read_markers",
     "request",
+    "send_keeping_open",
     "sse_events",
     "stable",
     "task_started",
@@ -130,6 +133,22 @@ def request(
         headers["authorization"] = f"Bearer {key}"
     r = rawhttp.request(port, method, path, body, headers, timeout=30)
     return r.status, r.headers, r.body
+
+
+def send_keeping_open(port: int, path: str, body: dict[str, object]) -> rawhttp.Connection:
+    """A client's POST with the client key, on a connection left open (to leave mid-answer)."""
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    return rawhttp.connect(port, rawhttp.request_bytes("POST", path, body, headers, close=False))
+
+
+def read_markers(conn: rawhttp.Connection, marker: bytes, count: int) -> bytes:
+    """What the answer brought until ``marker`` was seen ``count`` times (the stream is going)."""
+    seen = b""
+    while seen.count(marker) < count:
+        chunk = conn.read_until(marker)
+        assert chunk, seen
+        seen += chunk
+    return seen
 
 
 def sse_events(body: bytes) -> list[bytes]:

@@ -26,13 +26,14 @@ from tests.llamacpp import (
     LlamaServer,
     StartServer,
     gateway_for,
+    read_markers,
     request,
+    send_keeping_open,
     sse_events,
     stable,
     task_started,
     unavailable_reason,
 )
-from tests.rawhttp import Connection, connect, request_bytes
 from tests.servers import Gateway, free_port
 
 #: A real llama-server per module and model: seconds each, so outside the fast lane.
@@ -271,11 +272,6 @@ def test_ready_unreachable_until_the_server_starts(start_llama: StartServer, tmp
 # -- a client that leaves: the server cancels the generation ------------------------------------------
 
 
-def _send(port: int, body: dict[str, object]) -> Connection:
-    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
-    return connect(port, request_bytes("POST", "/v1/chat/completions", body, headers, close=False))
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "non-streamed"])
 def test_client_disconnect_cancels_generation(
     start_llama: StartServer, paced_model: Path, tmp_path: Path, stream: bool
@@ -285,15 +281,12 @@ def test_client_disconnect_cancels_generation(
     g = gateway_for(tmp_path, server).start()
     try:
         since = len(server.output())
-        s = _send(g.port, {"model": ALIAS, "messages": HI, "max_tokens": 2000, "stream": stream})
+        body = {"model": ALIAS, "messages": HI, "max_tokens": 2000, "stream": stream}
+        s = send_keeping_open(g.port, "/v1/chat/completions", body)
         try:
             task = task_started(server, since)
             if stream:
-                seen = b""
-                while seen.count(b"data: ") < 5:
-                    chunk = s.read_until(b"data: ")
-                    assert chunk, seen
-                    seen += chunk
+                read_markers(s, b"data: ", 5)
             else:
                 time.sleep(0.3)
         finally:

@@ -30,12 +30,13 @@ from tests.llamacpp import (
     LlamaServer,
     StartServer,
     gateway_for,
+    read_markers,
     request,
+    send_keeping_open,
     task_started,
     unavailable_reason,
 )
 from tests.promtext import metric
-from tests.rawhttp import connect, request_bytes
 from tests.servers import Gateway, wait_until
 
 pytestmark = pytest.mark.slow
@@ -172,14 +173,9 @@ def test_client_disconnect_cancels_generation(
     g = gateway_for(tmp_path, server).start()
     try:
         since = len(server.output())
-        headers = {"authorization": f"Bearer {CLIENT_KEY}"}
-        s = connect(g.port, request_bytes("POST", path, body, headers, close=False))
+        s = send_keeping_open(g.port, path, body)
         task = task_started(server, since)
-        seen = b""
-        while seen.count(marker) < 3:
-            chunk = s.read_until(marker)
-            assert chunk, seen
-            seen += chunk
+        read_markers(s, marker, 3)
         s.abort()
         cancelled = server.wait_for_output(f"stop: cancel task, id_task = {task}", timeout=3.0, start=since)
         assert cancelled is not None, f"the server never cancelled task {task}:\n{server.output()[since:]}"

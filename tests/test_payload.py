@@ -48,6 +48,9 @@ def test_the_previous_response_id_is_read_in_the_same_decode(body: bytes, expect
     fallback, stored = object(), object()  # stand-ins for a backend and a replica
     if expected is not None:
         state.ids.put(expected, stored, stored)  # type: ignore[arg-type]
+    decoy = object()  # ids a wrong reading of the other cases could look up
+    for wrong in ("5", "null", "None", ""):
+        state.ids.put(wrong, decoy, decoy)  # type: ignore[arg-type]
     create = routes.resolve("/v1/responses")
     assert create is not None
     found = state.route(create, "/v1/responses", peeked.previous_response_id, fallback)  # type: ignore[arg-type]

@@ -150,6 +150,10 @@ def test_routes_file_error_stops_startup_with_exit_2(tmp_path: Path) -> None:
 # -- routing by model ------------------------------------------------------------------------------
 
 
+def last_post(fb: FakeBackend) -> Req:
+    return next(q for q in reversed(fb.requests) if q.method == "POST")
+
+
 def test_routing_by_model_and_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_CHAT_KEY", "chat-secret")
     with backends(2) as (a, b):
@@ -162,11 +166,12 @@ def test_routing_by_model_and_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                 assert r.status == 200 and r.json()["model"] == "llama-3.1-8b"
                 r = await call(app, "POST", "/v1/chat/completions", chat("gpt-4o-mini"))
                 assert r.status == 200
-                assert a.requests[-1].json()["model"] == "llama-3.1-8b"  # the alias was rewritten
-                assert a.requests[-1].header("authorization") == "Bearer chat-secret"
+                # The last POST (the replicas' health probes run meanwhile: a GET may come after it).
+                assert last_post(a).json()["model"] == "llama-3.1-8b"  # the alias was rewritten
+                assert last_post(a).header("authorization") == "Bearer chat-secret"
                 r = await call(app, "POST", "/v1/embeddings", b'{"model":"nomic-embed-text","input":"x"}')
-                assert r.status == 200 and b.requests[-1].target == "/v1/embeddings"
-                assert b.requests[-1].header("authorization") is None  # ollama takes no key
+                assert r.status == 200 and last_post(b).target == "/v1/embeddings"
+                assert last_post(b).header("authorization") is None  # ollama takes no key
                 r = await call(app, "POST", "/v1/chat/completions", chat("nope"))
                 assert r.status == 404 and r.json()["error"]["code"] == "model_not_found"
                 assert r.json()["error"]["param"] == "model"
@@ -513,7 +518,9 @@ def test_a_request_pinned_to_its_stored_response_is_not_retried_elsewhere() -> N
             await default_handler(req, conn)
 
     async def other(req: Req, conn: Conn) -> None:
-        if "/responses" in req.target:
+        if req.method == "POST" and req.target.endswith("/responses"):  # busy: the create is retried on the holder
+            await conn.json(503, {"error": {"message": "busy", "type": "x", "param": None, "code": 503}})
+        elif "/responses" in req.target:
             await conn.json(404, {"error": {"message": "no such response", "type": "x", "param": None, "code": 404}})
         else:
             await default_handler(req, conn)
