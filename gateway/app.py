@@ -9,12 +9,11 @@ A forwarded request passes through named stages, in this order (each its own mod
 5. the body read, bounded in size and time (``body``);
 6. model routing (``topology``) and the payload peek (``payload``; ``prefix`` also reads the prompt's
    block hashes for a backend that balances by prefix), then admission (``balance``);
-7. forwarding (``forward``): the upstream pool (``upstream``) and the relay (``relay``).
+7. forwarding (``forward``): the upstream pool (``pool``) and the relay (``relay``).
 
-The local endpoints live in ``local``, the disconnect watcher in ``watch``, and building a
-worker's backends in ``worker``. Run it with ``gateway serve``, or with Granian directly:
-``granian --interface asgi --factory gateway.app:create_app``.
-"""
+The local endpoints live in ``local``, the disconnect watcher in ``watch``, building a worker's
+backends in ``worker``. Run it with ``gateway serve`` or ``granian --interface asgi --factory
+gateway.app:create_app``."""
 
 from __future__ import annotations
 
@@ -22,8 +21,10 @@ import asyncio
 import logging
 import os
 import traceback
+from collections.abc import Coroutine
 from pathlib import Path
 from time import perf_counter
+from typing import Any
 from urllib.parse import quote
 
 import httpcore
@@ -71,9 +72,7 @@ class Gateway:
         self.read_body = BodyReader(s.gateway_max_body_bytes, s.gateway_client_body_timeout, self._running_loop)
         read = s.gateway_read_timeout
         timeouts = Timeouts(
-            header=s.gateway_header_timeout or read,
-            first_token=s.gateway_ttft_timeout or read,
-            idle=s.gateway_idle_timeout or read,
+            s.gateway_header_timeout or read, s.gateway_ttft_timeout or read, s.gateway_idle_timeout or read
         )
         self.forwarder = Forwarder(timeouts, s.gateway_retries, s.gateway_total_timeout or None, self._running_loop)
         sticky = s.gateway_sticky
@@ -103,8 +102,7 @@ class Gateway:
         self.inflight = 0
         self.draining = False
         self._drain: WorkerDrain | None = None
-        #: The loop lifespan startup ran on, which serves the requests: asyncio.get_running_loop()
-        #: costs a getpid() system call per call on Python 3.11.
+        #: The loop serving the requests (asyncio.get_running_loop() costs a getpid() on 3.11).
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -113,12 +111,13 @@ class Gateway:
 
     # -- ASGI entry ---------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        """The coroutine serving ``scope``, returned, not awaited: one frame fewer per resumption."""
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        # websocket: not served; returning without accepting closes it.
+            return self._http(scope, receive, send)
+        if scope["type"] == "lifespan":
+            return self._lifespan(receive, send)
+        return _not_served()  # websocket: returning without accepting closes it
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -390,6 +389,10 @@ class Gateway:
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         return loop if loop is not None and loop.is_running() else asyncio.get_running_loop()
+
+
+async def _not_served() -> None:  # a websocket
+    return
 
 
 def create_app() -> Gateway:

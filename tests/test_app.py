@@ -63,6 +63,26 @@ def test_lifespan_startup_and_shutdown() -> None:
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
+def test_a_websocket_is_closed_unaccepted_and_every_scope_gets_a_coroutine() -> None:
+    """The app returns the coroutine serving a scope (a server awaits what it returns); a
+    websocket's does nothing, so the server closes it without it being accepted."""
+    app = make_gateway()
+    sent: list[Message] = []
+    received: list[int] = []
+
+    async def receive() -> Message:
+        received.append(1)
+        return {"type": "websocket.connect"}
+
+    async def send(m: Message) -> None:
+        sent.append(m)
+
+    served = app({"type": "websocket", "path": "/v1/chat/completions", "headers": []}, receive, send)
+    assert asyncio.iscoroutine(served)
+    assert run(served) is None
+    assert sent == [] and received == []
+
+
 def test_head_health_and_draining() -> None:
     async def go() -> None:
         app = make_gateway()
