@@ -17,8 +17,7 @@ from gateway.memo import keep
 
 # -- the request -------------------------------------------------------------------------------
 
-#: The bytes a field name may hold (h11's token, lower-case: an ASGI server's and the gateway's own
-#: names).
+#: The bytes a field name may hold (h11's token, lower-case: ASGI servers' and the gateway's names).
 _NAME_BYTES = b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 #: The bytes a field value may hold anywhere (h11's ``[^\x00\s]``); spaces and tabs only inside it.
 _VALUE_BYTES = bytes(b for b in range(256) if b not in b"\x00\t\n\x0b\x0c\r ")
@@ -42,11 +41,10 @@ def fields_valid(headers: list[tuple[bytes, bytes]]) -> bool:
     h11 matches each name and each value against its grammar, one regex call each. Here a field
     seen valid before is looked up (``_VALID``); any other is checked by deleting the bytes its
     name and value may hold (``bytes.translate``: nothing may be left of the name, and of the value
-    only spaces or tabs, never at its edges). No regex runs per request: they are costly on a cold
-    cache, which is what a request finds after the loop slept. Lower-case names (all an ASGI
-    server hands over, and the gateway's own) and the gateway's own framing (at most one
-    ``content-length``, all digits, and no ``transfer-encoding``) pass; anything else is refused
-    here: h11 then checks it field by field.
+    only spaces or tabs, never at its edges). No regex runs per request (costly on the cold cache a
+    request finds). Lower-case names (all an ASGI server hands over, and the gateway's own) and the
+    gateway's own framing (one all-digit ``content-length``, no ``transfer-encoding``) pass;
+    anything else is refused here: h11 then checks it field by field.
     """
     if not headers:
         return False
@@ -193,10 +191,9 @@ _LAST, _DONE, _ERROR = BodyState.LAST, BodyState.DONE, BodyState.ERROR
 #: skipped, trailing blanks tolerated.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*\r\n")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
-#: Bare hex size lines already read, and their sizes: a paced stream's events are of a few sizes,
-#: so its size lines are looked up rather than checked and parsed again (``int(line, 16)`` alone
-#: costs more than the rest of a chunk's framing). Only lines of hex digits are kept, and at most
-#: ``_SIZES_KEPT`` of them (then the others are parsed each time).
+#: Bare hex size lines already read, and their sizes: a stream's events are of a few sizes, so
+#: their lines are looked up, not parsed again (``int(line, 16)`` costs more than the rest of a
+#: chunk's framing). Only hex digits, at most ``_SIZES_KEPT`` (then the others are parsed).
 _SIZES: dict[bytes, int] = {}
 _SIZES_KEPT = 4096
 
@@ -306,8 +303,7 @@ class ChunkedBody:
             data = self._rest + data
             self._rest = b""
         elif self.state is _SIZE:
-            # The paced stream's shape: one whole chunk per read, its size line bare hex digits
-            # (what _CHUNK_LINE accepts, minus extensions and blanks: those take _frame).
+            # The paced stream's shape: one whole chunk per read, its size line bare hex digits.
             end = data.find(b"\r\n")
             if 0 < end <= 20:
                 size_line = data[:end]
@@ -319,7 +315,7 @@ class ChunkedBody:
 
     def _frame(self, data: bytes) -> bytes:
         """The general case: any mix of partial and whole chunks, in one pass over ``data``."""
-        match = _CHUNK_LINE.match
+        find = data.find
         state = self.state
         left = self._left
         crlf = state is _CRLF
@@ -336,18 +332,24 @@ class ChunkedBody:
                 pieces.append(data[pos:end])
                 pos, left, crlf = end, 0, True
             if crlf:
-                if size - pos < 2:
-                    if data[pos:] != b"\r\n"[: size - pos]:
-                        self._fail(_malformed_footer(data[pos:]))
-                    break
-                if data[pos] != 13 or data[pos + 1] != 10:
-                    self._fail(_malformed_footer(data[pos : pos + 2]))
+                if data[pos : pos + 2] != b"\r\n":  # a wrong footer, or one cut at the read's end
+                    if size - pos >= 2 or data[pos:] != b"\r\n"[: size - pos]:
+                        self._fail(_malformed_footer(data[pos : pos + 2]))
                     break
                 pos += 2
                 crlf = False
             if pos == size:
                 break  # this piece is used up: the next size line comes with the next one
-            found = match(data, pos)
+            # A bare hex size line is looked up (``_SIZES``) as in ``feed``; others take the regex.
+            nl = find(b"\r\n", pos, pos + 22)
+            if nl > pos:
+                line = data[pos:nl]
+                left = _SIZES.get(line) or _hex_size(line)
+                if left:
+                    pos = nl + 2
+                    self.chunks += 1
+                    continue
+            found = _CHUNK_LINE.match(data, pos)
             if found is None:
                 self._no_size_line(data, pos)
                 break
@@ -362,8 +364,6 @@ class ChunkedBody:
             self.state = _DATA if left else _CRLF if crlf else _SIZE
             if self._line is None and pos < size:
                 self._rest = data[pos:]
-        if not pieces:
-            return b""
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _no_size_line(self, data: bytes, pos: int) -> None:

@@ -197,6 +197,21 @@ def test_size_lines_read_before_are_looked_up_and_only_hex_ones_are_kept(monkeyp
     assert (body.feed(b"7\r\nxxx"), body.state) == (b"xxx", BodyState.DATA)
 
 
+def test_several_chunks_in_one_read_look_their_bare_size_lines_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_frame`` (a read of several chunks) keeps and looks up bare hex lines as ``feed`` does;
+    a line with an extension or blanks, and the last chunk's, are still the regex's."""
+    monkeypatch.setattr(h1, "_SIZES", {})
+    read = b"5\r\nhello\r\n3;x=1\r\nabc\r\n0a\r\n0123456789\r\n5\r\nworld\r\n0\r\n\r\n"
+    body = ChunkedBody(LIMIT)
+    assert (body.feed(read), body.state, body.chunks) == (b"helloabc0123456789world", BodyState.DONE, 4)
+    assert h1._SIZES == {b"5": 5, b"0a": 10, b"0": 0}  # "0" kept as 0: still the regex's (trailers)
+    # Kept lines are looked up, not matched: a read of kept lines alone never reaches the regex.
+    monkeypatch.setattr(h1, "_CHUNK_LINE", None)
+    body = ChunkedBody(LIMIT)
+    assert body.feed(b"5\r\nhello\r\n0a\r\n0123456789\r\n5\r\nwor") == b"hello0123456789wor"
+    assert (body.state, body.chunks, body.feed(b"ld\r\n")) == (BodyState.DATA, 3, b"ld")
+
+
 def test_data_is_handed_out_as_it_arrives_through_every_state() -> None:
     body = ChunkedBody(LIMIT)
     assert (body.feed(b"a\r\n0123"), body.state) == (b"0123", BodyState.DATA)
