@@ -10,7 +10,9 @@ other side's next to it, so a slow stretch of the machine touches both sides of 
 of the paired differences resolves a few microseconds where whole ``just bench`` runs, minutes
 apart, differ by more. With ``--floor`` each round also runs Granian alone (``bench.floor``, the
 same settings, pinned alike) next to both gateways, and each gateway's CPU above the floor is
-taken within the round. See bench/README.md.
+taken within the round. With ``--nginx`` each round also runs nginx in front of the same simulator
+(``runner.start_nginx``), and each gateway's time to first byte (p50 and p99) is taken against
+nginx's in the same round. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from bench.runner import (
     settled_tree,
     start_floor,
     start_gateway,
+    start_nginx,
     start_sim,
 )
 from bench.scenarios import FULL, Scenario
@@ -72,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each round also runs Granian alone (bench.floor, with --gateway-env) next to both gateways: "
         "each side's CPU above the floor, and the paired difference of it, per round",
+    )
+    p.add_argument(
+        "--nginx",
+        action="store_true",
+        help="each round also runs nginx (from PATH) in front of the same simulator: each side's time to first "
+        "byte (p50, p99) against nginx's in the same round, paired, and its CPU as a multiple of nginx's",
     )
     add_gateway_env(p, "extra setting for both gateways (and the floor)")
     add_gateway_env(
@@ -133,6 +142,7 @@ async def measure(gateways: list[Gateway], sc: Scenario, pairs: int) -> None:
                     "main": cost["main_thread_cpu_per_request_us"],
                     "event": cost["cpu_per_chunk_us"],
                     "ttft": figures["ttft_ms"]["p50"],
+                    "ttft99": figures["ttft_ms"]["p99"],
                 }
             )
 
@@ -236,6 +246,57 @@ def floor_summary(base: Gateway, this: Gateway, floor: Gateway, sc: Scenario) ->
     return "\n".join(lines)
 
 
+def over_reference(side: Sequence[float | None], reference: Sequence[float | None]) -> dict[str, float | int | None]:
+    """A side's figure minus the reference server's in the same round (nginx's), round by round:
+    the median, mean and range of those differences. Rounds where either has no figure are left
+    out; none left gives no figures."""
+    diffs = [a - r for a, r in zip(side, reference, strict=True) if a is not None and r is not None]
+    if not diffs:
+        return {"rounds": 0, "median": None, "mean": None, "min": None, "max": None}
+    return {
+        "rounds": len(diffs),
+        "median": statistics.median(diffs),
+        "mean": statistics.mean(diffs),
+        "min": min(diffs),
+        "max": max(diffs),
+    }
+
+
+def nginx_summary(base: Gateway, this: Gateway, nginx: Gateway) -> str:
+    """The lines ``--nginx`` adds: nginx's own medians, then each side's time to first byte over
+    nginx's in the same round (the issue's "added TTFT no more than nginx's + 0.5 ms" is this
+    difference: the backend's share cancels out) and its CPU as a multiple of nginx's."""
+
+    def med(gw: Gateway, key: str) -> float | None:
+        values = [v for r in gw.rounds if (v := r[key]) is not None]
+        return statistics.median(values) if values else None
+
+    def f(v: float | int | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        f"  {nginx.label:<24} median {f(med(nginx, 'all'), '7.1f')} us/req, time to first byte p50"
+        f" {f(med(nginx, 'ttft'), '.3f')} ms, p99 {f(med(nginx, 'ttft99'), '.3f')} ms;"
+        f" rounds {[round(r['all'] or 0.0) for r in nginx.rounds]}"
+    ]
+    for key, what in (("ttft", "p50"), ("ttft99", "p99")):
+        parts = []
+        for gw, name in ((base, "base"), (this, "this tree")):
+            d = over_reference([r[key] for r in gw.rounds], [r[key] for r in nginx.rounds])
+            parts.append(
+                f"{name} {f(d['median'], '+.3f')} ms (mean {f(d['mean'], '+.3f')}, from {f(d['min'], '+.3f')}"
+                f" to {f(d['max'], '+.3f')})"
+            )
+        lines.append(f"  over nginx in the same round, time to first byte {what} (median): " + "; ".join(parts))
+    ratios = []
+    for gw, name in ((base, "base"), (this, "this tree")):
+        pairs = zip((r["all"] for r in gw.rounds), (r["all"] for r in nginx.rounds), strict=True)
+        x = [a / n for a, n in pairs if a and n]
+        ratios.append(f"{name} {f(statistics.median(x) if x else None, '.2f')}x")
+    lines.append("  CPU per request as a multiple of nginx's in the same round (median): " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
 def _runner(name: str, port: int, proc: subprocess.Popen[bytes]) -> Runner:
     """The load runner for one server of the pairing (a gateway, or the floor) on ``port``."""
     endpoint = Endpoint(name, "127.0.0.1", port, "/v1", None)
@@ -247,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.pairs < 1 or args.seconds <= 0:
         raise SystemExit("bench.ab: --pairs must be at least 1 and --seconds positive")
+    if args.nginx and not shutil.which("nginx"):
+        raise SystemExit("bench.ab: --nginx needs nginx on PATH (e.g. apt-get install nginx)")
     raise_nofile()  # stream-paced-1000 holds a thousand connections to each side
     install_uvloop()
     sc = replace(next(s for s in FULL if s.name == args.scenario), round_seconds=args.seconds)
@@ -273,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.floor:
                 proc, port = stack.enter_context(start_floor(gateway_cpu, work / "floor.log", dict(args.gateway_env)))
                 gateways.append(Gateway("floor (Granian alone)", _runner("floor", port, proc)))
+            if args.nginx:
+                proc, port = stack.enter_context(start_nginx(gateway_cpu, work / "nginx.log", "127.0.0.1", sim_port))
+                gateways.append(Gateway("nginx", _runner("nginx", port, proc)))
             asyncio.run(measure(gateways, sc, args.pairs))
     except BaseException:
         print(f"bench.ab: logs kept in {work}", file=sys.stderr)
@@ -281,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(gateways[0], gateways[1], sc, args.pairs))
     if args.floor:
         print(floor_summary(gateways[0], gateways[1], gateways[2], sc))
+    if args.nginx:
+        print(nginx_summary(gateways[0], gateways[1], gateways[-1]))
     failed = sum(gw.errors for gw in gateways)
     if failed:
         print(f"bench.ab: {failed} requests failed", file=sys.stderr)

@@ -317,6 +317,47 @@ def test_bench_ab_pairs_the_floor_too() -> None:
     assert len(above) == 2 and all("paired difference median" in line for line in above)
 
 
+def test_over_nginx_pairs_each_side_with_its_rounds_nginx() -> None:
+    """``bench-ab --nginx``: a side's time to first byte is taken against nginx's in the same
+    round, and only rounds where both have a figure count."""
+    from bench.ab import over_reference
+
+    side = [26.0, 30.0, 25.5, None]
+    nginx = [24.0, 27.0, 25.0, 24.0]  # round 2 was slow for both: the difference keeps that out
+    d = over_reference(side, nginx)
+    assert d["rounds"] == 3
+    assert d["median"] == pytest.approx(2.0)  # of 2.0, 3.0, 0.5
+    assert d["mean"] == pytest.approx(5.5 / 3)
+    assert (d["min"], d["max"]) == (pytest.approx(0.5), pytest.approx(3.0))
+    assert over_reference([None], [1.0]) == {"rounds": 0, "median": None, "mean": None, "min": None, "max": None}
+
+
+def test_bench_ab_nginx_needs_nginx() -> None:
+    proc = _python_m("bench.ab", "--nginx", timeout=60, env={"PATH": "/nonexistent"})
+    assert proc.returncode != 0 and "--nginx needs nginx on PATH" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NGINX, reason="nginx is not installed (tests/run.sh installs it where it is root)")
+def test_bench_ab_pairs_nginx_too() -> None:
+    """``bench.ab --nginx``: nginx answers in every round next to both gateways, and each side's
+    time to first byte over nginx's, p50 and p99, and its CPU multiple are printed."""
+    proc = _python_m("bench.ab", "--nginx", "--scenario", "c1-stream", "--pairs", "2", "--seconds", "0.3", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    (nginx,) = (line for line in lines if line.strip().startswith("nginx "))
+    rounds = orjson.loads(nginx.split("rounds ", 1)[1])
+    assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    over = [line for line in lines if line.startswith("  over nginx in the same round")]
+    assert [("p50" in o, "p99" in o) for o in over] == [(True, False), (False, True)]
+    for line in over:
+        figures = line.split(": ", 1)[1]
+        assert figures.startswith("base ") and "; this tree " in figures and " ms (mean " in figures
+        assert "(mean -," not in figures  # both sides had figures in both rounds ("-" is none)
+    (cpu,) = (line for line in lines if line.startswith("  CPU per request as a multiple of nginx's"))
+    assert cpu.count("x") >= 2 and "base " in cpu and "this tree " in cpu
+
+
 @pytest.mark.slow
 def test_bench_routing_smoke(tmp_path: Path) -> None:
     """``bench --routing --smoke``: every policy ran every workload on two replicas, and the
