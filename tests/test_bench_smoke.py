@@ -303,16 +303,24 @@ def test_above_floor_pairs_each_side_with_its_rounds_floor() -> None:
     assert z["base_times_floor"] is None and z["this_share_of_base"] == pytest.approx(0.5)
 
 
+def _ab_with(label: str, *args: str) -> list[str]:
+    """``bench.ab`` (2 pairs of 0.3 s) with a third server (``args``): it must succeed, and the
+    line of the server whose label starts with ``label`` must show two rounds that used CPU; the
+    output's lines."""
+    proc = _python_m("bench.ab", *args, "--pairs", "2", "--seconds", "0.3", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    (side,) = (line for line in lines if line.strip().startswith(label))
+    rounds = orjson.loads(side.split("rounds ", 1)[1])
+    assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    return lines
+
+
 @pytest.mark.slow
 def test_bench_ab_pairs_the_floor_too() -> None:
     """``bench.ab --floor``: Granian alone answers in every round next to both gateways, and each
     side's CPU above it is printed."""
-    proc = _python_m("bench.ab", "--floor", "--pairs", "2", "--seconds", "0.3", timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    (floor,) = (line for line in lines if line.strip().startswith("floor (Granian alone)"))
-    rounds = orjson.loads(floor.split("rounds ", 1)[1])
-    assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    lines = _ab_with("floor (Granian alone)", "--floor")
     above = [line for line in lines if line.startswith("  above the floor")]
     assert len(above) == 2 and all("paired difference median" in line for line in above)
 
@@ -342,12 +350,7 @@ def test_bench_ab_nginx_needs_nginx() -> None:
 def test_bench_ab_pairs_nginx_too() -> None:
     """``bench.ab --nginx``: nginx answers in every round next to both gateways, and each side's
     time to first byte over nginx's, p50 and p99, and its CPU multiple are printed."""
-    proc = _python_m("bench.ab", "--nginx", "--scenario", "c1-stream", "--pairs", "2", "--seconds", "0.3", timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    (nginx,) = (line for line in lines if line.strip().startswith("nginx "))
-    rounds = orjson.loads(nginx.split("rounds ", 1)[1])
-    assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    lines = _ab_with("nginx ", "--nginx", "--scenario", "c1-stream")
     over = [line for line in lines if line.startswith("  over nginx in the same round")]
     assert [("p50" in o, "p99" in o) for o in over] == [(True, False), (False, True)]
     for line in over:
