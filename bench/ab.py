@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shutil
 import statistics
@@ -147,6 +148,26 @@ async def measure(gateways: list[Gateway], sc: Scenario, pairs: int) -> None:
             )
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median of ``values`` (paired differences):
+    the order statistics ``k`` in from each end, with ``k`` the largest for which a binomial(n,
+    1/2) count falls below ``k`` with probability at most (1 - level) / 2 (the sign test's
+    interval). None when there are too few values for ``level`` (fewer than 6 pairs at 95%). An
+    interval that holds 0 says the pairs did not show a difference."""
+    n = len(values)
+    tail = (1.0 - level) / 2
+    k, cumulative = 0, 0.0
+    while k < n:
+        cumulative += math.comb(n, k) / 2**n  # P(count == k)
+        if cumulative > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
 def summary(base: Gateway, this: Gateway, sc: Scenario, pairs: int) -> str:
     def med(gw: Gateway, key: str) -> float:
         return statistics.median(r[key] or 0.0 for r in gw.rounds)
@@ -167,9 +188,17 @@ def summary(base: Gateway, this: Gateway, sc: Scenario, pairs: int) -> str:
         diffs = [(t[key] or 0.0) - (b[key] or 0.0) for b, t in zip(base.rounds, this.rounds, strict=True)]
         lines.append(
             f"  paired difference (this tree - base), {what}: median {statistics.median(diffs):+.{digits}f} {unit}"
-            f" (mean {statistics.mean(diffs):+.{digits}f}, from {min(diffs):+.{digits}f} to {max(diffs):+.{digits}f})"
+            f" (mean {statistics.mean(diffs):+.{digits}f}, from {min(diffs):+.{digits}f} to {max(diffs):+.{digits}f};"
+            f" {_interval(diffs, digits)})"
         )
     return "\n".join(lines)
+
+
+def _interval(diffs: Sequence[float], digits: int) -> str:
+    ci = median_interval(diffs)
+    if ci is None:
+        return "too few pairs for a 95% interval"
+    return f"95% interval of the median {ci[0]:+.{digits}f} to {ci[1]:+.{digits}f}"
 
 
 ABOVE_FLOOR_KEYS = (
@@ -248,17 +277,21 @@ def floor_summary(base: Gateway, this: Gateway, floor: Gateway, sc: Scenario) ->
 
 def over_reference(side: Sequence[float | None], reference: Sequence[float | None]) -> dict[str, float | int | None]:
     """A side's figure minus the reference server's in the same round (nginx's), round by round:
-    the median, mean and range of those differences. Rounds where either has no figure are left
-    out; none left gives no figures."""
+    the median, mean and range of those differences, and the 95% interval of the median
+    (``median_interval``; None with fewer than 6 rounds). Rounds where either has no figure are
+    left out; none left gives no figures."""
     diffs = [a - r for a, r in zip(side, reference, strict=True) if a is not None and r is not None]
     if not diffs:
-        return {"rounds": 0, "median": None, "mean": None, "min": None, "max": None}
+        return {"rounds": 0, "median": None, "mean": None, "min": None, "max": None, "low": None, "high": None}
+    interval = median_interval(diffs)
     return {
         "rounds": len(diffs),
         "median": statistics.median(diffs),
         "mean": statistics.mean(diffs),
         "min": min(diffs),
         "max": max(diffs),
+        "low": interval[0] if interval else None,
+        "high": interval[1] if interval else None,
     }
 
 
@@ -285,7 +318,7 @@ def nginx_summary(base: Gateway, this: Gateway, nginx: Gateway) -> str:
             d = over_reference([r[key] for r in gw.rounds], [r[key] for r in nginx.rounds])
             parts.append(
                 f"{name} {f(d['median'], '+.3f')} ms (mean {f(d['mean'], '+.3f')}, from {f(d['min'], '+.3f')}"
-                f" to {f(d['max'], '+.3f')})"
+                f" to {f(d['max'], '+.3f')}; 95% interval {f(d['low'], '+.3f')} to {f(d['high'], '+.3f')})"
             )
         lines.append(f"  over nginx in the same round, time to first byte {what} (median): " + "; ".join(parts))
     ratios = []

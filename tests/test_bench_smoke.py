@@ -337,7 +337,30 @@ def test_over_nginx_pairs_each_side_with_its_rounds_nginx() -> None:
     assert d["median"] == pytest.approx(2.0)  # of 2.0, 3.0, 0.5
     assert d["mean"] == pytest.approx(5.5 / 3)
     assert (d["min"], d["max"]) == (pytest.approx(0.5), pytest.approx(3.0))
-    assert over_reference([None], [1.0]) == {"rounds": 0, "median": None, "mean": None, "min": None, "max": None}
+    assert d["low"] is None and d["high"] is None  # three rounds: too few for a 95% interval
+    none = {"rounds": 0, "median": None, "mean": None, "min": None, "max": None, "low": None, "high": None}
+    assert over_reference([None], [1.0]) == none
+    six = over_reference([3.0, 1.0, 2.0, 6.0, 5.0, 4.0], [0.0] * 6)
+    assert (six["low"], six["high"]) == (1.0, 6.0)
+
+
+def test_the_median_interval_is_the_sign_tests() -> None:
+    """``bench-ab``'s 95% interval of a paired difference's median: order statistics k in from
+    each end, k the largest with P(binomial(n, 1/2) < k) <= 2.5% (so its cover is at least 95%)."""
+    from math import comb
+
+    from bench.ab import median_interval
+
+    assert median_interval([1.0] * 5) is None  # 2 / 32 > 5%: five pairs cannot exclude a coin flip
+    values = [float(v) for v in (12, 3, 7, 1, 10, 5, 8, 2, 11, 4, 9, 6)]  # 1..12, shuffled
+    assert median_interval(values) == (3.0, 10.0)  # n = 12: k = 3 (P(X <= 2) = 79 / 4096)
+    assert median_interval([float(v) for v in range(1, 11)]) == (2.0, 9.0)  # n = 10: k = 2
+    for n in range(6, 40):
+        low, high = median_interval([float(v) for v in range(n)]) or (None, None)
+        assert low is not None and high is not None and low == n - 1 - high
+        k = int(low) + 1
+        assert sum(comb(n, i) for i in range(k)) / 2**n <= 0.025 < sum(comb(n, i) for i in range(k + 1)) / 2**n
+    assert median_interval([-3.0, -2.5, -2.0, -1.0, -0.5, 0.4, -1.5, -2.2]) == (-3.0, 0.4)  # holds 0
 
 
 def test_bench_ab_nginx_needs_nginx() -> None:
