@@ -168,37 +168,52 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
     return ordered[k - 1], ordered[n - k]
 
 
-def summary(base: Gateway, this: Gateway, sc: Scenario, pairs: int) -> str:
-    def med(gw: Gateway, key: str) -> float:
-        return statistics.median(r[key] or 0.0 for r in gw.rounds)
+def _fmt(value: float | int | None, spec: str) -> str:
+    """``value`` formatted by ``spec``; "-" for no figure."""
+    return "-" if value is None else format(value, spec)
 
+
+def _median_of(gw: Gateway, key: str) -> float | None:
+    """The median of a server's rounds' ``key`` (rounds without the figure left out)."""
+    values = [v for r in gw.rounds if (v := r[key]) is not None]
+    return statistics.median(values) if values else None
+
+
+def _medians(gw: Gateway, sc: Scenario) -> str:
+    """A server's medians: CPU per request (all threads, the loop's), per event, time to first byte."""
+    per_event = f", {_fmt(_median_of(gw, 'event'), '.2f')} us/event" if sc.stream else ""
+    return (
+        f"  {gw.label:<24} median {_fmt(_median_of(gw, 'all'), '7.1f')} us/req (event loop's thread"
+        f" {_fmt(_median_of(gw, 'main'), '6.1f')}){per_event}, time to first byte {_fmt(_median_of(gw, 'ttft'), '.3f')}"
+        f" ms; rounds {[round(r['all'] or 0.0) for r in gw.rounds]}"
+    )
+
+
+def _spread(d: dict[str, float | int | None], digits: int, unit: str) -> str:
+    """``over_reference``'s figures as printed: the median, then the mean, range and interval."""
+    spec = f"+.{digits}f"
+    interval = (
+        "too few pairs for a 95% interval"
+        if d["low"] is None
+        else f"95% interval of the median {_fmt(d['low'], spec)} to {_fmt(d['high'], spec)}"
+    )
+    return (
+        f"{_fmt(d['median'], spec)} {unit} (mean {_fmt(d['mean'], spec)}, from {_fmt(d['min'], spec)}"
+        f" to {_fmt(d['max'], spec)}; {interval})"
+    )
+
+
+def summary(base: Gateway, this: Gateway, sc: Scenario, pairs: int) -> str:
     lines = [f"{sc.name}: {pairs} pairs of {sc.round_seconds:g} s rounds, alternating; gateway CPU from /proc"]
-    for gw in (base, this):
-        per_event = f", {med(gw, 'event'):.2f} us/event" if sc.stream else ""
-        lines.append(
-            f"  {gw.label:<24} median {med(gw, 'all'):7.1f} us/req"
-            f" (event loop's thread {med(gw, 'main'):6.1f}){per_event}, time to first byte {med(gw, 'ttft'):.3f} ms;"
-            f" rounds {[round(r['all'] or 0.0) for r in gw.rounds]}"
-        )
+    lines += [_medians(gw, sc) for gw in (base, this)]
     figures = [("all", "all threads", "us/req", 1), ("main", "event loop's thread", "us/req", 1)]
     if sc.stream:
         figures.append(("event", "per event", "us/event", 1))
     figures.append(("ttft", "time to first byte (each round's median)", "ms", 3))
     for key, what, unit, digits in figures:
-        diffs = [(t[key] or 0.0) - (b[key] or 0.0) for b, t in zip(base.rounds, this.rounds, strict=True)]
-        lines.append(
-            f"  paired difference (this tree - base), {what}: median {statistics.median(diffs):+.{digits}f} {unit}"
-            f" (mean {statistics.mean(diffs):+.{digits}f}, from {min(diffs):+.{digits}f} to {max(diffs):+.{digits}f};"
-            f" {_interval(diffs, digits)})"
-        )
+        d = over_reference([r[key] for r in this.rounds], [r[key] for r in base.rounds])
+        lines.append(f"  paired difference (this tree - base), {what}: median {_spread(d, digits, unit)}")
     return "\n".join(lines)
-
-
-def _interval(diffs: Sequence[float], digits: int) -> str:
-    ci = median_interval(diffs)
-    if ci is None:
-        return "too few pairs for a 95% interval"
-    return f"95% interval of the median {ci[0]:+.{digits}f} to {ci[1]:+.{digits}f}"
 
 
 ABOVE_FLOOR_KEYS = (
@@ -248,35 +263,27 @@ def above_floor(
 
 def floor_summary(base: Gateway, this: Gateway, floor: Gateway, sc: Scenario) -> str:
     """The lines ``--floor`` adds: the floor's own medians, then per figure each side above it."""
-
-    def med(key: str) -> float:
-        return statistics.median(r[key] or 0.0 for r in floor.rounds)
-
-    def f(v: float | int | None, digits: int, sign: str = "+") -> str:
-        return "-" if v is None else f"{v:{sign}.{digits}f}"
-
-    per_event = f", {med('event'):.2f} us/event" if sc.stream else ""
-    lines = [
-        f"  {floor.label:<24} median {med('all'):7.1f} us/req (event loop's thread {med('main'):6.1f}){per_event},"
-        f" time to first byte {med('ttft'):.3f} ms; rounds {[round(r['all'] or 0.0) for r in floor.rounds]}"
-    ]
+    lines = [_medians(floor, sc)]
     figures = [("all", "all threads", "us/req", 1), ("main", "event loop's thread", "us/req", 1)]
     if sc.stream:
         figures.append(("event", "per event", "us/event", 2))
     for key, what, unit, digits in figures:
         a = above_floor([r[key] for r in base.rounds], [r[key] for r in this.rounds], [r[key] for r in floor.rounds])
+        d = f"+.{digits}f"
         lines.append(
-            f"  above the floor, {what} (each round's, median): base {f(a['base_above'], digits)} {unit}"
-            f" ({f(a['base_times_floor'], 2, '')}x the floor), this tree {f(a['this_above'], digits)} {unit}"
-            f" ({f(a['this_times_floor'], 2, '')}x); this tree's share / base's {f(a['this_share_of_base'], 2, '')};"
-            f" paired difference median {f(a['diff_median'], digits)} (mean {f(a['diff_mean'], digits)},"
-            f" from {f(a['diff_min'], digits)} to {f(a['diff_max'], digits)})"
+            f"  above the floor, {what} (each round's, median): base {_fmt(a['base_above'], d)} {unit}"
+            f" ({_fmt(a['base_times_floor'], '.2f')}x the floor), this tree {_fmt(a['this_above'], d)} {unit}"
+            f" ({_fmt(a['this_times_floor'], '.2f')}x); this tree's share / base's"
+            f" {_fmt(a['this_share_of_base'], '.2f')};"
+            f" paired difference median {_fmt(a['diff_median'], d)} (mean {_fmt(a['diff_mean'], d)},"
+            f" from {_fmt(a['diff_min'], d)} to {_fmt(a['diff_max'], d)})"
         )
     return "\n".join(lines)
 
 
 def over_reference(side: Sequence[float | None], reference: Sequence[float | None]) -> dict[str, float | int | None]:
-    """A side's figure minus the reference server's in the same round (nginx's), round by round:
+    """A side's figure minus the reference's in the same round (this tree's minus the base's, or a
+    side's minus nginx's), round by round:
     the median, mean and range of those differences, and the 95% interval of the median
     (``median_interval``; None with fewer than 6 rounds). Rounds where either has no figure are
     left out; none left gives no figures."""
@@ -299,33 +306,23 @@ def nginx_summary(base: Gateway, this: Gateway, nginx: Gateway) -> str:
     """The lines ``--nginx`` adds: nginx's own medians, then each side's time to first byte over
     nginx's in the same round (the issue's "added TTFT no more than nginx's + 0.5 ms" is this
     difference: the backend's share cancels out) and its CPU as a multiple of nginx's."""
-
-    def med(gw: Gateway, key: str) -> float | None:
-        values = [v for r in gw.rounds if (v := r[key]) is not None]
-        return statistics.median(values) if values else None
-
-    def f(v: float | int | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
     lines = [
-        f"  {nginx.label:<24} median {f(med(nginx, 'all'), '7.1f')} us/req, time to first byte p50"
-        f" {f(med(nginx, 'ttft'), '.3f')} ms, p99 {f(med(nginx, 'ttft99'), '.3f')} ms;"
+        f"  {nginx.label:<24} median {_fmt(_median_of(nginx, 'all'), '7.1f')} us/req, time to first byte p50"
+        f" {_fmt(_median_of(nginx, 'ttft'), '.3f')} ms, p99 {_fmt(_median_of(nginx, 'ttft99'), '.3f')} ms;"
         f" rounds {[round(r['all'] or 0.0) for r in nginx.rounds]}"
     ]
+    sides = ((base, "base"), (this, "this tree"))
     for key, what in (("ttft", "p50"), ("ttft99", "p99")):
-        parts = []
-        for gw, name in ((base, "base"), (this, "this tree")):
-            d = over_reference([r[key] for r in gw.rounds], [r[key] for r in nginx.rounds])
-            parts.append(
-                f"{name} {f(d['median'], '+.3f')} ms (mean {f(d['mean'], '+.3f')}, from {f(d['min'], '+.3f')}"
-                f" to {f(d['max'], '+.3f')}; 95% interval {f(d['low'], '+.3f')} to {f(d['high'], '+.3f')})"
-            )
+        reference = [r[key] for r in nginx.rounds]
+        parts = [
+            f"{name} {_spread(over_reference([r[key] for r in gw.rounds], reference), 3, 'ms')}" for gw, name in sides
+        ]
         lines.append(f"  over nginx in the same round, time to first byte {what} (median): " + "; ".join(parts))
     ratios = []
-    for gw, name in ((base, "base"), (this, "this tree")):
+    for gw, name in sides:
         pairs = zip((r["all"] for r in gw.rounds), (r["all"] for r in nginx.rounds), strict=True)
         x = [a / n for a, n in pairs if a and n]
-        ratios.append(f"{name} {f(statistics.median(x) if x else None, '.2f')}x")
+        ratios.append(f"{name} {_fmt(statistics.median(x) if x else None, '.2f')}x")
     lines.append("  CPU per request as a multiple of nginx's in the same round (median): " + ", ".join(ratios))
     return "\n".join(lines)
 

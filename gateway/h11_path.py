@@ -34,7 +34,6 @@ __all__ = [
     "NEW",
     "ChunkedReader",
     "ContentLengthReader",
-    "H11Headers",
     "H11Path",
     "disconnected",
     "h11_fields",

@@ -58,7 +58,7 @@ def read_usage(ex: Exchange, fmt: str = "openai") -> Usage | None:
         return _surface_usage(ex, fmt)
     found = exchange_usage(ex)
     if found is not None:
-        return Usage(found[0], found[1])
+        return Usage(*found)
     if ex.sse:
         # Role chunk, finish chunk and [DONE] carry no content; a cut stream lacks the last two.
         framing = 3 if ex.end == "done" else 1
