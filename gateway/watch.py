@@ -8,6 +8,7 @@ on that cancellation is what makes the backend abort the generation.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from gateway.exchange import Exchange
@@ -29,15 +30,16 @@ class DisconnectWatch:
     Per request this costs a dict insert and pop; the tick runs only while exchanges wait.
     """
 
-    __slots__ = ("_young", "_old", "_tasks", "_timer", "_loop")
+    __slots__ = ("_young", "_old", "_watching", "_timer", "_loop")
 
     def __init__(self) -> None:
         #: Exchanges begun since the last tick, and those begun the tick before, with what they
         #: need to be watched: the request's ``receive`` and its task.
         self._young: dict[Exchange, tuple[Receive, asyncio.Task[Any]]] = {}
         self._old: dict[Exchange, tuple[Receive, asyncio.Task[Any]]] = {}
-        #: Watcher tasks (servers whose ``receive()`` is a coroutine), cancelled when the exchange ends.
-        self._tasks: dict[Exchange, asyncio.Task[Any]] = {}
+        #: Exchanges being watched: the pending ``receive()`` (Granian's future, or the task that
+        #: runs another server's coroutine) and its callback, both let go when the exchange ends.
+        self._watching: dict[Exchange, tuple[Any, Callable[[Any], None]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         #: The loop the tick runs on: the one serving the requests.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -49,20 +51,27 @@ class DisconnectWatch:
             self._timer = loop.call_later(WATCH_AFTER, self._tick)
 
     def discard(self, ex: Exchange) -> None:
-        """The exchange ended: forget it, and stop its watcher task if it has one."""
-        if self._young.pop(ex, None) is None and self._old.pop(ex, None) is None and self._tasks:
-            watcher = self._tasks.pop(ex, None)
-            if watcher is not None:
-                watcher.cancel()
+        """The exchange ended: forget it, and let its pending ``receive()`` go.
+
+        Cancelling Granian's future (its callback removed first) spares the server's answer at
+        the response's end: without it that ``receive()`` resolves to ``http.disconnect`` through
+        Granian's blocking thread and the loop (a thread-safe call and a callback per stream)
+        only to be ignored; cancelled, Granian just drops it (``PyFutureAwaitable.cancel``).
+        """
+        if self._young.pop(ex, None) is None and self._old.pop(ex, None) is None and self._watching:
+            watched = self._watching.pop(ex, None)
+            if watched is not None:
+                pending, on_message = watched
+                pending.remove_done_callback(on_message)
+                pending.cancel()
 
     def _tick(self) -> None:
         loop = self._loop
         assert loop is not None
         due, self._old, self._young = self._old, self._young, {}
+        watching = self._watching
         for ex, (receive, task) in due.items():
-            watcher = _watch_disconnect(receive, ex, task, loop)
-            if watcher is not None:
-                self._tasks[ex] = watcher
+            watching[ex] = _watch_disconnect(receive, ex, task, loop)
         self._timer = loop.call_later(WATCH_AFTER, self._tick) if self._old else None
 
     def close(self) -> None:
@@ -74,16 +83,17 @@ class DisconnectWatch:
 
 def _watch_disconnect(
     receive: Receive, ex: Exchange, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop
-) -> asyncio.Task[Any] | None:
+) -> tuple[Any, Callable[[Any], None]]:
     """Cancel ``task`` when the client disconnects (Granian's send() does not fail then).
 
     Granian's ``receive()`` returns a future-like object: a done-callback on it watches for the
     disconnect without a task of its own. A server whose ``receive()`` is a coroutine gets it
-    wrapped in a task (returned, to be cancelled when the exchange ends). Once the body has been
-    read, the next message can only be ``http.disconnect``.
+    wrapped in a task. Once the body has been read, the next message can only be
+    ``http.disconnect``. Answers what is watched and its callback, to be let go at the end.
     """
     pending: Any = receive()
-    watcher = None if hasattr(pending, "add_done_callback") else loop.create_task(pending)
+    if not hasattr(pending, "add_done_callback"):
+        pending = loop.create_task(pending)
 
     def on_message(fut: Any) -> None:
         if fut.cancelled():
@@ -96,5 +106,5 @@ def _watch_disconnect(
             ex.cancelled_by = "disconnect"
             task.cancel()
 
-    (watcher or pending).add_done_callback(on_message)
-    return watcher
+    pending.add_done_callback(on_message)
+    return pending, on_message

@@ -236,6 +236,56 @@ def test_disconnect_watcher_only_for_exchanges_that_outlive_a_tick() -> None:
         assert fb.wait_disconnects(1, 1.0)
 
 
+def test_a_watched_exchange_lets_its_pending_receive_go_when_it_ends() -> None:
+    """Granian's receive() hands back a future; the one the watcher holds is cancelled, its
+    callback removed first, when the exchange ends normally, so the server never has to answer
+    it; the request itself is not cancelled by that."""
+
+    async def handler(req: Req, conn: Conn) -> None:
+        await asyncio.sleep(3 * WATCH_AFTER)
+        await conn.json(200, {"ok": True})
+
+    with FakeBackend(handler=handler) as fb:
+
+        async def go() -> None:
+            app = make_gateway(BACKEND_BASE_URL=fb.url)
+            await app.startup()
+            loop = asyncio.get_running_loop()
+            first: Message = {"type": "http.request", "body": b"{}", "more_body": False}
+            pending: list[asyncio.Future[Message]] = []
+            seen: list[asyncio.Future[Message]] = []
+            removed: list[object] = []
+
+            class Pending(asyncio.Future[Message]):
+                def remove_done_callback(self, fn: Any) -> int:
+                    removed.append(fn)
+                    return super().remove_done_callback(fn)
+
+            def receive() -> asyncio.Future[Message]:
+                fut: asyncio.Future[Message] = Pending(loop=loop)
+                if not pending and not seen:
+                    fut.set_result(first)
+                    seen.append(fut)
+                else:
+                    pending.append(fut)
+                return fut
+
+            sent: list[Message] = []
+
+            async def send(m: Message) -> None:
+                sent.append(m)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+            await asyncio.wait_for(asgi(app, scope, receive, send), 5)
+            assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"ok": True}
+            assert len(pending) == 1  # watched: the one receive() after the body
+            assert pending[0].cancelled() and len(removed) == 1  # its callback went before the cancel
+            assert not app.forwarder.watch._watching
+            await app.shutdown()
+
+        run(go())
+
+
 def test_pool_reuses_and_counts() -> None:
     with FakeBackend() as fb:
 
