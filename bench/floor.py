@@ -41,14 +41,27 @@ def _header(scope: HTTPScope, name: bytes, default: float) -> float:
     return default
 
 
-async def _body(receive: Receive) -> bytes:
+def _declared(scope: HTTPScope) -> int:
+    """The request's Content-Length, -1 for none."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            return int(value)
+    return -1
+
+
+async def _body(receive: Receive, declared: int) -> bytes:
+    """The body, up to its declared length as the gateway reads it (``gateway.body``): Granian's
+    empty last message is not asked for, which would be one more hand-over the gateway skips."""
     parts = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             return b""
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
+        part = message.get("body", b"")
+        parts.append(part)
+        size += len(part)
+        if not message.get("more_body", False) or size == declared:
             return b"".join(parts)
 
 
@@ -68,7 +81,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": _JSON})
         await send({"type": "http.response.body", "body": b'{"status":"ok"}', "more_body": False})
         return
-    request = orjson.loads(await _body(receive) or b"{}")
+    request = orjson.loads(await _body(receive, _declared(scope)) or b"{}")
     model = str(request.get("model", "floor"))
     tokens = int(request.get("max_tokens") or 16)
     if not request.get("stream"):

@@ -29,6 +29,7 @@ class BodyReader:
         """The whole body: 413 past the limit (from Content-Length, or as soon as it is passed),
         408 when it takes longer than the timeout, ``ClientGone`` on a disconnect."""
         limit = self.limit
+        declared = -1
         if content_length is not None:
             try:
                 declared = int(content_length)
@@ -38,7 +39,7 @@ class BodyReader:
                 raise errors.too_large(limit)
         timeout = self.timeout
         if not timeout:
-            return await _receive_body(receive, limit)
+            return await _receive_body(receive, limit, declared)
         # asyncio.timeout()'s semantics with one timer and no context object (~4 us a request):
         # the timer cancels the task; that cancellation, and only that one, becomes the 408.
         loop = self._loop()
@@ -48,7 +49,7 @@ class BodyReader:
         expired: list[bool] = []
         timer = loop.call_later(timeout, _body_expired, task, expired)
         try:
-            return await _receive_body(receive, limit)
+            return await _receive_body(receive, limit, declared)
         except asyncio.CancelledError:
             if expired and task.uncancel() <= cancelling:
                 raise errors.request_timeout(timeout) from None
@@ -57,12 +58,16 @@ class BodyReader:
             timer.cancel()
 
 
-async def _receive_body(receive: Receive, limit: int) -> bytes:
+async def _receive_body(receive: Receive, limit: int, declared: int) -> bytes:
+    """The body's messages up to the last one, or up to the declared length (``declared``, -1
+    for none): Granian hands a body over as its bytes with ``more_body`` true and then an empty
+    last message, each ``receive()`` a hand-over through its blocking thread; once the declared
+    bytes are in, that last one is left to the disconnect watcher (``gateway.watch``)."""
     message = await receive()
     if message["type"] != "http.request":
         raise ClientGone
     body = message.get("body", b"")
-    if not message.get("more_body", False):
+    if not message.get("more_body", False) or len(body) == declared:
         if len(body) > limit:
             raise errors.too_large(limit)
         return body
@@ -77,7 +82,7 @@ async def _receive_body(receive: Receive, limit: int) -> bytes:
         if size > limit:
             raise errors.too_large(limit)
         parts.append(chunk)
-        if not message.get("more_body", False):
+        if not message.get("more_body", False) or size == declared:
             return b"".join(parts)
 
 

@@ -36,6 +36,8 @@ class ClientHeaders:
         self.auth_count = auth_count
         #: Every ``x-api-key`` value (the anthropic client's header), None when there was none.
         self.api_key = api_key
+        #: The declared ``Content-Length``; None without one, or where ``Transfer-Encoding``
+        #: frames the body (it overrides the length, RFC 9112 6.3).
         self.content_length = content_length
         #: The client's ``X-Request-ID`` when well-formed, else a new one.
         self.request_id = request_id
@@ -62,6 +64,7 @@ class HeaderPass:
         api_key: list[bytes] | None = None
         sticky_header = self.sticky_header
         connection: list[bytes] = []
+        framed = False
         forwarded: Headers = []
         noted = self._noted
         for name, value in headers:
@@ -87,6 +90,10 @@ class HeaderPass:
                     forwarded.append((name, value))
             elif name == b"connection":
                 connection.append(value)
+            elif name == b"transfer-encoding":
+                framed = True
+        if framed:
+            content_length = None
         if connection and connection != [b"keep-alive"]:  # what HTTP/1.1 clients send names nothing
             forwarded = _without_listed(forwarded, connection)
         rid = request_id(given_id)

@@ -16,6 +16,8 @@ from gateway.types import Receive
 
 #: An exchange still running this long (up to twice as long) gets its disconnect watcher.
 WATCH_AFTER = 0.025
+#: What a ``receive()`` that failed means: the server closed the channel, the client is gone.
+_GONE = {"type": "http.disconnect"}
 
 
 class DisconnectWatch:
@@ -69,42 +71,43 @@ class DisconnectWatch:
         loop = self._loop
         assert loop is not None
         due, self._old, self._young = self._old, self._young, {}
-        watching = self._watching
         for ex, (receive, task) in due.items():
-            watching[ex] = _watch_disconnect(receive, ex, task, loop)
+            self._watch(ex, receive, task, loop)
         self._timer = loop.call_later(WATCH_AFTER, self._tick) if self._old else None
+
+    def _watch(self, ex: Exchange, receive: Receive, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel ``task`` when the client disconnects (Granian's send() does not fail then).
+
+        Granian's ``receive()`` returns a future-like object: a done-callback on it watches for
+        the disconnect without a task of its own. A server whose ``receive()`` is a coroutine gets
+        it wrapped in a task. After the body the next message is ``http.disconnect``, or, where
+        the body stage stopped at the declared Content-Length (``gateway.body``), first the
+        body's empty last ``http.request``: then the watch goes on with the next one.
+        """
+        pending: Any = receive()
+        if not hasattr(pending, "add_done_callback"):
+            pending = loop.create_task(pending)
+
+        def on_message(fut: Any) -> None:
+            if fut.cancelled():
+                return
+            try:
+                message = fut.result()
+            except BaseException:  # noqa: BLE001 - the server closed the channel: the client is gone
+                message = _GONE
+            kind = message["type"]
+            if kind == "http.request":  # the body's last message, not taken by the body stage
+                if ex.active and ex in self._watching:
+                    self._watch(ex, receive, task, loop)
+            elif kind == "http.disconnect" and ex.active:
+                ex.cancelled_by = "disconnect"
+                task.cancel()
+
+        pending.add_done_callback(on_message)
+        self._watching[ex] = (pending, on_message)
 
     def close(self) -> None:
         """Stop the tick (shutdown); exchanges not yet watched stay unwatched."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def _watch_disconnect(
-    receive: Receive, ex: Exchange, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop
-) -> tuple[Any, Callable[[Any], None]]:
-    """Cancel ``task`` when the client disconnects (Granian's send() does not fail then).
-
-    Granian's ``receive()`` returns a future-like object: a done-callback on it watches for the
-    disconnect without a task of its own. A server whose ``receive()`` is a coroutine gets it
-    wrapped in a task. Once the body has been read, the next message can only be
-    ``http.disconnect``. Answers what is watched and its callback, to be let go at the end.
-    """
-    pending: Any = receive()
-    if not hasattr(pending, "add_done_callback"):
-        pending = loop.create_task(pending)
-
-    def on_message(fut: Any) -> None:
-        if fut.cancelled():
-            return
-        try:
-            message = fut.result()
-        except BaseException:  # noqa: BLE001 - the server closed the channel: the client is gone
-            message = {"type": "http.disconnect"}
-        if message["type"] == "http.disconnect" and ex.active:
-            ex.cancelled_by = "disconnect"
-            task.cancel()
-
-    pending.add_done_callback(on_message)
-    return pending, on_message

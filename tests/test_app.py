@@ -236,10 +236,63 @@ def test_disconnect_watcher_only_for_exchanges_that_outlive_a_tick() -> None:
         assert fb.wait_disconnects(1, 1.0)
 
 
+class GranianLike:
+    """A receive() shaped like Granian's: each call answers a future, done at once with the next
+    of ``messages`` while there are any, then pending (what a watcher waits on); it records the
+    calls, the pending futures, and the callbacks removed from them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, messages: list[Message]) -> None:
+        self.loop = loop
+        self.messages = list(messages)
+        self.calls = 0
+        self.pending: list[asyncio.Future[Message]] = []
+        self.removed: list[object] = []
+
+    def __call__(self) -> asyncio.Future[Message]:
+        removed = self.removed
+
+        class Pending(asyncio.Future[Message]):
+            def remove_done_callback(self, fn: Any) -> int:
+                removed.append(fn)
+                return super().remove_done_callback(fn)
+
+        self.calls += 1
+        fut: asyncio.Future[Message] = Pending(loop=self.loop)
+        if self.messages:
+            fut.set_result(self.messages.pop(0))
+        else:
+            self.pending.append(fut)
+        return fut
+
+
+async def granian_like_request(
+    app: Any, messages: list[Message], content_length: bytes | None, more: list[tuple[bytes, bytes]] | None = None
+) -> tuple[GranianLike, list[Message]]:
+    """One chat request through ``app`` with a Granian-shaped receive() serving ``messages``."""
+    receive = GranianLike(asyncio.get_running_loop(), messages)
+    sent: list[Message] = []
+
+    async def send(m: Message) -> None:
+        sent.append(m)
+
+    headers = [] if content_length is None else [(b"content-length", content_length)]
+    headers += more or []
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers}
+    await asyncio.wait_for(asgi(app, scope, receive, send), 5)
+    return receive, sent
+
+
+#: How Granian hands a request body over: its bytes with more_body true, then an empty last message.
+GRANIAN_BODY: list[Message] = [
+    {"type": "http.request", "body": b"{}", "more_body": True},
+    {"type": "http.request", "body": b"", "more_body": False},
+]
+
+
 def test_a_watched_exchange_lets_its_pending_receive_go_when_it_ends() -> None:
-    """Granian's receive() hands back a future; the one the watcher holds is cancelled, its
-    callback removed first, when the exchange ends normally, so the server never has to answer
-    it; the request itself is not cancelled by that."""
+    """The receive() the watcher holds is cancelled, its callback removed first, when the
+    exchange ends normally, so the server never has to answer it; the request itself is not
+    cancelled by that."""
 
     async def handler(req: Req, conn: Conn) -> None:
         await asyncio.sleep(3 * WATCH_AFTER)
@@ -250,40 +303,75 @@ def test_a_watched_exchange_lets_its_pending_receive_go_when_it_ends() -> None:
         async def go() -> None:
             app = make_gateway(BACKEND_BASE_URL=fb.url)
             await app.startup()
-            loop = asyncio.get_running_loop()
-            first: Message = {"type": "http.request", "body": b"{}", "more_body": False}
-            pending: list[asyncio.Future[Message]] = []
-            seen: list[asyncio.Future[Message]] = []
-            removed: list[object] = []
-
-            class Pending(asyncio.Future[Message]):
-                def remove_done_callback(self, fn: Any) -> int:
-                    removed.append(fn)
-                    return super().remove_done_callback(fn)
-
-            def receive() -> asyncio.Future[Message]:
-                fut: asyncio.Future[Message] = Pending(loop=loop)
-                if not pending and not seen:
-                    fut.set_result(first)
-                    seen.append(fut)
-                else:
-                    pending.append(fut)
-                return fut
-
-            sent: list[Message] = []
-
-            async def send(m: Message) -> None:
-                sent.append(m)
-
-            scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
-            await asyncio.wait_for(asgi(app, scope, receive, send), 5)
+            body: list[Message] = [{"type": "http.request", "body": b"{}", "more_body": False}]
+            receive, sent = await granian_like_request(app, body, None)
             assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"ok": True}
-            assert len(pending) == 1  # watched: the one receive() after the body
-            assert pending[0].cancelled() and len(removed) == 1  # its callback went before the cancel
+            assert receive.calls == 2 and len(receive.pending) == 1  # watched: one receive() after the body
+            assert receive.pending[0].cancelled() and len(receive.removed) == 1  # its callback went first
             assert not app.forwarder.watch._watching
             await app.shutdown()
 
         run(go())
+
+
+def test_the_body_stage_stops_at_the_declared_length() -> None:
+    """With a Content-Length, the body's bytes end the body stage: the empty last message is not
+    asked for (one hand-over fewer in Granian); without one, the body is read to its last
+    message. A watched exchange takes that last message at its first tick and watches on."""
+
+    async def handler(req: Req, conn: Conn) -> None:
+        if req.body == b"{ }":
+            await asyncio.sleep(3 * WATCH_AFTER)
+        await conn.json(200, {"ok": True})
+
+    with FakeBackend(handler=handler) as fb:
+
+        async def go() -> None:
+            app = make_gateway(BACKEND_BASE_URL=fb.url)
+            await app.startup()
+            receive, sent = await granian_like_request(app, GRANIAN_BODY, b"2")
+            assert receive.calls == 1 and sent[0]["status"] == 200 and fb.requests[-1].body == b"{}"
+            receive, sent = await granian_like_request(app, GRANIAN_BODY, None)
+            assert receive.calls == 2 and sent[0]["status"] == 200 and fb.requests[-1].body == b"{}"
+            # Transfer-Encoding frames the body whatever Content-Length says (RFC 9112 6.3)
+            framed: list[Message] = [
+                {**GRANIAN_BODY[0], "body": b"{"},
+                {**GRANIAN_BODY[0], "body": b"}"},
+                GRANIAN_BODY[1],
+            ]
+            receive, sent = await granian_like_request(app, framed, b"1", [(b"transfer-encoding", b"chunked")])
+            assert receive.calls == 3 and sent[0]["status"] == 200 and fb.requests[-1].body == b"{}"
+            slow: list[Message] = [{**GRANIAN_BODY[0], "body": b"{ }"}, GRANIAN_BODY[1]]
+            receive, sent = await granian_like_request(app, slow, b"3")
+            assert sent[0]["status"] == 200 and fb.requests[-1].body == b"{ }"
+            # the body; at the tick the last message, then the watch on the next one
+            assert receive.calls == 3 and len(receive.pending) == 1 and receive.pending[0].cancelled()
+            assert not app.forwarder.watch._watching
+            await app.shutdown()
+
+        run(go())
+
+
+def test_a_disconnect_after_the_bodys_last_message_cancels_the_exchange() -> None:
+    """The watcher that found the body's last message still sees the disconnect after it."""
+
+    async def handler(req: Req, conn: Conn) -> None:
+        await asyncio.sleep(2)
+        await conn.json(200, {"ok": True})
+
+    with FakeBackend(handler=handler) as fb:
+
+        async def go() -> None:
+            app = make_gateway(BACKEND_BASE_URL=fb.url)
+            await app.startup()
+            messages: list[Message] = [*GRANIAN_BODY, {"type": "http.disconnect"}]
+            receive, sent = await granian_like_request(app, messages, b"2")
+            assert sent == [] and receive.calls == 3 and receive.pending == []
+            assert not app.forwarder.watch._watching
+            await app.shutdown()
+
+        run(go())
+        assert fb.wait_disconnects(1, 1.0)
 
 
 def test_pool_reuses_and_counts() -> None:

@@ -296,3 +296,19 @@ def test_post_that_reached_the_backend_is_not_sent_again(start_gateway: StartGat
     assert info.value.status_code == 502
     assert len(backend.requests) == before + 1  # exactly once
     second_request_ok(g, backend)
+
+
+def test_a_body_framed_by_transfer_encoding_is_read_whole_whatever_its_content_length(
+    start_gateway: StartGateway, backend: FakeBackend
+) -> None:
+    """A request with both Content-Length and Transfer-Encoding: chunked, framed by its chunks
+    (RFC 9112 6.3; Granian, through hyper, drops the length from the scope, and the header pass
+    ignores it too): the body stage does not stop at the length the client declared, whose
+    bytes the first chunk happens to fill; the whole body reaches the backend."""
+    g = start_gateway(BACKEND_BASE_URL=backend.url).start()
+    body = b'{"model":"m","messages":[]}'
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:2], body[2:])) + b"0\r\n\r\n"
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n"
+    resp = rawhttp.exchange(g.port, head + chunks)
+    assert resp.status == 200
+    assert backend.requests[-1].body == body

@@ -77,6 +77,21 @@ def test_disconnect_aborts_the_generation_within_a_second(gw: Gateway, sim: SimS
     assert wait_until(lambda: sim.stats.open_connections == 1)
 
 
+def test_a_disconnect_before_the_watch_begins_is_seen_when_it_does(gw: Gateway, sim: SimServer) -> None:
+    """A client that leaves a few milliseconds in, before the watcher's first tick (25-50 ms),
+    while the backend stalls before its headers: the tick's ``receive()`` (the body's last
+    message first, as the body stage stops at its Content-Length) still reports the disconnect
+    already past, and the generation is aborted long before the stall would end."""
+    requests, aborted = sim.stats.requests_total, sim.stats.aborted_requests_total
+    headers = {"x-sim-fault": "stall-before-headers-ms=5000"}
+    s = connect(gw.port, request_bytes("POST", "/v1/chat/completions", chat(True, 60), headers, close=False))
+    assert wait_until(lambda: sim.stats.requests_total > requests, 5)
+    s.abort()
+    assert wait_until(lambda: sim.stats.aborted_requests_total > aborted, 1.0), "the backend never saw it"
+    next_request_ok(gw)
+    assert wait_until(lambda: sim.stats.open_connections == 1)
+
+
 def test_disconnect_while_the_gateway_connects_leaks_no_slot(start_gateway: StartGateway) -> None:
     """Connecting to a backend whose accept queue is full hangs; the client leaves meanwhile. With a
     pool of one, the next request must be let through to connect (504 after the connect timeout),
