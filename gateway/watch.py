@@ -75,14 +75,23 @@ class DisconnectWatch:
             self._watch(ex, receive, task, loop)
         self._timer = loop.call_later(WATCH_AFTER, self._tick) if self._old else None
 
-    def _watch(self, ex: Exchange, receive: Receive, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> None:
+    def _watch(
+        self,
+        ex: Exchange,
+        receive: Receive,
+        task: asyncio.Task[Any],
+        loop: asyncio.AbstractEventLoop,
+        ended: bool = False,
+    ) -> None:
         """Cancel ``task`` when the client disconnects (Granian's send() does not fail then).
 
         Granian's ``receive()`` returns a future-like object: a done-callback on it watches for
         the disconnect without a task of its own. A server whose ``receive()`` is a coroutine gets
         it wrapped in a task. After the body the next message is ``http.disconnect``, or, where
         the body stage stopped at the declared Content-Length (``gateway.body``), first the
-        body's empty last ``http.request``: then the watch goes on with the next one.
+        body's empty last ``http.request``: then the watch goes on with the next one. Past the
+        body's end (``ended``) another ``http.request`` breaks the ASGI spec; it ends the watch
+        rather than have it ask again and again.
         """
         pending: Any = receive()
         if not hasattr(pending, "add_done_callback"):
@@ -97,8 +106,8 @@ class DisconnectWatch:
                 message = _GONE
             kind = message["type"]
             if kind == "http.request":  # the body's last message, not taken by the body stage
-                if ex.active and ex in self._watching:
-                    self._watch(ex, receive, task, loop)
+                if not ended and ex.active and ex in self._watching:
+                    self._watch(ex, receive, task, loop, not message.get("more_body", False))
             elif kind == "http.disconnect" and ex.active:
                 ex.cancelled_by = "disconnect"
                 task.cancel()

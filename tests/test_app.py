@@ -294,7 +294,8 @@ def test_the_body_stage_stops_at_the_declared_length_and_the_watcher_lets_go_at_
     asked for (one hand-over fewer in Granian); without one, the body is read to its last
     message. A watched exchange takes that last message at its first tick and watches on; the
     receive() it then holds is cancelled, its callback removed first, when the exchange ends
-    normally (the server never has to answer it), and the request is not cancelled by that."""
+    normally (the server never has to answer it), and the request is not cancelled by that. A
+    server answering http.request past the body's end ends the watch."""
 
     async def handler(req: Req, conn: Conn) -> None:
         if req.body == b"{ }":
@@ -325,6 +326,11 @@ def test_the_body_stage_stops_at_the_declared_length_and_the_watcher_lets_go_at_
             # the body; at the tick the last message, then the watch on the next one
             assert receive.calls == 3 and len(receive.pending) == 1
             assert receive.pending[0].cancelled() and len(receive.removed) == 1  # its callback went first
+            # Past the body's last message the next can only be http.disconnect (the ASGI spec): a
+            # server that answers http.request again ends the watch rather than have it ask again
+            # and again; the request goes on.
+            receive, sent = await granian_like_request(app, [*slow, *[GRANIAN_BODY[1]] * 50], b"3")
+            assert sent[0]["status"] == 200 and receive.calls == 3 and receive.pending == []
             assert not app.forwarder.watch._watching
             await app.shutdown()
 
