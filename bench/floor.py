@@ -31,22 +31,27 @@ _JSON = [(b"content-type", _WIRE.json_type)]
 _NO_TIME = Elapsed(0.0, 0.0)
 
 
-def _header(scope: HTTPScope, name: bytes, default: float) -> float:
+def _field(scope: HTTPScope, name: bytes) -> bytes | None:
+    """The value of the request's first header called ``name``, None without one."""
     for key, value in scope["headers"]:
         if key == name:
-            try:
-                return float(value) / 1000
-            except ValueError:
-                return default
-    return default
+            return value
+    return None
+
+
+def _header(scope: HTTPScope, name: bytes, default: float) -> float:
+    """A pacing header's milliseconds, in seconds (``default`` when absent or not a number)."""
+    value = _field(scope, name)
+    try:
+        return default if value is None else float(value) / 1000
+    except ValueError:
+        return default
 
 
 def _declared(scope: HTTPScope) -> int:
     """The request's Content-Length, -1 for none."""
-    for key, value in scope["headers"]:
-        if key == b"content-length":
-            return int(value)
-    return -1
+    value = _field(scope, b"content-length")
+    return -1 if value is None else int(value)
 
 
 async def _body(receive: Receive, declared: int) -> bytes:

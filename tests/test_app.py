@@ -236,6 +236,18 @@ def test_disconnect_watcher_only_for_exchanges_that_outlive_a_tick() -> None:
         assert fb.wait_disconnects(1, 1.0)
 
 
+class Answer(asyncio.Future[Message]):
+    """One of ``GranianLike``'s answers: a future that records the callbacks removed from it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, removed: list[object]) -> None:
+        super().__init__(loop=loop)
+        self.removed = removed
+
+    def remove_done_callback(self, fn: Any) -> int:
+        self.removed.append(fn)
+        return super().remove_done_callback(fn)
+
+
 class GranianLike:
     """A receive() shaped like Granian's: each call answers a future, done at once with the next
     of ``messages`` while there are any, then pending (what a watcher waits on); it records the
@@ -249,15 +261,8 @@ class GranianLike:
         self.removed: list[object] = []
 
     def __call__(self) -> asyncio.Future[Message]:
-        removed = self.removed
-
-        class Pending(asyncio.Future[Message]):
-            def remove_done_callback(self, fn: Any) -> int:
-                removed.append(fn)
-                return super().remove_done_callback(fn)
-
         self.calls += 1
-        fut: asyncio.Future[Message] = Pending(loop=self.loop)
+        fut = Answer(self.loop, self.removed)
         if self.messages:
             fut.set_result(self.messages.pop(0))
         else:
