@@ -336,7 +336,7 @@ def test_over_nginx_pairs_each_side_with_its_rounds_nginx() -> None:
     assert d["rounds"] == 3
     assert d["median"] == pytest.approx(2.0)  # of 2.0, 3.0, 0.5
     assert d["mean"] == pytest.approx(5.5 / 3)
-    assert (d["min"], d["max"]) == (pytest.approx(0.5), pytest.approx(3.0))
+    assert d["min"] == pytest.approx(0.5) and d["max"] == pytest.approx(3.0)
     assert d["low"] is None and d["high"] is None  # three rounds: too few for a 95% interval
     none = {"rounds": 0, "median": None, "mean": None, "min": None, "max": None, "low": None, "high": None}
     assert over_reference([None], [1.0]) == none
@@ -372,14 +372,19 @@ def test_bench_ab_nginx_needs_nginx() -> None:
 @pytest.mark.skipif(not NGINX, reason="nginx is not installed (tests/run.sh installs it where it is root)")
 def test_bench_ab_pairs_nginx_too() -> None:
     """``bench.ab --nginx``: nginx answers in every round next to both gateways, and each side's
-    time to first byte over nginx's, p50 and p99, and its CPU multiple are printed."""
+    time to first byte over nginx's, p50 and p99, its streams' largest gap p99 over nginx's (a
+    streamed scenario) and its CPU multiple are printed; the gap is paired between the sides too."""
     lines = _ab_with("nginx ", "--nginx", "--scenario", "c1-stream")
     over = [line for line in lines if line.startswith("  over nginx in the same round")]
-    assert [("p50" in o, "p99" in o) for o in over] == [(True, False), (False, True)]
+    what = [line.split("same round, ", 1)[1].split(" (median): ", 1)[0] for line in over]
+    assert what == ["time to first byte p50", "time to first byte p99", "each stream's largest gap p99"]
     for line in over:
         figures = line.split(": ", 1)[1]
         assert figures.startswith("base ") and "; this tree " in figures and " ms (mean " in figures
-        assert "(mean -," not in figures  # both sides had figures in both rounds ("-" is none)
+    for line in over[:2]:
+        assert "(mean -," not in line  # both sides had figures in both rounds ("-" is none)
+    paired = [line for line in lines if line.startswith("  paired difference (this tree - base)")]
+    assert "each stream's largest gap between reads" in paired[-1]
     (cpu,) = (line for line in lines if line.startswith("  CPU per request as a multiple of nginx's"))
     assert cpu.count("x") >= 2 and "base " in cpu and "this tree " in cpu
 
