@@ -5,10 +5,11 @@ bench's ``--gateway-env`` too), one worker pinned to the gateway's CPU, answers 
 request itself, with no upstream at all. Its answers have the simulator's shape (built by
 ``gateway.sim.responses``: a chat completion, or one SSE event per token, one
 ``http.response.body`` each) and streams are paced by the same ``x-sim-*`` headers on the same
-kind of schedule (``gateway.sim.engine.Ticker``). Its CPU per request and per event is what
-Granian and the ASGI calls cost; what the gateway costs above it is its own work: its Python and
-the upstream connection (socket reads and writes, wake-ups, and h11 for unusual answers). Unlike
-``gateway serve`` there is no supervisor process (it idles, polling every 0.1 s).
+kind of schedule (``gateway.sim.engine.Ticker``); its garbage collector is set as the gateway's
+(``gateway.heap``). Its CPU per request and per event is what Granian and the ASGI calls cost;
+what the gateway costs above it is its own work: its Python and the upstream connection (socket
+reads and writes, wake-ups, and h11 for unusual answers). Unlike ``gateway serve`` there is no
+supervisor process (it idles, polling every 0.1 s).
 
     python -m bench.floor --port 8123    # serve it by hand (pinning is up to you)
 """
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 import orjson
 
+from gateway import heap
 from gateway.sim.engine import Ticker
 from gateway.sim.kinds import WIRES
 from gateway.sim.responses import Elapsed
@@ -72,12 +74,15 @@ async def _body(receive: Receive, declared: int) -> bytes:
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers like the simulator's vLLM kind with ``--fast``, paced per request by its headers."""
-    if scope["type"] == "lifespan":
+    if scope["type"] == "lifespan":  # the collector as the gateway sets it (``gateway.heap``)
+        unsettle = heap.unsettled
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                unsettle = heap.settle()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                unsettle()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["type"] != "http":

@@ -12,8 +12,8 @@ A forwarded request passes through named stages, in this order (each its own mod
 7. forwarding (``forward``): the upstream pool (``pool``) and the relay (``relay``).
 
 The local endpoints live in ``local``, the disconnect watcher in ``watch``, building a worker's
-backends in ``worker``. Run it with ``gateway serve`` or ``granian --interface asgi --factory
-gateway.app:create_app``."""
+backends in ``worker``, the collector's settings while it serves in ``heap``. Run it with
+``gateway serve`` or ``granian --interface asgi --factory gateway.app:create_app``."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from urllib.parse import quote
 import httpcore
 import msgspec
 
-from gateway import engine_load, errors, local, probe, routes, tracing
+from gateway import engine_load, errors, heap, local, probe, routes, tracing
 from gateway.access_log import AccessLog
 from gateway.auth import KeyRing
 from gateway.balance import Backend
@@ -77,11 +77,10 @@ class Gateway:
         self.forwarder = Forwarder(timeouts, s.gateway_retries, s.gateway_total_timeout or None, self._running_loop)
         sticky = s.gateway_sticky
         self.sticky_key = sticky == "key"
-        self.header_pass = HeaderPass(
-            sticky[len("header:") :].lower().encode() if sticky.startswith("header:") else None
-        )
-        #: The declared backends (a backends file, or the one backend of the settings), checked at
-        #: load time; their pools are built per worker, at startup.
+        header = sticky.removeprefix("header:")
+        self.header_pass = HeaderPass(header.lower().encode() if header != sticky else None)
+        #: The declared backends (a backends file, or the settings' one), checked at load time;
+        #: their pools are built per worker, at startup.
         self._declared = declared_backends(s)
         specs = self._declared[0]
         self.topology = Topology([], any_model=None)
@@ -91,11 +90,9 @@ class Gateway:
         self.known_models: set[str] = {s.model_name} if s.model_name else set()
         for spec in specs:
             self.known_models.update(spec.models, spec.aliases)
-        #: Where stored Responses live (``stateful``).
-        self.stateful = Stateful()
-        #: Traces: asked for by the OTEL_* variables (checked here: a mistake stops start-up), and
-        #: built per worker at startup (after Granian forked it). None: the request path does no
-        #: tracing work beyond reading this attribute once.
+        self.stateful = Stateful()  # where stored Responses live
+        #: Traces: asked for by the OTEL_* variables (checked here: a mistake stops start-up), built
+        #: per worker at startup (after the fork). None: the request path reads this, nothing more.
         self._trace = tracing.check(os.environ)
         self.tracing: tracing.Tracing | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,6 +117,7 @@ class Gateway:
         return _not_served()  # websocket: returning without accepting closes it
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
+        unsettle = heap.unsettled  # until the startup settles the collector (``heap``)
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -129,8 +127,10 @@ class Gateway:
                     log.exception("gateway worker failed to start")
                     await send({"type": "lifespan.startup.failed", "message": traceback.format_exc()})
                     return
+                unsettle = heap.settle()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                unsettle()
                 try:
                     await self.shutdown()
                 except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Coroutine
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gateway import heap
 from gateway.types import ReceiveMessage
 from gateway.watch import WATCH_AFTER
 from tests.asgi import Message, asgi, call, make_gateway
@@ -49,18 +51,28 @@ def test_worker_exits_rather_than_serving_without_its_pool(tmp_path: Path) -> No
 
 
 def test_lifespan_startup_and_shutdown() -> None:
+    """The worker serves with the collector settled (``gateway.heap``) and puts it back at
+    shutdown."""
     app = make_gateway()
-    sent: list[str] = []
+    sent: list[tuple[str, tuple[int, int, int], int]] = []
     inbox: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    before = gc.get_threshold()
 
     async def receive() -> Message:
         return inbox.pop(0)
 
     async def send(m: Message) -> None:
-        sent.append(m["type"])
+        sent.append((m["type"], gc.get_threshold(), gc.get_freeze_count()))
 
-    run(asgi(app, {"type": "lifespan"}, receive, send))
-    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    try:
+        run(asgi(app, {"type": "lifespan"}, receive, send))
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    assert [each[0] for each in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    (_, serving, frozen), (_, after, left) = sent
+    assert serving[0] == heap.YOUNG and frozen > 0
+    assert after == before and left == 0
 
 
 def test_a_websocket_is_closed_unaccepted_and_every_scope_gets_a_coroutine() -> None:
@@ -77,7 +89,8 @@ def test_a_websocket_is_closed_unaccepted_and_every_scope_gets_a_coroutine() -> 
     async def send(m: Message) -> None:
         sent.append(m)
 
-    served = app({"type": "websocket", "path": "/v1/chat/completions", "headers": []}, receive, send)
+    server_side: Any = app  # called as a server calls it, with a websocket scope
+    served = server_side({"type": "websocket", "path": "/v1/chat/completions", "headers": []}, receive, send)
     assert asyncio.iscoroutine(served)
     assert run(served) is None
     assert sent == [] and received == []
