@@ -34,7 +34,7 @@ def settle() -> Callable[[], None]:
     before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    young, middle, old = before
+    _, middle, old = before
     if old:  # the generational collector: young, middle and old generations
         gc.set_threshold(YOUNG, MIDDLE, old)
     else:  # an incremental one (its third value is always 0; its second, the old one's pace)
