@@ -181,6 +181,41 @@ def test_cpu_of_the_main_thread_is_told_apart(where: str) -> None:
         assert main <= 0.1
 
 
+_BURN_A_LITTLE = """
+import sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+end = time.process_time() + 0.003
+while time.process_time() < end:
+    pass
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="this kernel keeps no schedstat")
+def test_cpu_is_metered_in_nanoseconds_not_ticks() -> None:
+    """3 ms of CPU shows as about that, where ``stat``'s 10 ms ticks would say 0 or 10 ms: the
+    paired rounds of ``bench.ab`` resolve a few microseconds a request only so."""
+    from bench.procstat import Tree
+
+    with subprocess.Popen(
+        [sys.executable, "-c", _BURN_A_LITTLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n"
+            tree = Tree(proc.pid)
+            tree.mark()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == "done\n"
+            total, main = tree.since_split()
+        finally:
+            proc.kill()
+    assert 0.002 <= main <= total < 0.009
+
+
 @pytest.mark.slow
 def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
     """``bench.ab``: both gateways answer, each round is paired, and the differences are printed;
