@@ -6,7 +6,7 @@ scope, coroutines, futures, exchange) that reference counting frees when it ends
 3.13) collects the young generation once container allocations exceed deallocations by 700, so
 a burst of requests in flight together, 64 paced streams or 1,000, makes it collect objects that
 are all alive, promote them, and, as they pile up in the older generations, run full
-collections over every object in the process: pauses of 18-27 ms with 64 streams and up to 81 ms
+collections over every object in the process: pauses of 14-27 ms with 64 streams and up to 81 ms
 with 1,000, each a stall of every stream the worker relays, that found no garbage
 (bench/README.md, "The collector").
 
