@@ -75,14 +75,13 @@ async def _body(receive: Receive, declared: int) -> bytes:
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers like the simulator's vLLM kind with ``--fast``, paced per request by its headers."""
     if scope["type"] == "lifespan":  # the collector as the gateway sets it (``gateway.heap``)
-        unsettle = heap.unsettled
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                unsettle = heap.settle()
+                heap.settle()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                unsettle()
+                heap.restore()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["type"] != "http":

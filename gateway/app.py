@@ -117,7 +117,6 @@ class Gateway:
         return _not_served()  # websocket: returning without accepting closes it
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        unsettle = heap.unsettled  # until the startup settles the collector (``heap``)
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -127,10 +126,10 @@ class Gateway:
                     log.exception("gateway worker failed to start")
                     await send({"type": "lifespan.startup.failed", "message": traceback.format_exc()})
                     return
-                unsettle = heap.settle()
+                heap.settle()  # the collector kept off the relay while the worker serves
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                unsettle()
+                heap.restore()
                 try:
                     await self.shutdown()
                 except Exception:

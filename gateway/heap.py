@@ -14,13 +14,12 @@ with 1,000, each a stall of every stream the worker relays, that found no garbag
 permanent generation (``gc.freeze``: never traversed again, still freed by reference counting)
 and raises the thresholds, so that the requests in flight rarely start a collection and one that
 starts traverses only young objects. Cyclic garbage (an exception's traceback, say) is still
-collected, a little later. What it returns (called at shutdown) puts the collector back as it was.
+collected, a little later. ``restore`` (at shutdown) puts the collector back as it was.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
 
 #: Container allocations less deallocations between young collections (CPython's default 700).
 YOUNG = 10_000
@@ -28,24 +27,29 @@ YOUNG = 10_000
 #: 10,000 a middle one came every few seconds with 1,000 streams, 11-28 ms each.
 MIDDLE = 100
 
+#: The thresholds ``settle`` found, while settled (the collector is the process's: one state).
+_before: tuple[int, ...] | None = None
 
-def settle() -> Callable[[], None]:
-    """Collect, freeze what is left and raise the thresholds; returns what puts them back."""
-    before = gc.get_threshold()
+
+def settle() -> None:
+    """Collect, freeze what is left and raise the thresholds (once settled, again only collect
+    and freeze: ``restore`` puts back what the first call found)."""
+    global _before
+    if _before is None:
+        _before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    _, middle, old = before
+    _, middle, old = _before
     if old:  # the generational collector: young, middle and old generations
         gc.set_threshold(YOUNG, MIDDLE, old)
     else:  # an incremental one (its third value is always 0; its second, the old one's pace)
         gc.set_threshold(YOUNG, middle)
 
-    def restore() -> None:
+
+def restore() -> None:
+    """The collector as it was before ``settle``; nothing to do if it was not settled."""
+    global _before
+    if _before is not None:
         gc.unfreeze()
-        gc.set_threshold(*before)
-
-    return restore
-
-
-def unsettled() -> None:
-    """What there is to put back before ``settle``: nothing."""
+        gc.set_threshold(*_before)
+        _before = None

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway import heap
 from tests.fakes import FakeBackend
 from tests.servers import Gateway, StartGateway
 
@@ -46,3 +49,25 @@ def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
             g.stop()
         elif g.proc is not None:
             g.kill()
+
+
+@pytest.fixture
+def collector() -> Iterator[list[dict[str, Any]]]:
+    """The garbage collections that run during the test (their ``gc.callbacks`` info); the
+    collector is put back as it was afterwards, whatever the test settled (``gateway.heap``)."""
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    runs: list[dict[str, Any]] = []
+
+    def seen(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop":
+            runs.append(info)
+
+    gc.callbacks.append(seen)
+    try:
+        yield runs
+    finally:
+        gc.callbacks.remove(seen)
+        heap.restore()
+        if gc.get_freeze_count() and not frozen:
+            gc.unfreeze()
+        gc.set_threshold(*before)

@@ -50,7 +50,7 @@ def test_worker_exits_rather_than_serving_without_its_pool(tmp_path: Path) -> No
     assert "lifespan startup failed" in info.value.output
 
 
-def test_lifespan_startup_and_shutdown() -> None:
+def test_lifespan_startup_and_shutdown(collector: list[dict[str, Any]]) -> None:
     """The worker serves with the collector settled (``gateway.heap``) and puts it back at
     shutdown."""
     app = make_gateway()
@@ -64,11 +64,7 @@ def test_lifespan_startup_and_shutdown() -> None:
     async def send(m: Message) -> None:
         sent.append((m["type"], gc.get_threshold(), gc.get_freeze_count()))
 
-    try:
-        run(asgi(app, {"type": "lifespan"}, receive, send))
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*before)
+    run(asgi(app, {"type": "lifespan"}, receive, send))
     assert [each[0] for each in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     (_, serving, frozen), (_, after, left) = sent
     assert serving[0] == heap.YOUNG and frozen > 0

@@ -1,39 +1,16 @@
 """The collector while a worker serves (``gateway.heap``): frozen startup objects, raised
-thresholds, cyclic garbage still collected, and everything put back at shutdown."""
+thresholds, cyclic garbage still collected, and everything put back at shutdown (the
+``collector`` fixture, ``tests/conftest.py``, puts it back whatever a test did)."""
 
 from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from gateway import heap
 
 GENERATIONAL = gc.get_threshold()[2] != 0  # CPython up to 3.13; an incremental collector says 0
-
-
-@pytest.fixture
-def collector() -> Iterator[list[dict[str, Any]]]:
-    """The collections that ran (their ``gc.callbacks`` info), the collector restored afterwards
-    whatever the test did."""
-    before, frozen = gc.get_threshold(), gc.get_freeze_count()
-    runs: list[dict[str, Any]] = []
-
-    def seen(phase: str, info: dict[str, Any]) -> None:
-        if phase == "stop":
-            runs.append(info)
-
-    gc.callbacks.append(seen)
-    try:
-        yield runs
-    finally:
-        gc.callbacks.remove(seen)
-        if gc.get_freeze_count() and not frozen:
-            gc.unfreeze()
-        gc.set_threshold(*before)
 
 
 class Node:
@@ -41,27 +18,27 @@ class Node:
         self.other: Node | None = None
 
 
-def test_settle_freezes_what_startup_made_raises_the_thresholds_and_its_answer_puts_both_back(
+def test_settle_freezes_what_startup_made_raises_the_thresholds_and_restore_puts_both_back(
     collector: list[dict[str, Any]],
 ) -> None:
     before = gc.get_threshold()
     assert gc.get_freeze_count() == 0
-    restore = heap.settle()
+    heap.settle()
     assert gc.get_freeze_count() > 1000  # this process's modules, classes, functions
     assert gc.get_threshold()[0] == heap.YOUNG
     if GENERATIONAL:
         assert gc.get_threshold() == (heap.YOUNG, heap.MIDDLE, before[2])
-    restore()
+    heap.restore()
     assert gc.get_freeze_count() == 0
     assert gc.get_threshold() == before
-    heap.unsettled()  # nothing to put back before settling
+    heap.restore()  # nothing to put back once restored
     assert gc.get_threshold() == before
 
 
 def test_objects_in_flight_start_no_collection_and_cyclic_garbage_is_still_collected(
     collector: list[dict[str, Any]],
 ) -> None:
-    restore = heap.settle()
+    heap.settle()
     collector.clear()
     # A burst's worth of containers alive at once (a thousand requests' scopes, say): with
     # CPython's default threshold (700) this ran several collections over objects all alive.
@@ -81,4 +58,4 @@ def test_objects_in_flight_start_no_collection_and_cyclic_garbage_is_still_colle
     assert sum(info["collected"] for info in collector) > 0
     assert gone() is None
     assert len(alive) == heap.YOUNG // 2
-    restore()
+    heap.restore()
