@@ -143,6 +143,7 @@ async def measure(gateways: list[Gateway], sc: Scenario, pairs: int) -> None:
                 {
                     "all": cost["cpu_per_request_us"],
                     "main": cost["main_thread_cpu_per_request_us"],
+                    "kernel": cost["kernel_cpu_per_request_us"],
                     "event": cost["cpu_per_chunk_us"],
                     "ttft": figures["ttft_ms"]["p50"],
                     "ttft99": figures["ttft_ms"]["p99"],
@@ -183,11 +184,13 @@ def _median_of(gw: Gateway, key: str) -> float | None:
 
 
 def _medians(gw: Gateway, sc: Scenario) -> str:
-    """A server's medians: CPU per request (all threads, the loop's), per event, time to first byte."""
+    """A server's medians: CPU per request (all threads, the loop's, the kernel's), per event, time
+    to first byte."""
     per_event = f", {_fmt(_median_of(gw, 'event'), '.2f')} us/event" if sc.stream else ""
     return (
         f"  {gw.label:<24} median {_fmt(_median_of(gw, 'all'), '7.1f')} us/req (event loop's thread"
-        f" {_fmt(_median_of(gw, 'main'), '6.1f')}){per_event}, time to first byte {_fmt(_median_of(gw, 'ttft'), '.3f')}"
+        f" {_fmt(_median_of(gw, 'main'), '6.1f')}, kernel {_fmt(_median_of(gw, 'kernel'), '.1f')}){per_event},"
+        f" time to first byte {_fmt(_median_of(gw, 'ttft'), '.3f')}"
         f" ms; rounds {[round(r['all'] or 0.0) for r in gw.rounds]}"
     )
 

@@ -97,6 +97,18 @@ def cpu_between(before: Reading, after: Reading) -> float:
     return total
 
 
+def kernel_seconds(pids: list[int]) -> float:
+    """The system time of these processes so far (``stat``'s, 10 ms ticks, the threads that have
+    ended included): the kernel's share of their CPU, its system calls and the scheduling it does
+    for them."""
+    total = 0
+    for pid in pids:
+        fields = _stat(pid)
+        if fields is not None:
+            total += int(fields[12])  # stime
+    return total / TICK
+
+
 def rss_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -109,7 +121,8 @@ def rss_bytes(pids: list[int]) -> int:
 @dataclass
 class Tree:
     """A process tree whose CPU we meter between ``mark()`` and ``since()`` (all threads) or
-    ``since_split()`` (all threads, and the workers' main threads).
+    ``since_split()`` (all threads, and the workers' main threads); ``since_kernel()`` is the part
+    of it spent in the kernel.
 
     Each thread's ``schedstat`` gives its time on a CPU in nanoseconds; ``stat``'s user and system
     times count 10 ms ticks, some 31 us a request in a 3 s round of 64 paced streams, which is
@@ -123,10 +136,12 @@ class Tree:
         self.workers = self.leaves()
         self._mark: Reading = {}
         self._mark_main: Reading = {}
+        self._mark_kernel = 0.0
 
     def mark(self) -> None:
         self._mark = read_cpu(self.pids)
         self._mark_main = read_cpu(self.workers, main_thread=True)
+        self._mark_kernel = kernel_seconds(self.pids)
 
     def since(self) -> float:
         return cpu_between(self._mark, read_cpu(self.pids))
@@ -138,6 +153,11 @@ class Tree:
         total = self.since()
         main = cpu_between(self._mark_main, read_cpu(self.workers, main_thread=True))
         return total, min(max(main, 0.0), total)
+
+    def since_kernel(self) -> float:
+        """Seconds of system time since ``mark()`` (in ticks: some tens of microseconds a request
+        in a short round, so a median over rounds, not one round, says what it is)."""
+        return max(0.0, kernel_seconds(self.pids) - self._mark_kernel)
 
     def rss(self) -> int:
         return rss_bytes(self.pids)

@@ -56,6 +56,8 @@ class Side:
     gateway_cpu: float = 0.0
     #: The part of ``gateway_cpu`` in the processes' main threads (a Granian worker's event loop).
     gateway_main_cpu: float = 0.0
+    #: The part of ``gateway_cpu`` spent in the kernel (system time: system calls, scheduling).
+    gateway_kernel_cpu: float = 0.0
     gateway_rss: int = 0
     aborted_seen: int | None = None
     aborted_sent: int = 0
@@ -401,6 +403,7 @@ class Runner:
         total, main = self.gateway_tree.since_split()
         side.gateway_cpu += total
         side.gateway_main_cpu += main
+        side.gateway_kernel_cpu += self.gateway_tree.since_kernel()
         if self.backend_tree is not None:
             side.backend_cpu += self.backend_tree.since()
         side.samples.extend(samples)

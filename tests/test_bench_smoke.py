@@ -58,6 +58,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert cost["cpu_per_request_us"] >= 0 and cost["rss_mib"] > 0
         # The event loop's thread did part of it, never more than all threads together.
         assert 0 <= cost["main_thread_cpu_per_request_us"] <= cost["cpu_per_request_us"]
+        assert cost["kernel_cpu_per_request_us"] >= 0  # in ticks: a short round may see none
         if sc["params"]["abort_after"] is None:
             # --floor: Granian alone answered the same load, and the gateway's cost above it is reported.
             floor = sc["floor"]
@@ -78,6 +79,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
                 above["cpu_per_request_us"] - above["main_thread_cpu_per_request_us"], 2
             )
             assert (above["main_thread_cpu_per_chunk_us"] is None) is (not sc["params"]["stream"])
+            assert above["kernel_cpu_per_request_us"] == round(
+                cost["kernel_cpu_per_request_us"] - sc["floor_cost"]["kernel_cpu_per_request_us"], 2
+            )
         else:
             assert "floor" not in sc
             # Every client that left was seen by the backend as an aborted generation within 1 s.
@@ -87,6 +91,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     # CPU comes in 10 ms ticks: a smoke round may see none, but the run as a whole does.
     assert sum(sc["gateway_cost"]["main_thread_cpu_per_request_us"] for sc in doc["scenarios"]) > 0
     assert "in the event loop's thread" in proc.stdout and "in Granian's other threads" in proc.stdout
+    assert "in the kernel (system time): gateway" in proc.stdout and "in the kernel " in proc.stdout
     assert "nginx" not in proc.stdout and "floor_error" not in doc["scenarios"][0]
     # The 1,000-stream scenario (a few streams here): each stream's largest gap, for every target.
     (spread,) = (sc for sc in doc["scenarios"] if sc["scenario"] == "stream-paced-1000")
@@ -142,11 +147,17 @@ def test_floor_needs_the_simulator() -> None:
 
 
 _BURN = """
-import sys, threading, time
+import os, sys, threading, time
 def burn():
     end = time.process_time() + float(sys.argv[2])
-    while time.process_time() < end:
-        pass
+    if sys.argv[1] == "kernel":  # reads of /dev/zero: time mostly in the kernel's copy
+        fd = os.open("/dev/zero", os.O_RDONLY)
+        while time.process_time() < end:
+            os.read(fd, 65536)
+        return
+    while time.process_time() < end:  # a system call (no vDSO for this clock): every 1,000 steps
+        for _ in range(1000):
+            pass
 print("ready", flush=True)
 sys.stdin.readline()
 if sys.argv[1] == "thread":
@@ -160,9 +171,10 @@ sys.stdin.read()
 """
 
 
-def _metered_burn(where: str, seconds: float) -> tuple[float, float]:
-    """``Tree.since_split()`` around a child process burning ``seconds`` of CPU in its main thread
-    or in another one (``where``), marked once the child is up, so its start-up is not counted."""
+def _metered_burn(where: str, seconds: float) -> tuple[float, float, float]:
+    """``Tree.since_split()`` and ``since_kernel()`` around a child process burning ``seconds`` of
+    CPU in its main thread, in another one, or in the kernel (``where``), marked once the child is
+    up, so its start-up is not counted."""
     from bench.procstat import Tree
 
     with subprocess.Popen(
@@ -176,7 +188,7 @@ def _metered_burn(where: str, seconds: float) -> tuple[float, float]:
             proc.stdin.write("go\n")
             proc.stdin.flush()
             assert proc.stdout.readline() == "done\n"
-            return tree.since_split()
+            return (*tree.since_split(), tree.since_kernel())
         finally:
             proc.kill()
 
@@ -185,19 +197,28 @@ def _metered_burn(where: str, seconds: float) -> tuple[float, float]:
 def test_cpu_of_the_main_thread_is_told_apart(where: str) -> None:
     """``Tree.since_split()`` tells the main thread's CPU (a Granian worker's event loop) from
     every thread's, a thread that has ended included."""
-    total, main = _metered_burn(where, 0.4)
+    total, main, kernel = _metered_burn(where, 0.4)
     assert total >= 0.3
     if where == "main":
         assert main >= 0.3
     else:
         assert main <= 0.1
+    assert kernel <= 0.1  # a loop in Python: user time
+
+
+def test_cpu_in_the_kernel_is_told_apart() -> None:
+    """``Tree.since_kernel()`` is the system time within the whole: reads of /dev/zero spend
+    most of theirs in the kernel, where a loop in Python spends almost none (above)."""
+    total, _, kernel = _metered_burn("kernel", 0.4)
+    assert total >= 0.3
+    assert 0.15 <= kernel <= total + 0.02  # ticks against nanoseconds: two ticks of rounding
 
 
 @pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="this kernel keeps no schedstat")
 def test_cpu_is_metered_in_nanoseconds_not_ticks() -> None:
     """3 ms of CPU shows as about that, where ``stat``'s 10 ms ticks would say 0 or 10 ms: the
     paired rounds of ``bench.ab`` resolve a few microseconds a request only so."""
-    total, main = _metered_burn("main", 0.003)
+    total, main, _ = _metered_burn("main", 0.003)
     assert 0.002 <= main <= total < 0.009
 
 
