@@ -317,7 +317,8 @@ def nginx_summary(base: Gateway, this: Gateway, nginx: Gateway, sc: Scenario) ->
     largest gap between reads over nginx's (the 1,000-stream goal's figure), and its CPU as a
     multiple of nginx's."""
     lines = [
-        f"  {nginx.label:<24} median {_fmt(_median_of(nginx, 'all'), '7.1f')} us/req, time to first byte p50"
+        f"  {nginx.label:<24} median {_fmt(_median_of(nginx, 'all'), '7.1f')} us/req"
+        f" (kernel {_fmt(_median_of(nginx, 'kernel'), '.1f')}), time to first byte p50"
         f" {_fmt(_median_of(nginx, 'ttft'), '.3f')} ms, p99 {_fmt(_median_of(nginx, 'ttft99'), '.3f')} ms;"
         f" rounds {[round(r['all'] or 0.0) for r in nginx.rounds]}"
     ]

@@ -236,6 +236,7 @@ def test_bench_ab_pairs_a_revision_with_this_tree() -> None:
         rounds = orjson.loads(line.split("rounds ", 1)[1])
         assert len(rounds) == 2 and all(r > 0 for r in rounds)
     assert "time to first byte" in base and "time to first byte" in this
+    assert ", kernel " in base and ", kernel " in this  # each side's CPU in the kernel, too
     differences = [line for line in lines if "paired difference (this tree - base)" in line]
     assert len(differences) == 3 and "time to first byte" in differences[-1]
     refused = _python_m("bench.ab", "--base", "no-such-revision", timeout=60)
@@ -416,6 +417,8 @@ def test_bench_ab_pairs_nginx_too() -> None:
     time to first byte over nginx's, p50 and p99, its streams' largest gap p99 over nginx's (a
     streamed scenario) and its CPU multiple are printed; the gap is paired between the sides too."""
     lines = _ab_with("nginx ", "--nginx", "--scenario", "c1-stream")
+    (own,) = (line for line in lines if line.startswith("  nginx "))
+    assert " us/req (kernel " in own  # nginx's CPU in the kernel, next to the gateways'
     over = [line for line in lines if line.startswith("  over nginx in the same round")]
     what = [line.split("same round, ", 1)[1].split(" (median): ", 1)[0] for line in over]
     assert what == ["time to first byte p50", "time to first byte p99", "each stream's largest gap p99"]
