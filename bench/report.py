@@ -260,12 +260,15 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{'':<17} aborts seen by the backend within 1 s: direct {fmt(r['direct']['abort_share'], 3)}, "
                 f"gateway {fmt(r['gateway']['abort_share'], 3)}"
             )
-        kernel = [
-            f"{label} {fmt(cost['kernel_cpu_per_request_us'], 1)} us/req"
-            + ("" if (chunk := cost["kernel_cpu_per_chunk_us"]) is None else f", {fmt(chunk, 2)} us/chunk")
-            for label in ("gateway", "floor", "nginx")
-            if (cost := r.get(f"{label}_cost")) and "kernel_cpu_per_request_us" in cost
-        ]
+        kernel = []
+        for label in ("gateway", "floor", "nginx"):
+            cost = r.get(f"{label}_cost")
+            if cost:
+                per_chunk = cost["kernel_cpu_per_chunk_us"]
+                kernel.append(
+                    f"{label} {fmt(cost['kernel_cpu_per_request_us'], 1)} us/req"
+                    + ("" if per_chunk is None else f", {fmt(per_chunk, 2)} us/chunk")
+                )
         if kernel:
             lines.append(f"{'':<17} of the CPU, in the kernel (system time): " + "; ".join(kernel))
         if "above_floor" in r:
