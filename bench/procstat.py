@@ -39,8 +39,9 @@ def descendants(pid: int) -> list[int]:
 
 
 #: A reading of some processes' CPU, by process: its user and system time in seconds (10 ms
-#: ticks), and each of its live threads' time on a CPU in nanoseconds (None without ``schedstat``).
-Reading = dict[int, tuple[float, dict[int, int] | None]]
+#: ticks), the system time alone (the kernel's part), and each of its live threads' time on a CPU
+#: in nanoseconds (None without ``schedstat``).
+Reading = dict[int, tuple[float, float, dict[int, int] | None]]
 
 
 def _runtime_ns(pid: int, tid: int) -> int | None:
@@ -76,7 +77,8 @@ def read_cpu(pids: list[int], *, main_thread: bool = False) -> Reading:
     for pid in pids:
         fields = _stat(pid, pid if main_thread else None)
         if fields is not None:
-            out[pid] = ((int(fields[11]) + int(fields[12])) / TICK, _threads_ns(pid, main_thread))
+            user, system = int(fields[11]), int(fields[12])
+            out[pid] = ((user + system) / TICK, system / TICK, _threads_ns(pid, main_thread))
     return out
 
 
@@ -86,8 +88,8 @@ def cpu_between(before: Reading, after: Reading) -> float:
     are no nanoseconds or where the ticks tell of more than their rounding can hide (a thread
     that ended in between took its nanoseconds with it; the process's ticks keep them)."""
     total = 0.0
-    for pid, (ticks, threads) in after.items():
-        ticks_before, threads_before = before.get(pid, (0.0, {}))
+    for pid, (ticks, _, threads) in after.items():
+        ticks_before, _, threads_before = before.get(pid, (0.0, 0.0, {}))
         coarse = ticks - ticks_before
         if threads is None or threads_before is None:
             total += coarse
@@ -97,16 +99,11 @@ def cpu_between(before: Reading, after: Reading) -> float:
     return total
 
 
-def kernel_seconds(pids: list[int]) -> float:
-    """The system time of these processes so far (``stat``'s, 10 ms ticks, the threads that have
-    ended included): the kernel's share of their CPU, its system calls and the scheduling it does
-    for them."""
-    total = 0
-    for pid in pids:
-        fields = _stat(pid)
-        if fields is not None:
-            total += int(fields[12])  # stime
-    return total / TICK
+def kernel_between(before: Reading, after: Reading) -> float:
+    """Seconds of system time from ``before`` to ``after`` (``stat``'s, in 10 ms ticks, the threads
+    that ended in between included): the kernel's part of the CPU, its system calls and the
+    scheduling it does for these processes."""
+    return sum(system - before.get(pid, (0.0, 0.0, None))[1] for pid, (_, system, _) in after.items())
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -136,12 +133,10 @@ class Tree:
         self.workers = self.leaves()
         self._mark: Reading = {}
         self._mark_main: Reading = {}
-        self._mark_kernel = 0.0
 
     def mark(self) -> None:
         self._mark = read_cpu(self.pids)
         self._mark_main = read_cpu(self.workers, main_thread=True)
-        self._mark_kernel = kernel_seconds(self.pids)
 
     def since(self) -> float:
         return cpu_between(self._mark, read_cpu(self.pids))
@@ -157,7 +152,7 @@ class Tree:
     def since_kernel(self) -> float:
         """Seconds of system time since ``mark()`` (in ticks: some tens of microseconds a request
         in a short round, so a median over rounds, not one round, says what it is)."""
-        return max(0.0, kernel_seconds(self.pids) - self._mark_kernel)
+        return max(0.0, kernel_between(self._mark, read_cpu(self.pids)))
 
     def rss(self) -> int:
         return rss_bytes(self.pids)

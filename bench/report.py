@@ -284,11 +284,10 @@ def table(results: list[dict[str, Any]]) -> str:
                 + f"; in Granian's other threads {fmt(a['other_threads_cpu_per_request_us'], 1)} us/req"
                 + (f", {fmt(a['other_threads_cpu_per_chunk_us'], 2)} us/chunk" if chunk else "")
             )
-            if a.get("kernel_cpu_per_request_us") is not None:
-                lines.append(
-                    f"{'':<17}   in the kernel {fmt(a['kernel_cpu_per_request_us'], 1)} us/req"
-                    + (f", {fmt(a['kernel_cpu_per_chunk_us'], 2)} us/chunk" if chunk else "")
-                )
+            lines.append(
+                f"{'':<17}   in the kernel {fmt(a['kernel_cpu_per_request_us'], 1)} us/req"
+                + (f", {fmt(a['kernel_cpu_per_chunk_us'], 2)} us/chunk" if chunk else "")
+            )
         if "times_nginx" in r:
             x = r["times_nginx"]
             lines.append(
