@@ -9,9 +9,12 @@ It never decodes JSON or SSE: it only timestamps the arrival of body bytes and c
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import resource
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -59,6 +62,29 @@ class Sample:
 
 class ProtocolError(Exception):
     pass
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """This process's cyclic garbage collector held off while a round is measured, and run once
+    as the round ends, after its figures are read.
+
+    The load generator keeps every sample of a run (each with its list of arrival times), so left
+    to itself CPython's collector runs in the middle of rounds, over all of them: with 1,000
+    paced streams, full collections of 120-190 ms and middle ones of up to 50 ms within the
+    measured rounds. Each stalls the client's reads of every open stream, and shows up as a gap
+    between tokens, or a later first token, of whichever server the round measures
+    (bench/README.md, "The load generator's own pauses"). Reference counting still frees what a
+    round drops; only cyclic garbage waits for the collection at the round's end.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
 
 
 def build_request(

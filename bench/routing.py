@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from bench import routing_report, scrape
-from bench.loadgen import Connection, Sample, build_request, install_uvloop
+from bench.loadgen import Connection, Sample, build_request, collector_off, install_uvloop
 from bench.procstat import Tree
 from bench.runner import _running, add_gateway_env, pin_loadgen, settled_tree, start_gateway
 from bench.workloads import WORKLOADS, Request, Shape, arrivals, build
@@ -246,8 +246,9 @@ async def measured(cl: Cluster, plan: Plan, raws: Sequence[bytes], times: Sequen
     stop = asyncio.Event()
     sampled = Load()
     sampler = asyncio.create_task(_sample_queues(cl.replicas, plan.sample_s, sampled, stop))
-    load = await (closed_loop(cl.gateway, raws) if times is None else open_loop(cl.gateway, raws, times))
-    cpu, _ = cl.gateway_tree.since_split()
+    with collector_off():  # the client's own collections would stall the run it measures
+        load = await (closed_loop(cl.gateway, raws) if times is None else open_loop(cl.gateway, raws, times))
+        cpu, _ = cl.gateway_tree.since_split()
     stop.set()
     await sampler  # (the gateway's /metrics answer is current for its worker: no flush to wait for)
     after = await _scrape_all(cl)

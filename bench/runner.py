@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import Connection, Sample, build_request
+from bench.loadgen import Connection, Sample, build_request, collector_off
 from bench.procstat import Tree, self_cpu
 from bench.scenarios import Scenario
 from tests.tools.llama_server import free_port, pin_to
@@ -393,19 +393,20 @@ class Runner:
 
     async def _measure(self, side: Side, ep: Endpoint, sc: Scenario, n: int) -> None:
         aborted_before = await self._settle() if sc.abort_after is not None else None
-        self.gateway_tree.mark()
-        if self.backend_tree is not None:
-            self.backend_tree.mark()
-        cpu0, t0 = self_cpu(), time.perf_counter()
-        samples = await self._round(ep, sc, n)
-        side.wall += time.perf_counter() - t0
-        side.loadgen_cpu += self_cpu() - cpu0
-        total, main = self.gateway_tree.since_split()
-        side.gateway_cpu += total
-        side.gateway_main_cpu += main
-        side.gateway_kernel_cpu += self.gateway_tree.since_kernel()
-        if self.backend_tree is not None:
-            side.backend_cpu += self.backend_tree.since()
+        with collector_off():  # the client's own collections would stall the round it measures
+            self.gateway_tree.mark()
+            if self.backend_tree is not None:
+                self.backend_tree.mark()
+            cpu0, t0 = self_cpu(), time.perf_counter()
+            samples = await self._round(ep, sc, n)
+            side.wall += time.perf_counter() - t0
+            side.loadgen_cpu += self_cpu() - cpu0
+            total, main = self.gateway_tree.since_split()
+            side.gateway_cpu += total
+            side.gateway_main_cpu += main
+            side.gateway_kernel_cpu += self.gateway_tree.since_kernel()
+            if self.backend_tree is not None:
+                side.backend_cpu += self.backend_tree.since()
         side.samples.extend(samples)
         if sc.abort_after is not None:
             sent = sum(1 for s in samples if s.aborted)
