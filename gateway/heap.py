@@ -10,6 +10,9 @@ collections over every object in the process: pauses of 14-27 ms with 64 streams
 with 1,000, each a stall of every stream the worker relays, that found no garbage
 (bench/README.md, "The collector").
 
+The simulator (``python -m gateway.sim``) settles its own the same way once it listens: it holds
+as many streams as the bench sends it, and a pause of its collector reads as the gateway's.
+
 ``settle`` (the lifespan's last step of startup) collects once, moves what is left into the
 permanent generation (``gc.freeze``: never traversed again, still freed by reference counting)
 and raises the thresholds, so that the requests in flight rarely start a collection and one that

@@ -948,3 +948,32 @@ def test_a_responses_token_event_is_the_bytes_the_generic_writer_writes() -> Non
         word = orjson.loads(WORDS_JSON[i])
         assert token == frames._ev("response.output_text.delta", **where, delta=word, logprobs=[])
     assert frames.seq == 3
+
+
+def test_the_simulator_settles_its_collector_while_it_serves() -> None:
+    """``python -m gateway.sim`` serves with the collector settled as the gateway's worker is
+    (``gateway.heap``): a simulator holding 1,000 streams otherwise ran full collections of some
+    30 ms over them, a stall of every stream it paces that a client reads as the gateway's. A
+    stop puts the collector back."""
+    import asyncio
+    import gc
+
+    from gateway import heap
+    from gateway.sim.cli import _serve
+
+    before = gc.get_threshold()
+    assert before[0] != heap.YOUNG
+
+    async def run() -> tuple[tuple[int, ...], int]:
+        serving = asyncio.create_task(_serve(make_config(port=0)))
+        for _ in range(500):
+            if gc.get_threshold()[0] == heap.YOUNG:
+                break
+            await asyncio.sleep(0.01)
+        seen = gc.get_threshold()
+        os.kill(os.getpid(), signal.SIGTERM)  # _serve's own handler: a clean stop
+        return seen, await asyncio.wait_for(serving, 10)
+
+    seen, code = asyncio.run(run())
+    assert seen[0] == heap.YOUNG and code == 0
+    assert gc.get_threshold() == before

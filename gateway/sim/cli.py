@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway import heap
 from gateway.sim.config import ENGINE, FAST, KINDS, ConfigError, SimConfig, make_config
 from gateway.sim.server import new_event_loop, start_sim
 
@@ -137,6 +138,7 @@ async def _serve(config: SimConfig) -> int:
         print(f"gateway sim: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr, flush=True)
         return 1
     print(describe(config, sim.url), flush=True)
+    heap.settle()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,6 +148,7 @@ async def _serve(config: SimConfig) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        heap.restore()
         await sim.close()
     return 0
 
