@@ -950,11 +950,11 @@ def test_a_responses_token_event_is_the_bytes_the_generic_writer_writes() -> Non
     assert frames.seq == 3
 
 
-def test_the_simulator_settles_its_collector_while_it_serves() -> None:
+def test_the_simulator_settles_its_collector_while_it_serves(collector: list[dict[str, Any]]) -> None:
     """``python -m gateway.sim`` serves with the collector settled as the gateway's worker is
     (``gateway.heap``): a simulator holding 1,000 streams otherwise ran full collections of some
     30 ms over them, a stall of every stream it paces that a client reads as the gateway's. A
-    stop puts the collector back."""
+    stop puts the collector back (and the ``collector`` fixture does, should the test fail)."""
     import asyncio
     import gc
 
